@@ -1,0 +1,51 @@
+"""Consumption-key resolution with a short in-process cache.
+
+The cache maps a secret's hash to its key reference only; whether the key may be used
+(active, same secret after a rotation) is decided by the admission script every time, so
+revocation takes effect at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.keys import CONSUMPTION_PREFIX, bearer_token, hash_secret
+from gateway.store import KeyRef, Store
+
+_MAX_ENTRIES = 100_000
+
+
+class KeyResolver:
+    def __init__(self, store: Store, ttl_seconds: float) -> None:
+        self._store = store
+        self._ttl = ttl_seconds
+        self._cache: dict[str, tuple[KeyRef, float]] = {}
+
+    async def resolve(self, secret_hash: str) -> KeyRef | None:
+        now = time.monotonic()
+        hit = self._cache.get(secret_hash)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        ref = await self._store.lookup(secret_hash)
+        if ref is not None:
+            if len(self._cache) >= _MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[secret_hash] = (ref, now + self._ttl)
+        return ref
+
+    def forget(self, secret_hash: str) -> None:
+        self._cache.pop(secret_hash, None)
+
+
+def consumption_secret_hash(authorization: bytes | None) -> str | None:
+    token = bearer_token(authorization)
+    if token is None or not token.startswith(CONSUMPTION_PREFIX):
+        return None
+    return hash_secret(token)
+
+
+def header(scope_headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in scope_headers:
+        if key == name:
+            return value
+    return None

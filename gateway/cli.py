@@ -1,0 +1,227 @@
+"""The `gateway` command: a thin shell over the store, the admin helpers and uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
+from gateway.errors import ConfigError, NotFound, StoreUnavailable
+from gateway.settings import Settings, usd_to_micro
+from gateway.store import Store, connect
+
+Command = Callable[[argparse.Namespace, Settings, Store], Awaitable[Any]]
+
+
+def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        print(text)
+
+
+def _key_text(doc: dict[str, Any]) -> str:
+    lines = [f"{doc['id']}  {doc['name']}  {doc['type']}"
+             + (f" ({doc['plan']})" if doc["plan"] else "")
+             + ("" if doc["is_active"] else "  [deactivated]")]
+    if "key" in doc:
+        lines.append(f"  key: {doc['key']}   (shown once: store it now)")
+    budget = doc["budget"]
+    limit = "unlimited" if budget["limit"] is None else f"${budget['limit']:.2f}"
+    lines.append(f"  rpm {doc['rate_limits']['rpm']}, tpm {doc['rate_limits']['tpm']}, "
+                 f"budget {limit} per {budget['duration']}, spent ${budget['spent']:.6f}, "
+                 f"resets {budget['resets_at']}")
+    if doc["expires_at"]:
+        lines.append(f"  expires {doc['expires_at']}")
+    return "\n".join(lines)
+
+
+async def _accounts_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    doc = account_json(await store.create_account(args.name))
+    _print(args, doc, f"{doc['id']}  {doc['name']}  credits ${doc['credits']:.2f}")
+
+
+async def _accounts_add_credits(args: argparse.Namespace, settings: Settings,
+                                store: Store) -> None:
+    micro = usd_to_micro(args.usd, "USD")
+    if micro <= 0:
+        raise ConfigError("the amount of credits must be positive")
+    doc = account_json(await store.add_credits(args.account_id, micro))
+    _print(args, doc, f"{doc['id']}  {doc['name']}  credits ${doc['credits']:.6f}")
+
+
+async def _accounts_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    docs = [account_json(a) for a in await store.list_accounts()]
+    _print(args, docs, "\n".join(f"{d['id']}  {d['name']}  credits ${d['credits']:.6f}"
+                                 for d in docs) or "no accounts")
+
+
+async def _keys_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    account_id = await account_or_default(store, args.account)
+    spec = KeySpec(name=args.name, plan=args.plan, credit=args.credit, rpm=args.rpm,
+                   tpm=args.tpm, budget_usd=args.budget, budget_duration=args.budget_duration,
+                   expires_at=args.expires_at, expires_in=args.expires_in)
+    record, secret = await create_key(store, settings, account_id, spec)
+    doc = key_json(record, secret)
+    _print(args, doc, _key_text(doc))
+
+
+async def _keys_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    accounts = [args.account] if args.account else [a.id for a in await store.list_accounts()]
+    docs = [key_json(r) for a in accounts for r in await store.list_keys(a)]
+    _print(args, docs, "\n".join(_key_text(d) for d in docs) or "no keys")
+
+
+async def _keys_show(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    doc = key_json(await store.get_key(args.key_id))
+    _print(args, doc, _key_text(doc))
+
+
+async def _keys_set_active(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    doc = key_json(await store.set_active(args.key_id, args.command == "activate"))
+    _print(args, doc, _key_text(doc))
+
+
+async def _plans(args: argparse.Namespace, settings: Settings, store: Store | None) -> None:
+    docs = [{"slug": p.slug, "name": p.name, "priceUsdc": p.price_usdc,
+             "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
+            for p in settings.plans.values()]
+    _print(args, docs, "\n".join(f"{p.slug:<10} {p.name:<12} ${p.price_usdc:<6} "
+                                 f"{p.rpm} rpm  {p.tpm} tpm" for p in settings.plans.values()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis", metavar="URL", help="Redis URL (env GATEWAY_REDIS_URL)")
+    common.add_argument("--config", metavar="FILE", help="TOML settings (env GATEWAY_CONFIG)")
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the reverse proxy")
+    serve.add_argument("--upstream", required=True, metavar="URL")
+    serve.add_argument("--upstream-api-key", metavar="KEY",
+                       help="sent upstream instead of the client's key (env "
+                            "GATEWAY_UPSTREAM_API_KEY)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info")
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="embedded store + mock upstream + demo keys (no Redis needed)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+
+    accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(
+        dest="command", required=True, metavar="ACTION")
+    create = accounts.add_parser("create", parents=[common])
+    create.add_argument("--name", required=True)
+    create.set_defaults(run=_accounts_create)
+    credits = accounts.add_parser("add-credits", parents=[common])
+    credits.add_argument("account_id")
+    credits.add_argument("usd")
+    credits.set_defaults(run=_accounts_add_credits)
+    accounts.add_parser("list", parents=[common]).set_defaults(run=_accounts_list)
+
+    keys = sub.add_parser("keys", help="manage consumption keys").add_subparsers(
+        dest="command", required=True, metavar="ACTION")
+    create = keys.add_parser("create", parents=[common])
+    create.add_argument("--account")
+    create.add_argument("--name", required=True)
+    kind = create.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--plan", metavar="SLUG")
+    kind.add_argument("--credit", action="store_true")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--budget", metavar="USD")
+    create.add_argument("--budget-duration", default="30d", metavar="DURATION")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-at", metavar="ISO8601")
+    expiry.add_argument("--expires-in", metavar="DURATION")
+    create.set_defaults(run=_keys_create)
+    listing = keys.add_parser("list", parents=[common])
+    listing.add_argument("--account")
+    listing.set_defaults(run=_keys_list)
+    for name, run in (("show", _keys_show), ("deactivate", _keys_set_active),
+                      ("activate", _keys_set_active)):
+        action = keys.add_parser(name, parents=[common])
+        action.add_argument("key_id")
+        action.set_defaults(run=run)
+
+    sub.add_parser("plans", parents=[common], help="list plans").set_defaults(run=_plans)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"gateway: error: {message}", file=sys.stderr)
+    return 1
+
+
+async def _run_with_store(args: argparse.Namespace, settings: Settings) -> None:
+    if not settings.redis_url:
+        raise ConfigError("no Redis configured: pass --redis URL or set GATEWAY_REDIS_URL "
+                          "(the embedded store lives only inside `gateway demo`)")
+    store = connect(settings.redis_url, max(settings.redis_timeout_seconds, 2.0))
+    try:
+        await args.run(args, settings, store)
+    finally:
+        await store.close()
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    if not settings.redis_url:
+        raise ConfigError("gateway serve needs a Redis: pass --redis URL or set "
+                          "GATEWAY_REDIS_URL (or try `gateway demo`, which needs none)")
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    os.environ["GATEWAY_UPSTREAM"] = args.upstream
+    os.environ["GATEWAY_REDIS_URL"] = settings.redis_url
+    if args.config:
+        os.environ["GATEWAY_CONFIG"] = args.config
+    if args.upstream_api_key:
+        os.environ["GATEWAY_UPSTREAM_API_KEY"] = args.upstream_api_key
+    uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.demo import DemoApp
+
+    uvicorn.run(DemoApp(args.host, args.port), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.group == "demo":
+            return _demo(args)
+        settings = Settings.load(args.config, redis_url=args.redis)
+        if args.group == "serve":
+            return _serve(args, settings)
+        if args.run is _plans:
+            asyncio.run(_plans(args, settings, None))
+        else:
+            asyncio.run(_run_with_store(args, settings))
+    except (ConfigError, NotFound) as exc:
+        return _fail(str(exc))
+    except StoreUnavailable as exc:
+        return _fail(f"cannot reach Redis at the configured URL ({exc})")
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,115 @@
+"""The gateway's own endpoints: /v1/usage, /api/plans, /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from gateway.auth import KeyResolver, consumption_secret_hash, header
+from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
+from gateway.ratelimit import invalid_key
+from gateway.settings import Settings, format_duration, micro_to_usd
+from gateway.store import KeyUsage, Store
+from gateway.timefmt import iso_from_us
+from gateway.types import Receive, Scope, Send
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def usage_document(u: KeyUsage) -> dict[str, Any]:
+    subscription = u.key_type == "subscription"
+    expired = subscription and u.expires_at_us is not None and u.now_us >= u.expires_at_us
+    return {
+        "budget": {
+            "spent": micro_to_usd(u.spent),
+            "limit": None if u.budget_limit is None else micro_to_usd(u.budget_limit),
+            "duration": format_duration(u.budget_duration),
+            "resets_at": iso_from_us(u.resets_at_us),
+        },
+        "rate_limits": {"rpm": u.rpm, "tpm": u.tpm},
+        "plan": {
+            "slug": u.plan if subscription else None,
+            "status": "expired" if expired else "active",
+            "expires_at": iso_from_us(u.expires_at_us) if u.expires_at_us else None,
+        },
+        "credits": {"balance": micro_to_usd(u.credits)},
+        "key": {"name": u.name, "type": u.key_type, "created_at": iso_from_us(u.created_at_us)},
+    }
+
+
+class Endpoints:
+    def __init__(self, store: Store, settings: Settings, resolver: KeyResolver) -> None:
+        self.store = store
+        self.settings = settings
+        self.resolver = resolver
+        self.plans_body = orjson.dumps([
+            {"slug": p.slug, "name": p.name, "priceUsdc": p.price_usdc,
+             "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
+            for p in settings.plans.values()
+        ])
+        self._routes: dict[str, Handler] = {
+            "/v1/usage": self.usage,
+            "/api/plans": self.plans,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics,
+        }
+
+    def route(self, path: str) -> Handler | None:
+        return self._routes.get(path)
+
+    async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "GET":
+            await _method_not_allowed(send)
+            return
+        secret_hash = consumption_secret_hash(header(scope["headers"], b"authorization"))
+        if secret_hash is None:
+            await send_rejection(send, invalid_key())
+            return
+        try:
+            ref = await self.resolver.resolve(secret_hash)
+            usage = None if ref is None else await self.store.key_usage(ref, secret_hash)
+        except StoreUnavailable:
+            await send_rejection(send, Rejected(
+                502, "usage_unavailable", "Usage data is temporarily unavailable.", "api_error"))
+            return
+        if usage is None or usage.code == 1:
+            await send_rejection(send, invalid_key())
+        elif usage.code == 2:
+            await send_rejection(send, Rejected(
+                403, "key_deactivated", "This API key has been deactivated.", "permission_error"))
+        elif usage.code == 4:
+            await send_rejection(send, Rejected(
+                404, "key_not_found", "This API key is not known to the gateway.",
+                "invalid_request_error"))
+        else:
+            await send_json(send, 200, orjson.dumps(usage_document(usage)))
+
+    async def plans(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, self.plans_body)
+
+    async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, b'{"status":"ok"}')
+
+    async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            await send_json(send, 503, b'{"status":"unavailable","redis":false}')
+            return
+        await send_json(send, 200, b'{"status":"ready","redis":true}')
+
+    async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = generate_latest(REGISTRY)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _method_not_allowed(send: Send) -> None:
+    body = error_body("Method not allowed.", "invalid_request_error", "method_not_allowed")
+    await send_json(send, 405, body, [(b"allow", b"GET")])

@@ -1,0 +1,219 @@
+"""Token estimates before forwarding, and actual usage read from responses.
+
+Estimates are deliberately simple (characters / 4); the settlement corrects them with the
+upstream's reported usage, so they only size the reservation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_USAGE_KEY = b'"usage"'
+_MAX_SSE_EVENT = 1024 * 1024
+
+
+def _text_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, int):
+                total += 4  # a pre-tokenized prompt: one token per id
+            elif isinstance(item, dict):
+                total += _text_chars(item.get("text"))
+            else:
+                total += _text_chars(item)
+        return total
+    return 0
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    chars = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict):
+                chars += _text_chars(message.get("content"))
+    chars += _text_chars(body.get("prompt"))
+    chars += _text_chars(body.get("input"))
+    return max(1, -(-chars // 4))
+
+
+def completion_reservation(body: dict[str, Any], path: str, default_max_tokens: int) -> int:
+    if path == "/v1/embeddings":
+        return 0
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return default_max_tokens
+
+
+def prepare_stream(body: dict[str, Any]) -> bool:
+    """Ask a streaming upstream for its usage chunk. True when we injected the request,
+    in which case the chunk is ours and is removed before the client sees it."""
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                              "include_usage": True}
+    return True
+
+
+def _usage_numbers(usage: Any) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        total = usage.get("total_tokens")
+        if isinstance(total, int) and isinstance(prompt, int):
+            return prompt, max(0, total - prompt)
+        return None
+    return max(0, prompt), max(0, completion)
+
+
+def _matching_brace(data: bytes, start: int) -> int:
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(data)):
+        c = data[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def usage_from_json(body: bytes) -> tuple[int, int] | None:
+    """The `usage` object of a JSON response, read from the last occurrence of the key
+    (OpenAI-compatible servers put it at the end) without parsing the whole body."""
+    index = body.rfind(_USAGE_KEY)
+    while index >= 0:
+        start = body.find(b"{", index + len(_USAGE_KEY))
+        colon = body.find(b":", index + len(_USAGE_KEY))
+        if start > 0 and colon > 0 and body[colon + 1 : start].strip() == b"":
+            end = _matching_brace(body, start)
+            if end > 0:
+                try:
+                    return _usage_numbers(orjson.loads(body[start : end + 1]))
+                except orjson.JSONDecodeError:
+                    return None
+        index = body.rfind(_USAGE_KEY, 0, index)
+    return None
+
+
+class JsonUsage:
+    """Collects a JSON response body (bounded) to read its usage at the end."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        # Keep only the tail once over the limit: the usage object sits at the end.
+        while self._size > self._limit and len(self._chunks) > 1:
+            self._size -= len(self._chunks.pop(0))
+
+    def usage(self) -> tuple[int, int] | None:
+        return usage_from_json(b"".join(self._chunks))
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class SseUsage:
+    """Incremental SSE reader: finds the usage chunk, counts streamed completion text, and
+    optionally removes the usage chunk it injected. Holds at most one partial event."""
+
+    def __init__(self, strip_usage: bool) -> None:
+        self._strip = strip_usage
+        self._pending = b""
+        self._overflowed = False
+        self.found: tuple[int, int] | None = None
+        self.streamed_chars = 0
+        self.streamed_chunks = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Returns the bytes to forward now."""
+        if self._overflowed:
+            return chunk
+        data = self._pending + chunk
+        out: list[bytes] = []
+        position = 0
+        for match in _EVENT_END.finditer(data):
+            event = data[position : match.end()]
+            position = match.end()
+            if not self._inspect(event):
+                out.append(event)
+        self._pending = data[position:]
+        if len(self._pending) > _MAX_SSE_EVENT:
+            # Not an SSE stream we understand; stop parsing, never buffer without bound.
+            self._overflowed = True
+            out.append(self._pending)
+            self._pending = b""
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        pending, self._pending = self._pending, b""
+        if pending and self._inspect(pending):
+            return b""
+        return pending
+
+    def _inspect(self, event: bytes) -> bool:
+        """Reads one event; True when it is the injected usage chunk to drop."""
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if not payload or payload == b"[DONE]":
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            usage = _usage_numbers(obj.get("usage"))
+            if usage is not None:
+                self.found = usage
+            self._count_text(obj.get("choices"))
+            if usage is not None and self._strip and not obj.get("choices"):
+                return True
+        return False
+
+    def _count_text(self, choices: Any) -> None:
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                self.streamed_chars += len(text)
+                self.streamed_chunks += 1
+
+    def streamed_tokens(self) -> int:
+        # Servers usually send one token per chunk; characters / 4 covers those that batch.
+        return max(self.streamed_chunks, -(-self.streamed_chars // 4))

@@ -1,0 +1,342 @@
+"""GatewayMiddleware: authenticate, admit, forward, observe usage, settle. Pure ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import orjson
+
+from gateway import metering
+from gateway.auth import KeyResolver, consumption_secret_hash, header
+from gateway.embedded import embedded_store
+from gateway.endpoints import Endpoints
+from gateway.errors import Rejected, StoreUnavailable, send_rejection
+from gateway.metrics import Metrics, default_metrics
+from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
+from gateway.settings import Price, Settings
+from gateway.store import Decision, KeyRef, Store, connect
+from gateway.types import ASGIApp, Headers, Message, Receive, Scope, Send
+
+log = logging.getLogger("gateway")
+
+_JSON_TAIL_BYTES = 256 * 1024
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _too_large() -> Rejected:
+    return Rejected(413, "request_too_large", "Request body is larger than the gateway allows.")
+
+
+def _not_json() -> Rejected:
+    return Rejected(400, "invalid_request", "Request body must be a JSON object.")
+
+
+def _limiter_unavailable() -> Rejected:
+    return Rejected(503, "limiter_unavailable",
+                    "The rate limiter is unavailable; the request was not forwarded.", "api_error")
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class _Exchange:
+    """One admitted request: decorates the response and settles exactly once."""
+
+    def __init__(self, gateway: GatewayMiddleware, send: Send, ref: KeyRef, request_id: str,
+                 decision: Decision, prompt_estimate: int, completion_estimate: int,
+                 price: Price | None, strip_usage: bool) -> None:
+        self.gateway = gateway
+        self.downstream = send
+        self.ref = ref
+        self.request_id = request_id
+        self.decision = decision
+        self.prompt_estimate = prompt_estimate
+        self.completion_estimate = completion_estimate
+        self.price = price
+        self.strip_usage = strip_usage
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.settled = False
+        self.sse: metering.SseUsage | None = None
+        self.json: metering.JsonUsage | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await self._start(message)
+        elif message["type"] == "http.response.body":
+            await self._body(message)
+        else:
+            await self.downstream(message)
+
+    async def _start(self, message: Message) -> None:
+        self.started = True
+        self.status = int(message["status"])
+        headers: Headers = []
+        for name, value in message.get("headers", []):
+            lowered = name.lower()
+            if lowered == b"content-type" and self.price is not None:
+                if value.startswith(b"text/event-stream"):
+                    self.sse = metering.SseUsage(self.strip_usage)
+                elif b"json" in value:
+                    self.json = metering.JsonUsage(_JSON_TAIL_BYTES)
+            elif lowered == b"content-length" and self.strip_usage:
+                continue  # the body may shrink by the usage chunk we remove
+            elif lowered.startswith(b"x-ratelimit-"):
+                continue
+            headers.append((name, value))
+        if self.sse is None and self.strip_usage:
+            original = message.get("headers", [])
+            headers.extend(h for h in original if h[0].lower() == b"content-length")
+        headers.extend(rate_headers(self.decision))
+        await self.downstream({**message, "headers": headers})
+
+    async def _body(self, message: Message) -> None:
+        chunk: bytes = message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if self.sse is not None:
+            chunk = self.sse.feed(chunk)
+            if not more:
+                chunk += self.sse.flush()
+            if self.sse.found is not None:
+                await self.settle()  # before the client can see the end of the stream
+        elif self.json is not None:
+            self.json.feed(chunk)
+        if not more:
+            self.finished = True
+            await self.settle()  # read-your-writes: spend lands before the last byte
+        await self.downstream({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    def usage(self) -> tuple[int, int]:
+        if self.price is None:
+            return 0, 0
+        if self.sse is not None and self.sse.found is not None:
+            return self.sse.found
+        if self.json is not None and self.finished:
+            found = self.json.usage()
+            if found is not None:
+                return found
+        if self.status >= 400:
+            return 0, 0  # the upstream refused or failed: no work to bill
+        if not self.started:
+            return self.prompt_estimate, 0  # gone before any answer: the prompt was sent
+        if self.sse is not None:
+            return self.prompt_estimate, self.sse.streamed_tokens()
+        return self.prompt_estimate, self.completion_estimate  # no usage reported
+
+    async def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        prompt, completion = self.usage()
+        cost = self.price.cost_micro(prompt, completion) if self.price else 0
+        metrics = self.gateway.metrics
+        try:
+            await self.gateway.store.settle(self.ref, self.request_id, prompt, completion, cost)
+        except StoreUnavailable:
+            metrics.store_errors.labels("settle").inc()
+            metrics.settlements.labels("failed").inc()
+            log.warning("settlement failed; the admission-time estimate stands",
+                        extra={"request_id": self.request_id})
+            return
+        metrics.settlements.labels("settled").inc()
+        plan = self.decision.plan or "credits"
+        if prompt:
+            metrics.tokens.labels("prompt", plan).inc(prompt)
+        if completion:
+            metrics.tokens.labels("completion", plan).inc(completion)
+        if cost:
+            metrics.spend.labels(plan).inc(cost / 1_000_000)
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, *, settings: Settings | None = None,
+                 store: Store | None = None, metrics: Metrics | None = None) -> None:
+        self.app = app
+        self.settings = settings or Settings.load()
+        if store is None:
+            url = self.settings.redis_url
+            store = (connect(url, self.settings.redis_timeout_seconds) if url
+                     else embedded_store())
+        self.store = store
+        self.metrics = metrics or default_metrics()
+        self.resolver = KeyResolver(store, self.settings.auth_cache_seconds)
+        self.endpoints = Endpoints(store, self.settings, self.resolver)
+        self._background: set[asyncio.Task[None]] = set()
+        self._outage = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._closing_on_shutdown(receive)
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        handler = self.endpoints.route(path)
+        if handler is not None:
+            await handler(scope, receive, send)
+        elif path.startswith("/v1/"):
+            try:
+                await self._metered(scope, receive, send)
+            except Rejected as rejected:
+                await send_rejection(send, rejected)
+            except _ClientGone:
+                return
+        else:
+            await self.app(scope, receive, send)
+
+    def _reject(self, rejected: Rejected, plan: str = "") -> Rejected:
+        self.metrics.requests.labels("rejected", rejected.code, plan).inc()
+        return rejected
+
+    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        secret_hash = consumption_secret_hash(header(scope["headers"], b"authorization"))
+        if secret_hash is None:
+            raise self._reject(invalid_key())
+        try:
+            ref = await self.resolver.resolve(secret_hash)
+        except StoreUnavailable:
+            await self._store_down(scope, receive, send)
+            return
+        if ref is None:
+            raise self._reject(invalid_key())
+
+        price: Price | None = None
+        prompt_estimate = completion_estimate = 0
+        strip_usage = False
+        if scope["method"] == "POST" and path_is_metered(scope["path"]):
+            body = await self._read_limited(scope, receive)
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                payload = None
+            if not isinstance(payload, dict):
+                raise self._reject(_not_json())
+            price = self.settings.price_for(payload.get("model"))
+            prompt_estimate = metering.estimate_prompt_tokens(payload)
+            completion_estimate = metering.completion_reservation(
+                payload, scope["path"], self.settings.default_max_tokens)
+            strip_usage = metering.prepare_stream(payload)
+            if strip_usage:
+                body = orjson.dumps(payload)
+            scope = _with_body_length(scope, len(body))
+            receive = _replay(body, receive)
+
+        request_id = uuid.uuid4().hex
+        estimate = prompt_estimate + completion_estimate
+        cost = price.cost_micro(prompt_estimate, completion_estimate) if price else 0
+        started = time.perf_counter()
+        try:
+            decision = await self.store.admit(ref, secret_hash, request_id, estimate, cost)
+        except StoreUnavailable:
+            await self._store_down(scope, receive, send)
+            return
+        self.metrics.admission_seconds.observe(time.perf_counter() - started)
+        self._outage = False
+        if decision.code != ADMITTED:
+            if decision.code == UNKNOWN_KEY:
+                self.resolver.forget(secret_hash)
+            rejected = rejection(decision)
+            raise self._reject(rejected, decision.plan or "credits")
+        self.metrics.requests.labels("allowed", "ok", decision.plan or "credits").inc()
+
+        exchange = _Exchange(self, send, ref, request_id, decision, prompt_estimate,
+                             completion_estimate, price, strip_usage)
+        forwarded = time.perf_counter()
+        try:
+            await self.app(scope, receive, exchange.send)
+        finally:
+            self.metrics.upstream_seconds.observe(time.perf_counter() - forwarded)
+            if not exchange.settled:
+                await self._settle_shielded(exchange)
+
+    async def _read_limited(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = header(scope["headers"], b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise self._reject(_too_large())
+        try:
+            return await _read_body(receive, limit)
+        except Rejected as rejected:
+            raise self._reject(rejected) from None
+
+    async def _settle_shielded(self, exchange: _Exchange) -> None:
+        # Cancellation of the request must not cancel its settlement.
+        task = asyncio.ensure_future(exchange.settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _store_down(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.store_errors.labels("admit").inc()
+        if not self._outage:
+            self._outage = True
+            log.error("limiter store unavailable (fail_mode=%s)", self.settings.fail_mode)
+        if self.settings.fail_mode == "open":
+            self.metrics.fail_open.inc()
+            await self.app(scope, receive, send)
+            return
+        raise self._reject(_limiter_unavailable())
+
+    def _closing_on_shutdown(self, receive: Receive) -> Receive:
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.aclose()
+            return message
+
+        return lifespan_receive
+
+    async def drain(self) -> None:
+        """Waits for settlements still running in the background."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        await self.store.close()
+
+
+def path_is_metered(path: str) -> bool:
+    return path in metering.METERED_PATHS
+
+
+def _with_body_length(scope: Scope, length: int) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"]
+               if k not in (b"content-length", b"transfer-encoding")]
+    headers.append((b"content-length", str(length).encode()))
+    return {**scope, "headers": headers}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+

@@ -1,0 +1,69 @@
+"""Admission decisions as HTTP: x-ratelimit-* headers and OpenAI-style rejections."""
+
+from __future__ import annotations
+
+from gateway.errors import Rejected
+from gateway.store import Decision
+from gateway.types import Headers
+
+ADMITTED, UNKNOWN_KEY, DEACTIVATED, EXPIRED = 0, 1, 2, 3
+RPM_EXHAUSTED, TPM_EXHAUSTED, BUDGET_EXHAUSTED, CREDITS_EXHAUSTED = 4, 5, 6, 7
+
+
+def format_reset(micros: int) -> str:
+    """Durations the way OpenAI writes them: '20ms', '1s', '1.5s', '6m0s', '1h2m3s'."""
+    millis = max(0, -(-micros // 1000))
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+def rate_headers(d: Decision) -> Headers:
+    return [
+        (b"x-ratelimit-limit-requests", str(d.rpm_limit).encode()),
+        (b"x-ratelimit-remaining-requests", str(d.rpm_remaining).encode()),
+        (b"x-ratelimit-reset-requests", format_reset(d.rpm_reset_us).encode()),
+        (b"x-ratelimit-limit-tokens", str(d.tpm_limit).encode()),
+        (b"x-ratelimit-remaining-tokens", str(d.tpm_remaining).encode()),
+        (b"x-ratelimit-reset-tokens", format_reset(d.tpm_reset_us).encode()),
+    ]
+
+
+def invalid_key() -> Rejected:
+    return Rejected(401, "invalid_api_key",
+                    "Invalid API key. Send a valid key as 'Authorization: Bearer sk_live_...'.")
+
+
+def rejection(d: Decision) -> Rejected:
+    headers = rate_headers(d)
+    if d.retry_after_us >= 0 and d.code >= RPM_EXHAUSTED:
+        seconds = max(1, -(-d.retry_after_us // 1_000_000))
+        headers.append((b"retry-after", str(seconds).encode()))
+    if d.code == UNKNOWN_KEY:
+        return invalid_key()
+    if d.code == DEACTIVATED:
+        return Rejected(403, "key_deactivated", "This API key has been deactivated.",
+                        "permission_error", headers)
+    if d.code == EXPIRED:
+        return Rejected(403, "subscription_expired", "The subscription for this key has expired.",
+                        "permission_error", headers)
+    if d.code == RPM_EXHAUSTED:
+        return Rejected(429, "rate_limit_exceeded",
+                        f"Rate limit reached: {d.rpm_limit} requests per minute.",
+                        "requests", headers)
+    if d.code == TPM_EXHAUSTED:
+        return Rejected(429, "rate_limit_exceeded",
+                        f"Rate limit reached: {d.tpm_limit} tokens per minute.",
+                        "tokens", headers)
+    if d.code == BUDGET_EXHAUSTED:
+        return Rejected(429, "budget_exceeded", "The key's budget for this period is exhausted.",
+                        "insufficient_quota", headers)
+    return Rejected(429, "insufficient_credits", "The account's credit balance is exhausted.",
+                    "insufficient_quota", headers)

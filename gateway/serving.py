@@ -1,0 +1,16 @@
+"""The ASGI app `gateway serve` runs in each worker, built from GATEWAY_* environment."""
+
+from __future__ import annotations
+
+import os
+
+from gateway.middleware import GatewayMiddleware
+from gateway.proxy import UpstreamProxy
+from gateway.settings import Settings
+
+
+def create_app() -> GatewayMiddleware:
+    settings = Settings.load()
+    upstream = UpstreamProxy(os.environ["GATEWAY_UPSTREAM"],
+                             os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None)
+    return GatewayMiddleware(upstream, settings=settings)

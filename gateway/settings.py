@@ -1,0 +1,170 @@
+"""Settings: a TOML file (GATEWAY_CONFIG) plus GATEWAY_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from gateway.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_RATE = 100_000_000
+
+
+def parse_duration(text: str) -> int:
+    """'30d' -> seconds. Units s, m, h, d; the amount must be a positive integer."""
+    match = _DURATION.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(f"invalid duration {text!r}: use a positive integer with s, m, h or d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_duration(seconds: int) -> str:
+    for unit in ("d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def usd_to_micro(value: object, what: str) -> int:
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"invalid amount for {what}: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"invalid amount for {what}: {value!r}")
+    return int((amount * 1_000_000).to_integral_value())
+
+
+def micro_to_usd(micro: int) -> float:
+    return micro / 1_000_000
+
+
+def check_rate(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE:
+        raise ConfigError(f"{what} must be an integer between 1 and {MAX_RATE}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    slug: str
+    name: str
+    price_usdc: str
+    rpm: int
+    tpm: int
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens, held as micro-USD per million tokens (exact integers)."""
+
+    input: int
+    output: int
+
+    def cost_micro(self, prompt_tokens: int, completion_tokens: int) -> int:
+        # Ceiling: a fraction of a micro-dollar is billed, never given away.
+        return -(-(prompt_tokens * self.input + completion_tokens * self.output) // 1_000_000)
+
+
+def _price(raw: Any, what: str) -> Price:
+    if not isinstance(raw, Mapping) or "input" not in raw or "output" not in raw:
+        raise ConfigError(f"{what} needs input and output prices (USD per million tokens)")
+    return Price(usd_to_micro(raw["input"], f"{what}.input"),
+                 usd_to_micro(raw["output"], f"{what}.output"))
+
+
+DEFAULT_PLANS = {
+    "standard": Plan("standard", "Standard", "20", 60, 3333),
+    "pro": Plan("pro", "Pro", "60", 200, 13333),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str | None = None
+    fail_mode: str = "closed"
+    max_body_bytes: int = 10 * 1024 * 1024
+    default_max_tokens: int = 1024
+    plans: dict[str, Plan] = field(default_factory=lambda: dict(DEFAULT_PLANS))
+    credit_rpm: int = 60
+    credit_tpm: int = 3333
+    default_price: Price = Price(500_000, 1_500_000)
+    model_prices: dict[str, Price] = field(default_factory=dict)
+    auth_cache_seconds: float = 5.0
+    redis_timeout_seconds: float = 0.25
+
+    def price_for(self, model: object) -> Price:
+        if isinstance(model, str):
+            return self.model_prices.get(model, self.default_price)
+        return self.default_price
+
+    @classmethod
+    def load(cls, config_path: str | None = None, env: Mapping[str, str] | None = None,
+             redis_url: str | None = None) -> Settings:
+        env = os.environ if env is None else env
+        path = config_path or env.get("GATEWAY_CONFIG") or None
+        data: dict[str, Any] = {}
+        if path:
+            try:
+                with open(path, "rb") as handle:
+                    data = tomllib.load(handle)
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        url = redis_url or env.get("GATEWAY_REDIS_URL") or data.get("redis_url") or None
+        return cls.from_mapping(data, redis_url=url, env=env)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], redis_url: str | None = None,
+                     env: Mapping[str, str] | None = None) -> Settings:
+        env = env or {}
+        fail_mode = env.get("GATEWAY_FAIL_MODE") or data.get("fail_mode", "closed")
+        if fail_mode not in ("closed", "open"):
+            raise ConfigError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
+        plans = dict(DEFAULT_PLANS)
+        for slug, raw in (data.get("plans") or {}).items():
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"[plans.{slug}] must be a table")
+            base = plans.get(slug)
+            plans[slug] = Plan(
+                slug=slug,
+                name=str(raw.get("name", base.name if base else slug.title())),
+                price_usdc=str(raw.get("price_usdc", base.price_usdc if base else "0")),
+                rpm=check_rate(raw.get("rpm", base.rpm if base else None), f"plans.{slug}.rpm"),
+                tpm=check_rate(raw.get("tpm", base.tpm if base else None), f"plans.{slug}.tpm"),
+            )
+        credit = data.get("credit") or {}
+        pricing = data.get("pricing") or {}
+        default_price = (_price(pricing["default"], "pricing.default") if "default" in pricing
+                         else Price(500_000, 1_500_000))
+        models = {name: _price(raw, f"pricing.models.{name}")
+                  for name, raw in (pricing.get("models") or {}).items()}
+        max_body = data.get("max_body_bytes", 10 * 1024 * 1024)
+        default_max_tokens = data.get("default_max_tokens", 1024)
+        for name, value in (("max_body_bytes", max_body),
+                            ("default_max_tokens", default_max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        timeout = float(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25))
+        return cls(
+            redis_url=redis_url,
+            fail_mode=fail_mode,
+            max_body_bytes=max_body,
+            default_max_tokens=default_max_tokens,
+            plans=plans,
+            credit_rpm=check_rate(credit.get("rpm", 60), "credit.rpm"),
+            credit_tpm=check_rate(credit.get("tpm", 3333), "credit.tpm"),
+            default_price=default_price,
+            model_prices=models,
+            auth_cache_seconds=float(data.get("auth_cache_seconds", 5.0)),
+            redis_timeout_seconds=timeout,
+        )

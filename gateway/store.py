@@ -1,0 +1,324 @@
+"""The only module that talks to Redis: key names, Lua scripts and records.
+
+Every Redis key of one account carries the hash tag ``{acct:<id>}`` so each script runs on
+one cluster slot. Money is integer micro-USD; time is Redis time in microseconds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from gateway.errors import ConfigError, NotFound, StoreUnavailable
+
+T = TypeVar("T")
+RESERVATION_TTL_SECONDS = 24 * 3600
+SUBSCRIPTION_DEFAULT_SECONDS = 30 * 86400
+
+
+class Names:
+    """Every Redis key name the gateway uses is built here."""
+
+    @staticmethod
+    def _acct(account_id: str) -> str:
+        return f"gw:{{acct:{account_id}}}"
+
+    @classmethod
+    def account(cls, account_id: str) -> str:
+        return f"{cls._acct(account_id)}:account"
+
+    @classmethod
+    def account_keys(cls, account_id: str) -> str:
+        return f"{cls._acct(account_id)}:keys"
+
+    @classmethod
+    def key(cls, account_id: str, key_id: str) -> str:
+        return f"{cls._acct(account_id)}:key:{key_id}"
+
+    @classmethod
+    def reservation(cls, account_id: str, request_id: str) -> str:
+        return f"{cls._acct(account_id)}:res:{request_id}"
+
+    @classmethod
+    def usage_prefix(cls, account_id: str, key_id: str) -> str:
+        return f"{cls._acct(account_id)}:usage:{key_id}"
+
+    @staticmethod
+    def secret(secret_hash: str) -> str:
+        return f"gw:secret:{secret_hash}"
+
+    @staticmethod
+    def key_index(key_id: str) -> str:
+        return f"gw:keyid:{key_id}"
+
+    @staticmethod
+    def account_name(name: str) -> str:
+        return f"gw:account-name:{name}"
+
+    ACCOUNTS = "gw:accounts"
+
+
+def lua_source(name: str) -> str:
+    return resources.files("gateway.lua").joinpath(f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    account_id: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    code: int
+    rpm_limit: int
+    rpm_remaining: int
+    rpm_reset_us: int
+    tpm_limit: int
+    tpm_remaining: int
+    tpm_reset_us: int
+    retry_after_us: int
+    plan: str
+    key_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    """What GET /v1/usage reports: one consistent read at Redis time `now_us`."""
+
+    code: int
+    now_us: int = 0
+    name: str = ""
+    key_type: str = ""
+    plan: str = ""
+    created_at_us: int = 0
+    expires_at_us: int | None = None
+    rpm: int = 0
+    tpm: int = 0
+    budget_limit: int | None = None
+    budget_duration: int = 0
+    spent: int = 0
+    resets_at_us: int = 0
+    credits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    name: str
+    credits: int
+    created_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    account_id: str
+    name: str
+    key_type: str
+    plan: str
+    active: bool
+    created_at_us: int
+    expires_at_us: int | None
+    rpm: int
+    tpm: int
+    budget_limit: int | None
+    budget_duration: int
+    spent: int
+    resets_at_us: int
+    total_spent: int
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    text = _text(value) if value is not None else ""
+    return int(text) if text else None
+
+
+def _key_record(raw: dict[Any, Any]) -> KeyRecord:
+    f = {_text(k): _text(v) for k, v in raw.items()}
+    return KeyRecord(
+        id=f["id"], account_id=f["account_id"], name=f["name"], key_type=f["type"],
+        plan=f["plan"], active=f["active"] == "1", created_at_us=int(f["created_at"]),
+        expires_at_us=_optional_int(f.get("expires_at")), rpm=int(f["rpm"]), tpm=int(f["tpm"]),
+        budget_limit=_optional_int(f.get("budget_limit")),
+        budget_duration=int(f["budget_duration"]), spent=int(f["spent"]),
+        resets_at_us=int(f["resets_at"]), total_spent=int(f.get("total_spent", "0")),
+    )
+
+
+class Store:
+    """Typed operations over one redis-py asyncio client (standalone, cluster or embedded)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._admit = client.register_script(lua_source("admit"))
+        self._settle = client.register_script(lua_source("settle"))
+        self._usage = client.register_script(lua_source("usage"))
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        # Backend errors become one error type here, at the storage edge.
+        try:
+            return await awaitable
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def ping(self) -> bool:
+        return bool(await self._call(self.client.ping()))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def now_us(self) -> int:
+        seconds, micros = await self._call(self.client.time())
+        return int(seconds) * 1_000_000 + int(micros)
+
+    # -- hot path -------------------------------------------------------------------------
+
+    async def lookup(self, secret_hash: str) -> KeyRef | None:
+        value = await self._call(self.client.get(Names.secret(secret_hash)))
+        if value is None:
+            return None
+        account_id, _, key_id = _text(value).partition(":")
+        return KeyRef(account_id, key_id)
+
+    async def admit(self, ref: KeyRef, secret_hash: str, request_id: str, est_tokens: int,
+                    est_cost: int) -> Decision:
+        keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
+                Names.reservation(ref.account_id, request_id)]
+        args = [secret_hash, est_tokens, est_cost, RESERVATION_TTL_SECONDS]
+        raw = await self._call(self._admit(keys=keys, args=args))
+        n = [int(v) for v in raw[:8]]
+        return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
+                        _text(raw[9]))
+
+    async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
+                     completion_tokens: int, cost: int) -> bool:
+        keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
+                Names.reservation(ref.account_id, request_id),
+                Names.usage_prefix(ref.account_id, ref.key_id)]
+        args = [prompt_tokens, completion_tokens, cost]
+        return bool(await self._call(self._settle(keys=keys, args=args)))
+
+    async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
+        keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
+        raw = await self._call(self._usage(keys=keys, args=[secret_hash]))
+        if int(raw[0]) != 0:
+            return KeyUsage(code=int(raw[0]))
+        v = [_text(x) for x in raw]
+        return KeyUsage(
+            code=0, now_us=int(v[1]), name=v[2], key_type=v[3], plan=v[4],
+            created_at_us=int(v[5]), expires_at_us=_optional_int(v[6]), rpm=int(v[7]),
+            tpm=int(v[8]), budget_limit=_optional_int(v[9]), budget_duration=int(v[10]),
+            spent=int(v[11]), resets_at_us=int(v[12]), credits=int(v[13]),
+        )
+
+    # -- administration -------------------------------------------------------------------
+
+    async def create_account(self, name: str) -> Account:
+        if not name.strip():
+            raise ConfigError("account name must not be empty")
+        account_id = str(uuid.uuid4())
+        if not await self._call(self.client.set(Names.account_name(name), account_id, nx=True)):
+            raise ConfigError(f"an account named {name!r} already exists")
+        now = await self.now_us()
+        await self._call(self.client.hset(Names.account(account_id), mapping={
+            "id": account_id, "name": name, "credits": 0, "created_at": now, "total_spent": 0}))
+        await self._call(self.client.sadd(Names.ACCOUNTS, account_id))
+        return Account(account_id, name, 0, now)
+
+    async def account_by_name(self, name: str) -> Account | None:
+        account_id = await self._call(self.client.get(Names.account_name(name)))
+        return None if account_id is None else await self.get_account(_text(account_id))
+
+    async def get_account(self, account_id: str) -> Account:
+        raw = await self._call(self.client.hgetall(Names.account(account_id)))
+        if not raw:
+            raise NotFound(f"no account with id {account_id}")
+        f = {_text(k): _text(v) for k, v in raw.items()}
+        return Account(f["id"], f["name"], int(f["credits"]), int(f["created_at"]))
+
+    async def list_accounts(self) -> list[Account]:
+        ids = sorted(_text(i) for i in await self._call(self.client.smembers(Names.ACCOUNTS)))
+        return [await self.get_account(i) for i in ids]
+
+    async def add_credits(self, account_id: str, micro: int) -> Account:
+        await self.get_account(account_id)
+        await self._call(self.client.hincrby(Names.account(account_id), "credits", micro))
+        return await self.get_account(account_id)
+
+    async def create_key(
+        self, *, account_id: str, name: str, key_type: str, plan: str, rpm: int, tpm: int,
+        budget_limit: int | None, budget_duration: int, expires_at_us: int | None,
+        expires_in_seconds: int | None, secret_hash: str,
+    ) -> KeyRecord:
+        await self.get_account(account_id)
+        now = await self.now_us()
+        if key_type == "subscription" and expires_at_us is None:
+            expires_at_us = now + (expires_in_seconds or SUBSCRIPTION_DEFAULT_SECONDS) * 1_000_000
+        key_id = str(uuid.uuid4())
+        record = {
+            "id": key_id, "account_id": account_id, "name": name, "type": key_type,
+            "plan": plan, "hash": secret_hash, "active": "1", "created_at": now,
+            "expires_at": "" if expires_at_us is None else expires_at_us,
+            "rpm": rpm, "tpm": tpm, "rpm_tat": 0, "tpm_tat": 0,
+            "budget_limit": "" if budget_limit is None else budget_limit,
+            "budget_duration": budget_duration, "spent": 0,
+            "resets_at": now + budget_duration * 1_000_000, "total_spent": 0,
+        }
+        await self._call(self.client.hset(Names.key(account_id, key_id), mapping=record))
+        await self._call(self.client.sadd(Names.account_keys(account_id), key_id))
+        await self._call(self.client.set(Names.key_index(key_id), account_id))
+        # The secret mapping goes last: a key is usable only once its record is complete.
+        await self._call(self.client.set(Names.secret(secret_hash), f"{account_id}:{key_id}"))
+        return await self.get_key(key_id)
+
+    async def key_account(self, key_id: str) -> str:
+        account_id = await self._call(self.client.get(Names.key_index(key_id)))
+        if account_id is None:
+            raise NotFound(f"no key with id {key_id}")
+        return _text(account_id)
+
+    async def get_key(self, key_id: str) -> KeyRecord:
+        account_id = await self.key_account(key_id)
+        raw = await self._call(self.client.hgetall(Names.key(account_id, key_id)))
+        if not raw:
+            raise NotFound(f"no key with id {key_id}")
+        return _key_record(raw)
+
+    async def list_keys(self, account_id: str) -> list[KeyRecord]:
+        ids = await self._call(self.client.smembers(Names.account_keys(account_id)))
+        records = [await self.get_key(_text(i)) for i in ids]
+        return sorted(records, key=lambda r: (r.created_at_us, r.id))
+
+    async def set_active(self, key_id: str, active: bool) -> KeyRecord:
+        account_id = await self.key_account(key_id)
+        await self._call(self.client.hset(Names.key(account_id, key_id), "active",
+                                          "1" if active else "0"))
+        return await self.get_key(key_id)
+
+
+
+
+def connect(url: str, timeout_seconds: float = 0.25) -> Store:
+    """A Store over a real Redis at `url` (redis://, rediss://, unix://)."""
+    from redis.asyncio import Redis
+
+    try:
+        client = Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            max_connections=256,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL: {exc}") from None
+    return Store(client)

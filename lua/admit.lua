@@ -1,0 +1,96 @@
+-- Admission: authenticate, roll the budget period over, check RPM/TPM buckets,
+-- budget and credits, then reserve the estimate. All or nothing, one round trip.
+--
+-- KEYS[1] = key record hash        gw:{acct:<id>}:key:<key_id>
+-- KEYS[2] = account record hash    gw:{acct:<id>}:account
+-- KEYS[3] = reservation hash       gw:{acct:<id>}:res:<request_id>
+-- ARGV[1] = SHA-256 of the presented secret (hex)
+-- ARGV[2] = estimated tokens (prompt estimate + completion reservation)
+-- ARGV[3] = estimated cost, integer micro-USD
+-- ARGV[4] = reservation time to live, seconds
+-- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
+--          tpm_reset_us, retry_after_us, plan, key_type}
+--   code: 0 admitted, 1 unknown key, 2 deactivated, 3 subscription expired,
+--         4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted, 7 credits exhausted
+--   retry_after_us is -1 when no wait helps.
+
+local WINDOW = 60000000 -- token buckets refill completely in one minute (microseconds)
+
+local function fmt(x) return string.format('%.0f', x) end
+
+local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
+  'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at')
+if not rec[1] or rec[1] ~= ARGV[1] then
+  return {1, 0, 0, 0, 0, 0, 0, -1, '', ''}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local est_tokens = tonumber(ARGV[2])
+local est_cost = tonumber(ARGV[3])
+local key_type, plan = rec[3], rec[4]
+local rpm, tpm = tonumber(rec[6]), tonumber(rec[7])
+local rpm_tat = math.max(tonumber(rec[8]) or 0, now)
+local tpm_tat = math.max(tonumber(rec[9]) or 0, now)
+local rpm_interval, tpm_interval = WINDOW / rpm, WINDOW / tpm
+
+-- Generic cell rate algorithm: a bucket is one "theoretical arrival time".
+local function remaining(tat, interval)
+  return math.max(0, math.floor((now + WINDOW - tat) / interval + 1e-6))
+end
+
+local function reply(code, r_tat, t_tat, retry)
+  return {code, rpm, remaining(r_tat, rpm_interval), fmt(r_tat - now),
+          tpm, remaining(t_tat, tpm_interval), fmt(t_tat - now), fmt(retry), plan, key_type}
+end
+
+if rec[2] ~= '1' then return reply(2, rpm_tat, tpm_tat, -1) end
+if key_type == 'subscription' and rec[5] ~= '' and now >= tonumber(rec[5]) then
+  return reply(3, rpm_tat, tpm_tat, -1)
+end
+
+-- Lazy, exact budget rollover: advance resets_at by whole durations from its anchor.
+local spent = tonumber(rec[12])
+local resets_at = tonumber(rec[13])
+local duration = tonumber(rec[11]) * 1000000
+if now >= resets_at then
+  resets_at = resets_at + (math.floor((now - resets_at) / duration) + 1) * duration
+  spent = 0
+  redis.call('HSET', KEYS[1], 'spent', 0, 'resets_at', fmt(resets_at))
+end
+
+local reserve_budget = 0
+if rec[10] ~= '' then
+  local left = tonumber(rec[10]) - spent
+  if left <= 0 then return reply(6, rpm_tat, tpm_tat, resets_at - now) end
+  reserve_budget = math.min(est_cost, left)
+end
+
+local reserve_credits = 0
+if key_type == 'credit' then
+  local balance = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
+  if balance <= 0 then return reply(7, rpm_tat, tpm_tat, -1) end
+  reserve_credits = math.min(est_cost, balance)
+end
+
+local new_rpm_tat = rpm_tat + rpm_interval
+if new_rpm_tat - WINDOW > now + 1e-3 then
+  return reply(4, rpm_tat, tpm_tat, new_rpm_tat - WINDOW - now)
+end
+
+-- A request larger than the whole bucket is admitted once the bucket is full and leaves
+-- it in debt; later requests wait the debt out.
+local new_tpm_tat = tpm_tat + est_tokens * tpm_interval
+if new_tpm_tat - WINDOW > now + 1e-3 and tpm_tat > now then
+  local wait = new_tpm_tat - WINDOW - now
+  if est_tokens * tpm_interval > WINDOW then wait = tpm_tat - now end
+  return reply(5, rpm_tat, tpm_tat, wait)
+end
+
+redis.call('HSET', KEYS[1], 'rpm_tat', fmt(new_rpm_tat), 'tpm_tat', fmt(new_tpm_tat))
+if reserve_budget > 0 then redis.call('HINCRBY', KEYS[1], 'spent', reserve_budget) end
+if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
+redis.call('HSET', KEYS[3], 'tokens', est_tokens, 'budget', reserve_budget,
+  'credits', reserve_credits, 'period', fmt(resets_at))
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+return reply(0, new_rpm_tat, new_tpm_tat, 0)
