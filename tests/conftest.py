@@ -1,0 +1,175 @@
+"""Shared fixtures: a private redis-server per test session, and both stores.
+
+Tests never touch a Redis they did not start: `redis_url` is a unix socket in a temporary
+directory, flushed before each test that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from gateway.admin import KeySpec, account_or_default, create_key
+from gateway.embedded import embedded_store
+from gateway.metrics import Metrics
+from gateway.middleware import GatewayMiddleware
+from gateway.settings import Settings
+from gateway.store import Store, connect
+from gateway.types import ASGIApp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process of our own on a unix socket (and a loopback port)."""
+
+    def __init__(self, directory: Path, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self.port = free_port()
+        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                     "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+                     "--save", "", "--appendonly", "yes" if appendonly else "no",
+                     "--dir", str(directory), "--daemonize", "no", "--loglevel", "warning"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def tcp_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    subprocess.run(["redis-cli", "-s", str(redis_server.socket), "FLUSHALL"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return redis_server.url
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The same tests run against a real redis-server and against the embedded store."""
+    if store_kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        backend = connect(url, timeout_seconds=5.0)
+    else:
+        backend = embedded_store()
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics.create(CollectorRegistry())
+
+
+async def new_key(store: Store, settings: Settings, account: str | None = None,
+                  **spec: Any) -> tuple[str, str, str]:
+    """Creates a key; returns (secret, key id, account id)."""
+    account_id = await account_or_default(store, account)
+    spec.setdefault("name", "test-key")
+    if "credit" not in spec:
+        spec.setdefault("plan", "standard")
+    record, secret = await create_key(store, settings, account_id, KeySpec(**spec))
+    return secret, record.id, account_id
+
+
+def client_for(app: ASGIApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                             timeout=30)
+
+
+def gateway(app: ASGIApp, store: Store, settings: Settings,
+            metrics: Metrics) -> GatewayMiddleware:
+    return GatewayMiddleware(app, settings=settings, store=store, metrics=metrics)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[str]:
+    """Runs `app` on a real uvicorn server on loopback in this event loop."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+Auth = Callable[[str], dict[str, str]]
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+os.environ.pop("GATEWAY_REDIS_URL", None)
+os.environ.pop("GATEWAY_CONFIG", None)

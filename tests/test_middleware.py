@@ -1,0 +1,68 @@
+"""End-to-end behaviour of GatewayMiddleware in front of the mock upstream, on both stores."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.mock_upstream import MockUpstream
+from gateway.settings import Settings
+from gateway.store import Store
+from tests.conftest import bearer, client_for, gateway, new_key
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
+
+
+async def test_chat_is_admitted_billed_and_reported(store: Store, settings: Settings,
+                                                    metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        assert response.status_code == 200
+        assert response.json()["usage"] == {"prompt_tokens": 10, "completion_tokens": 8,
+                                             "total_tokens": 18}
+        assert response.headers["x-ratelimit-limit-requests"] == "60"
+        assert response.headers["x-ratelimit-remaining-requests"] == "59"
+        assert response.headers["x-ratelimit-limit-tokens"] == "3333"
+        usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+    # default price: 0.50 in / 1.50 out per million -> ceil(10*0.5 + 8*1.5) = 17 micro-USD
+    assert usage["budget"]["spent"] == pytest.approx(17e-6)
+    assert usage["rate_limits"] == {"rpm": 60, "tpm": 3333}
+    assert usage["plan"]["slug"] == "standard"
+    assert usage["plan"]["status"] == "active"
+    assert usage["key"]["type"] == "subscription"
+    assert set(usage) == {"budget", "rate_limits", "plan", "credits", "key"}
+
+
+async def test_missing_and_unknown_keys_are_401(store: Store, settings: Settings,
+                                                metrics: Metrics) -> None:
+    upstream = MockUpstream()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic abc"},
+                        bearer("sk_live_" + "a" * 40), bearer("nope")):
+            response = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+            assert response.status_code == 401
+            error = response.json()["error"]
+            assert error["code"] == "invalid_api_key"
+            assert "sk_live_aaaa" not in response.text
+    assert upstream.requests == 0
+
+
+async def test_bad_bodies_are_rejected_before_the_upstream(store: Store, settings: Settings,
+                                                           metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    upstream = MockUpstream()
+    small = Settings(max_body_bytes=1000)
+    async with client_for(gateway(upstream, store, small, metrics)) as client:
+        for body in (b"not json", b"[1, 2]", b"", b'"text"'):
+            response = await client.post("/v1/chat/completions", content=body,
+                                         headers=bearer(secret))
+            assert response.status_code == 400
+            assert response.json()["error"]["code"] == "invalid_request"
+        big = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "y" * 2000}]})
+        response = await client.post("/v1/chat/completions", content=big,
+                                     headers=bearer(secret))
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+    assert upstream.requests == 0
