@@ -13,6 +13,8 @@ import orjson
 
 from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
 from gateway.errors import ConfigError, NotFound, StoreUnavailable
+from gateway.logs import FORMATS, LEVELS, logging_config
+from gateway.metrics import multiprocess_dir
 from gateway.settings import Settings, usd_to_micro
 from gateway.store import Store, connect
 
@@ -113,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", choices=LEVELS,
+                       help="default info (env GATEWAY_LOG_LEVEL)")
+    serve.add_argument("--log-format", choices=FORMATS,
+                       help="one JSON object per line, or key=value text; default json "
+                            "(env GATEWAY_LOG_FORMAT)")
 
     demo = sub.add_parser("demo", parents=[common],
                           help="embedded store + mock upstream + demo keys (no Redis needed)")
@@ -190,9 +196,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["GATEWAY_CONFIG"] = args.config
     if args.upstream_api_key:
         os.environ["GATEWAY_UPSTREAM_API_KEY"] = args.upstream_api_key
-    uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=30)
+    level = args.log_level or settings.log_level
+    fmt = args.log_format or settings.log_format
+    os.environ["GATEWAY_LOG_LEVEL"], os.environ["GATEWAY_LOG_FORMAT"] = level, fmt
+    # Before uvicorn spawns workers: they inherit PROMETHEUS_MULTIPROC_DIR from here.
+    with multiprocess_dir(args.workers):
+        uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_config=logging_config(level, fmt),
+                    log_level=level, access_log=False, timeout_graceful_shutdown=30)
     return 0
 
 

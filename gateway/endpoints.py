@@ -6,10 +6,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
+from gateway.metrics import exposition
 from gateway.ratelimit import invalid_key
 from gateway.settings import Settings, format_duration, micro_to_usd
 from gateway.store import KeyUsage, Store
@@ -41,8 +42,10 @@ def usage_document(u: KeyUsage) -> dict[str, Any]:
 
 
 class Endpoints:
-    def __init__(self, store: Store, settings: Settings, resolver: KeyResolver) -> None:
+    def __init__(self, store: Store, settings: Settings, resolver: KeyResolver,
+                 registry: CollectorRegistry = REGISTRY) -> None:
         self.store = store
+        self.registry = registry
         self.settings = settings
         self.resolver = resolver
         self.plans_body = orjson.dumps([
@@ -95,17 +98,23 @@ class Endpoints:
         await send_json(send, 200, b'{"status":"ok"}')
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Ready means admission can run now: Redis answers and holds the Lua scripts.
+        redis = scripts = False
         try:
-            await self.store.ping()
+            redis = await self.store.ping()
+            await self.store.ensure_scripts()
+            scripts = True
         except StoreUnavailable:
-            await send_json(send, 503, b'{"status":"unavailable","redis":false}')
-            return
-        await send_json(send, 200, b'{"status":"ready","redis":true}')
+            pass
+        status = 200 if redis and scripts else 503
+        body = orjson.dumps({"status": "ready" if status == 200 else "unavailable",
+                             "redis": redis, "scripts": scripts})
+        await send_json(send, status, body, [(b"cache-control", b"no-store")])
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = generate_latest(REGISTRY)
+        body, content_type = exposition(self.registry)
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                    "headers": [(b"content-type", content_type.encode()),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 

@@ -1,10 +1,35 @@
-"""Prometheus metrics. Labels are bounded: never a key, key id or account id."""
+"""Prometheus metrics. Labels are bounded: never a key, key id or account id.
+
+With several worker processes every metric lives in prometheus-client's multiprocess mode:
+each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR and any worker's /metrics
+reads all of them, so a scrape shows one view of the whole server. The variable must be set
+before prometheus_client is imported in a worker (it picks its value store at import), which
+`gateway serve` does through `multiprocess_dir` before uvicorn spawns its workers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.errors import ConfigError
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -20,6 +45,7 @@ class Metrics:
     store_errors: Counter
     settlements: Counter
     fail_open: Counter
+    registry: CollectorRegistry
 
     @classmethod
     def create(cls, registry: CollectorRegistry = REGISTRY) -> Metrics:
@@ -43,6 +69,7 @@ class Metrics:
             fail_open=Counter("gateway_fail_open_requests_total",
                               "Requests forwarded unenforced while the store was down",
                               registry=registry),
+            registry=registry,
         )
 
 
@@ -55,3 +82,53 @@ def default_metrics() -> Metrics:
     if _default is None:
         _default = Metrics.create()
     return _default
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The /metrics body and content type: all workers' values in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        # A fresh registry per scrape, as prometheus-client documents for multiprocess mode.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _clear(directory: Path) -> None:
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def multiprocess_dir(workers: int) -> Iterator[Path | None]:
+    """Prepares PROMETHEUS_MULTIPROC_DIR for a server with `workers` processes.
+
+    An operator-set directory is created if missing and emptied of metric files before the
+    workers start and after they stop (files of an earlier run would be added to this one's
+    counts). With several workers and no directory set, a private temporary one is created and
+    removed at exit. A single worker without the variable keeps the plain in-process registry.
+    """
+    configured = os.environ.get(MULTIPROC_ENV)
+    if configured:
+        directory = Path(configured)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            _clear(directory)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {MULTIPROC_ENV}={configured} for the metrics of "
+                              f"several workers: {exc.strerror}") from None
+        try:
+            yield directory
+        finally:
+            _clear(directory)
+        return
+    if workers <= 1:
+        yield None
+        return
+    directory = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)

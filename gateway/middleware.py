@@ -14,6 +14,7 @@ from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
 from gateway.errors import Rejected, StoreUnavailable, send_rejection
+from gateway.logs import RequestRecord, log_request
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
 from gateway.settings import Price, Settings
@@ -63,8 +64,9 @@ class _Exchange:
 
     def __init__(self, gateway: GatewayMiddleware, send: Send, ref: KeyRef, request_id: str,
                  decision: Decision, prompt_estimate: int, completion_estimate: int,
-                 price: Price | None, strip_usage: bool) -> None:
+                 price: Price | None, strip_usage: bool, record: RequestRecord) -> None:
         self.gateway = gateway
+        self.record = record
         self.downstream = send
         self.ref = ref
         self.request_id = request_id
@@ -149,6 +151,8 @@ class _Exchange:
         self.settled = True
         prompt, completion = self.usage()
         cost = self.price.cost_micro(prompt, completion) if self.price else 0
+        self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
+        self.record.cost_micro = cost
         metrics = self.gateway.metrics
         try:
             await self.gateway.store.settle(self.ref, self.request_id, prompt, completion, cost)
@@ -156,7 +160,7 @@ class _Exchange:
             metrics.store_errors.labels("settle").inc()
             metrics.settlements.labels("failed").inc()
             log.warning("settlement failed; the admission-time estimate stands",
-                        extra={"request_id": self.request_id})
+                        extra={"request_id": self.record.request_id})
             return
         metrics.settlements.labels("settled").inc()
         plan = self.decision.plan or "credits"
@@ -180,7 +184,7 @@ class GatewayMiddleware:
         self.store = store
         self.metrics = metrics or default_metrics()
         self.resolver = KeyResolver(store, self.settings.auth_cache_seconds)
-        self.endpoints = Endpoints(store, self.settings, self.resolver)
+        self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry)
         self._background: set[asyncio.Task[None]] = set()
         self._outage = False
 
@@ -191,34 +195,42 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        handler = self.endpoints.route(path)
-        if handler is not None:
-            await handler(scope, receive, send)
-        elif path.startswith("/v1/"):
-            try:
-                await self._metered(scope, receive, send)
-            except Rejected as rejected:
-                await send_rejection(send, rejected)
-            except _ClientGone:
-                return
-        else:
-            await self.app(scope, receive, send)
+        record = RequestRecord.start(scope)
+        send = record.wrap(send)
+        try:
+            handler = self.endpoints.route(path)
+            if handler is not None:
+                await handler(scope, receive, send)
+            elif path.startswith("/v1/"):
+                try:
+                    await self._metered(record.outbound_scope(scope), receive, send, record)
+                except Rejected as rejected:
+                    record.decision, record.reason = "rejected", rejected.code
+                    await send_rejection(send, rejected)
+                except _ClientGone:
+                    return
+            else:
+                await self.app(record.outbound_scope(scope), receive, send)
+        finally:
+            log_request(record)
 
     def _reject(self, rejected: Rejected, plan: str = "") -> Rejected:
         self.metrics.requests.labels("rejected", rejected.code, plan).inc()
         return rejected
 
-    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _metered(self, scope: Scope, receive: Receive, send: Send,
+                       record: RequestRecord) -> None:
         secret_hash = consumption_secret_hash(header(scope["headers"], b"authorization"))
         if secret_hash is None:
             raise self._reject(invalid_key())
         try:
             ref = await self.resolver.resolve(secret_hash)
         except StoreUnavailable:
-            await self._store_down(scope, receive, send)
+            await self._store_down(scope, receive, send, record)
             return
         if ref is None:
             raise self._reject(invalid_key())
+        record.key_id = ref.key_id
 
         price: Price | None = None
         prompt_estimate = completion_estimate = 0
@@ -241,26 +253,31 @@ class GatewayMiddleware:
             scope = _with_body_length(scope, len(body))
             receive = _replay(body, receive)
 
-        request_id = uuid.uuid4().hex
+        # The reservation id is always ours: a client-chosen X-Request-Id must never let two
+        # requests share one reservation (and so one settlement).
+        reservation_id = uuid.uuid4().hex
         estimate = prompt_estimate + completion_estimate
         cost = price.cost_micro(prompt_estimate, completion_estimate) if price else 0
         started = time.perf_counter()
         try:
-            decision = await self.store.admit(ref, secret_hash, request_id, estimate, cost)
+            decision = await self.store.admit(ref, secret_hash, reservation_id, estimate, cost)
         except StoreUnavailable:
-            await self._store_down(scope, receive, send)
+            await self._store_down(scope, receive, send, record)
             return
-        self.metrics.admission_seconds.observe(time.perf_counter() - started)
+        record.admission_seconds = time.perf_counter() - started
+        self.metrics.admission_seconds.observe(record.admission_seconds)
+        record.plan = decision.plan or "credits"
         self._outage = False
         if decision.code != ADMITTED:
             if decision.code == UNKNOWN_KEY:
                 self.resolver.forget(secret_hash)
             rejected = rejection(decision)
             raise self._reject(rejected, decision.plan or "credits")
-        self.metrics.requests.labels("allowed", "ok", decision.plan or "credits").inc()
+        self.metrics.requests.labels("allowed", "ok", record.plan).inc()
+        record.decision, record.reason = "allowed", "ok"
 
-        exchange = _Exchange(self, send, ref, request_id, decision, prompt_estimate,
-                             completion_estimate, price, strip_usage)
+        exchange = _Exchange(self, send, ref, reservation_id, decision, prompt_estimate,
+                             completion_estimate, price, strip_usage, record)
         forwarded = time.perf_counter()
         try:
             await self.app(scope, receive, exchange.send)
@@ -286,13 +303,15 @@ class GatewayMiddleware:
         task.add_done_callback(self._background.discard)
         await asyncio.shield(task)
 
-    async def _store_down(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _store_down(self, scope: Scope, receive: Receive, send: Send,
+                          record: RequestRecord) -> None:
         self.metrics.store_errors.labels("admit").inc()
         if not self._outage:
             self._outage = True
             log.error("limiter store unavailable (fail_mode=%s)", self.settings.fail_mode)
         if self.settings.fail_mode == "open":
             self.metrics.fail_open.inc()
+            record.decision, record.reason = "allowed", "fail_open"
             await self.app(scope, receive, send)
             return
         raise self._reject(_limiter_unavailable())

@@ -11,6 +11,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gateway.errors import ConfigError
+from gateway.logs import check_format, check_level
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -100,6 +101,8 @@ class Settings:
     model_prices: dict[str, Price] = field(default_factory=dict)
     auth_cache_seconds: float = 5.0
     redis_timeout_seconds: float = 0.25
+    log_level: str = "info"
+    log_format: str = "json"
 
     def price_for(self, model: object) -> Price:
         if isinstance(model, str):
@@ -155,6 +158,9 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         timeout = float(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25))
+        log_level = check_level(str(env.get("GATEWAY_LOG_LEVEL") or data.get("log_level", "info")))
+        log_format = check_format(
+            str(env.get("GATEWAY_LOG_FORMAT") or data.get("log_format", "json")))
         return cls(
             redis_url=redis_url,
             fail_mode=fail_mode,
@@ -167,4 +173,6 @@ class Settings:
             model_prices=models,
             auth_cache_seconds=float(data.get("auth_cache_seconds", 5.0)),
             redis_timeout_seconds=timeout,
+            log_level=log_level,
+            log_format=log_format,
         )

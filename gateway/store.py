@@ -174,6 +174,15 @@ class Store:
     async def ping(self) -> bool:
         return bool(await self._call(self.client.ping()))
 
+    async def ensure_scripts(self) -> None:
+        """Makes sure every registered script is cached in Redis, loading any that is not
+        (after SCRIPT FLUSH or a failover). Raises StoreUnavailable when that fails."""
+        scripts = (self._admit, self._settle, self._usage)
+        present = await self._call(self.client.script_exists(*(s.sha for s in scripts)))
+        for script, loaded in zip(scripts, present, strict=True):
+            if not loaded:
+                await self._call(self.client.script_load(script.script))
+
     async def close(self) -> None:
         await self.client.aclose()
 

@@ -1,0 +1,191 @@
+"""Structured logs: one line per request (JSON or key=value text), request ids, log config.
+
+Request lines go to the `gateway.access` logger: INFO for API traffic, DEBUG for probes and
+scrapes (/healthz, /readyz, /metrics), so a Prometheus scraping every few seconds does not
+drown the log. Lines never carry a secret: the key is logged by its id only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.errors import ConfigError
+from gateway.types import Headers, Message, Scope, Send
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("json", "text")
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+access_log = logging.getLogger("gateway.access")
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` (uvicorn's
+# ANSI-coloured copy of its message is dropped too).
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "color_message"}
+
+
+def check_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LEVELS)}, got {value!r}")
+    return level
+
+
+def check_format(value: str) -> str:
+    fmt = value.strip().lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"log format must be 'json' or 'text', got {value!r}")
+    return fmt
+
+
+def request_id_from(headers: Headers) -> str:
+    """The client's X-Request-Id when it is 1-128 visible ASCII characters, else a new one.
+
+    It only labels logs and is forwarded upstream; it never names a reservation, so a
+    client that repeats an id cannot make two requests share one settlement.
+    """
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if 0 < len(value) <= MAX_REQUEST_ID_LENGTH and all(0x21 <= b <= 0x7E for b in value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request's log line reports; the middleware fills it in as the request runs."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    key_id: str | None = None
+    plan: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micro: int = 0
+    admission_seconds: float | None = None
+
+    @classmethod
+    def start(cls, scope: Scope) -> RequestRecord:
+        return cls(request_id_from(scope["headers"]), scope["method"], scope["path"])
+
+    def outbound_scope(self, scope: Scope) -> Scope:
+        """The scope sent on to the app: X-Request-Id replaced by this request's id."""
+        headers = [(k, v) for k, v in scope["headers"] if k != REQUEST_ID_HEADER]
+        headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
+        return {**scope, "headers": headers}
+
+    def wrap(self, send: Send) -> Send:
+        """A send that records the status and returns the request id to the client."""
+        own = (REQUEST_ID_HEADER, self.request_id.encode())
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = int(message["status"])
+                headers = [h for h in message.get("headers", [])
+                           if h[0].lower() != REQUEST_ID_HEADER]
+                headers.append(own)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return recording_send
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "key_id": self.key_id,
+            "plan": self.plan,
+            "decision": self.decision,
+            "reason": self.reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": self.cost_micro / 1_000_000,
+            "admission_ms": (None if self.admission_seconds is None
+                             else round(self.admission_seconds * 1000, 3)),
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+
+
+def log_request(record: RequestRecord) -> None:
+    level = logging.DEBUG if record.path in QUIET_PATHS else logging.INFO
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "request", extra={"fields": record.fields()})
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for name, value in record.__dict__.items():
+        if name == "fields" and isinstance(value, dict):
+            extra.update(value)
+        elif name not in _RECORD_ATTRS and not name.startswith("_"):
+            extra[name] = value
+    return extra
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        doc.update(_extra(record))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`ts LEVEL logger msg key=value ...` for people reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [_timestamp(record), record.levelname, record.name, record.getMessage()]
+        parts += [f"{k}={'-' if v is None else v}" for k, v in _extra(record).items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def logging_config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
+    """A logging.config.dictConfig document for the gateway's and uvicorn's loggers, one
+    format for both. uvicorn applies it in every worker process (`log_config=`)."""
+    level_name = check_level(level).upper()
+    formatter = JsonFormatter if check_format(fmt) == "json" else TextFormatter
+    handler = {"class": "logging.StreamHandler", "formatter": "gateway",
+               "stream": "ext://sys.stderr"}
+    logger = {"handlers": ["default"], "level": level_name, "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"gateway": {"()": f"{__name__}.{formatter.__name__}"}},
+        "handlers": {"default": handler},
+        "loggers": {
+            "gateway": logger,
+            "uvicorn": logger,
+            "uvicorn.error": {"level": level_name},
+            # The gateway writes its own request lines; uvicorn's access log would repeat them.
+            "uvicorn.access": {**logger, "level": "WARNING"},
+        },
+    }
