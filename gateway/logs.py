@@ -145,11 +145,12 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, then the record's fields."""
+    """One JSON object per line: ts, level, logger, pid (the worker), msg, then fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower(),
-                               "logger": record.name, "msg": record.getMessage()}
+                               "logger": record.name, "pid": record.process,
+                               "msg": record.getMessage()}
         doc.update(_extra(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
