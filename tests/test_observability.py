@@ -76,20 +76,20 @@ async def test_metrics_endpoint_serves_this_gateways_registry(
         assert secret_value not in text
 
 
-def _bump_script(allowed: int) -> str:
+def _bump_script(allowed: int, plan: str) -> str:
     return textwrap.dedent(f"""
         from prometheus_client import CollectorRegistry
         from gateway.metrics import Metrics
         m = Metrics.create(CollectorRegistry())
-        m.requests.labels("allowed", "ok", "standard").inc({allowed})
+        m.requests.labels("allowed", "ok", {plan!r}).inc({allowed})
         m.admission_seconds.observe(0.001)
     """)
 
 
-def bump_in_subprocess(directory: Path, allowed: int) -> None:
+def bump_in_subprocess(directory: Path, allowed: int, plan: str = "standard") -> None:
     """Counts `allowed` requests in another process writing to the multiprocess dir."""
     env = {**os.environ, MULTIPROC_ENV: str(directory)}
-    subprocess.run([sys.executable, "-c", _bump_script(allowed)], env=env, check=True,
+    subprocess.run([sys.executable, "-c", _bump_script(allowed, plan)], env=env, check=True,
                    timeout=60)
 
 
