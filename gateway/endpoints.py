@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
+from gateway.management import Management, Verifier
 from gateway.ratelimit import invalid_key
 from gateway.settings import Settings, format_duration, micro_to_usd
 from gateway.store import KeyUsage, Store
@@ -41,7 +42,8 @@ def usage_document(u: KeyUsage) -> dict[str, Any]:
 
 
 class Endpoints:
-    def __init__(self, store: Store, settings: Settings, resolver: KeyResolver) -> None:
+    def __init__(self, store: Store, settings: Settings, resolver: KeyResolver,
+                 verifier: Verifier | None = None) -> None:
         self.store = store
         self.settings = settings
         self.resolver = resolver
@@ -50,6 +52,7 @@ class Endpoints:
              "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
             for p in settings.plans.values()
         ])
+        self.management = Management(store, settings, verifier)
         self._routes: dict[str, Handler] = {
             "/v1/usage": self.usage,
             "/api/plans": self.plans,
@@ -59,7 +62,10 @@ class Endpoints:
         }
 
     def route(self, path: str) -> Handler | None:
-        return self._routes.get(path)
+        handler = self._routes.get(path)
+        if handler is None and (path.startswith("/api/") or path == "/openapi.json"):
+            return self.management.route(path)  # the management API owns the rest of /api/
+        return handler
 
     async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":
