@@ -13,10 +13,12 @@ import orjson
 
 from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
 from gateway.errors import ConfigError, NotFound, StoreUnavailable
+from gateway.keys import hash_secret, new_management_secret
 from gateway.logs import FORMATS, LEVELS, logging_config
 from gateway.metrics import multiprocess_dir
 from gateway.settings import Settings, usd_to_micro
-from gateway.store import Store, connect
+from gateway.store import MgmtKey, Store, connect
+from gateway.timefmt import iso_from_us
 
 Command = Callable[[argparse.Namespace, Settings, Store], Awaitable[Any]]
 
@@ -90,6 +92,33 @@ async def _keys_set_active(args: argparse.Namespace, settings: Settings, store: 
     _print(args, doc, _key_text(doc))
 
 
+def _mgmt_json(key: MgmtKey) -> dict[str, Any]:
+    return {"id": key.id, "account_id": key.account_id,
+            "created_at": iso_from_us(key.created_at_us)}
+
+
+async def _mgmt_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    secret = new_management_secret()
+    key = await store.create_mgmt_key(args.account, hash_secret(secret))
+    doc = {"id": key.id, "key": secret, "account_id": key.account_id}
+    _print(args, doc, f"{key.id}  account {key.account_id}\n"
+                      f"  key: {secret}   (shown once: store it now)")
+
+
+async def _mgmt_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    if args.account:
+        await store.get_account(args.account)
+    accounts = [args.account] if args.account else [a.id for a in await store.list_accounts()]
+    docs = [_mgmt_json(k) for a in accounts for k in await store.list_mgmt_keys(a)]
+    _print(args, docs, "\n".join(f"{d['id']}  account {d['account_id']}  created "
+                                 f"{d['created_at']}" for d in docs) or "no management keys")
+
+
+async def _mgmt_revoke(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    doc = {**_mgmt_json(await store.revoke_mgmt_key(args.mgmt_key_id)), "revoked": True}
+    _print(args, doc, f"{doc['id']}  revoked")
+
+
 async def _plans(args: argparse.Namespace, settings: Settings, store: Store | None) -> None:
     docs = [{"slug": p.slug, "name": p.name, "priceUsdc": p.price_usdc,
              "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
@@ -161,6 +190,18 @@ def _parser() -> argparse.ArgumentParser:
         action = keys.add_parser(name, parents=[common])
         action.add_argument("key_id")
         action.set_defaults(run=run)
+
+    mgmt = sub.add_parser("mgmt-keys", help="manage management keys (mk_) for /api/*")
+    mgmt_actions = mgmt.add_subparsers(dest="command", required=True, metavar="ACTION")
+    create = mgmt_actions.add_parser("create", parents=[common])
+    create.add_argument("--account", required=True, metavar="ID")
+    create.set_defaults(run=_mgmt_create)
+    listing = mgmt_actions.add_parser("list", parents=[common])
+    listing.add_argument("--account", metavar="ID")
+    listing.set_defaults(run=_mgmt_list)
+    revoke = mgmt_actions.add_parser("revoke", parents=[common])
+    revoke.add_argument("mgmt_key_id", metavar="MGMT_KEY_ID")
+    revoke.set_defaults(run=_mgmt_revoke)
 
     sub.add_parser("plans", parents=[common], help="list plans").set_defaults(run=_plans)
     return parser

@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
+from gateway.management import Management, Verifier
 from gateway.metrics import exposition
 from gateway.ratelimit import invalid_key
 from gateway.settings import Settings, format_duration, micro_to_usd
@@ -43,7 +44,8 @@ def usage_document(u: KeyUsage) -> dict[str, Any]:
 
 class Endpoints:
     def __init__(self, store: Store, settings: Settings, resolver: KeyResolver,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY,
+                 verifier: Verifier | None = None) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
@@ -53,6 +55,7 @@ class Endpoints:
              "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
             for p in settings.plans.values()
         ])
+        self.management = Management(store, settings, verifier)
         self._routes: dict[str, Handler] = {
             "/v1/usage": self.usage,
             "/api/plans": self.plans,
@@ -62,7 +65,10 @@ class Endpoints:
         }
 
     def route(self, path: str) -> Handler | None:
-        return self._routes.get(path)
+        handler = self._routes.get(path)
+        if handler is None and (path.startswith("/api/") or path == "/openapi.json"):
+            return self.management.route(path)  # the management API owns the rest of /api/
+        return handler
 
     async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":

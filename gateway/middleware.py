@@ -15,6 +15,7 @@ from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
 from gateway.errors import ClientDisconnected, Rejected, StoreUnavailable, send_rejection
 from gateway.logs import RequestRecord, log_request
+from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
 from gateway.settings import Price, Settings
@@ -209,7 +210,8 @@ class _Exchange:
 
 class GatewayMiddleware:
     def __init__(self, app: ASGIApp, *, settings: Settings | None = None,
-                 store: Store | None = None, metrics: Metrics | None = None) -> None:
+                 store: Store | None = None, metrics: Metrics | None = None,
+                 verifier: Verifier | None = None) -> None:
         self.app = app
         self.settings = settings or Settings.load()
         if store is None:
@@ -219,7 +221,9 @@ class GatewayMiddleware:
         self.store = store
         self.metrics = metrics or default_metrics()
         self.resolver = KeyResolver(store, self.settings.auth_cache_seconds)
-        self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry)
+        # verifier: dashboard sessions for /api/* (token -> account id); see docs/management.md
+        self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry,
+                                   verifier)
         self._background: set[asyncio.Task[None]] = set()
         self._outage = False
 

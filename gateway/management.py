@@ -1,0 +1,409 @@
+"""The management API: /api/usage, /api/usage/{keyId}, /api/keys..., and /openapi.json.
+
+Callers authenticate as an account: with a management key (`mk_…`, the built-in verifier) or
+with a dashboard session token that a pluggable verifier maps to an account id. Everything a
+caller sees is scoped to that account; a key of another account is reported as not found.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import openapi
+from gateway.admin import KeySpec, create_key, key_json
+from gateway.auth import header
+from gateway.errors import (
+    ConfigError,
+    NotFound,
+    Rejected,
+    StoreUnavailable,
+    send_json,
+    send_rejection,
+)
+from gateway.keys import (
+    MANAGEMENT_PREFIX,
+    bearer_token,
+    hash_secret,
+    looks_like,
+    new_consumption_secret,
+)
+from gateway.ratelimit import format_reset
+from gateway.settings import Settings, parse_duration, usd_to_micro
+from gateway.store import KeyRecord, Store, Throttle
+from gateway.timefmt import iso_from_us, parse_iso_to_us
+from gateway.types import Headers, Receive, Scope, Send
+from gateway.usage_windows import aggregate, usage_document
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+# Maps a dashboard bearer token to the id of the account it acts for, or None. May be async.
+Verifier = Callable[[str], "str | Awaitable[str | None] | None"]
+
+USAGE_CAPACITY = 12
+USAGE_PERIOD_SECONDS = 12 * 3600
+MAX_BODY_BYTES = 64 * 1024
+MAX_NAME_LENGTH = 200
+MAX_DURATION_SECONDS = 3650 * 86400
+MAX_BUDGET_MICRO = 10**15  # one billion USD: stays exact as a Lua (double) number
+_LATEST_EXPIRY_US = 253_402_214_400 * 1_000_000  # 9999-12-31: still printable as ISO 8601
+_CREATE_FIELDS = ("name", "plan", "credit", "rpm", "tpm", "budget", "budget_duration",
+                  "expires_at", "expires_in")
+_PATCH_FIELDS = ("isActive", "name")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    account_id: str
+    bucket: str  # whose usage-read allowance this request draws from
+
+
+def _unauthorized() -> Rejected:
+    return Rejected(401, "invalid_api_key", "Invalid or missing management key. Send "
+                    "'Authorization: Bearer mk_...' or a dashboard session token.")
+
+
+def _bad(message: str) -> Rejected:
+    return Rejected(400, "invalid_request", message)
+
+
+def _not_found() -> Rejected:
+    return Rejected(404, "key_not_found", "No key with this id in your account.")
+
+
+def _method_not_allowed(allowed: str) -> Rejected:
+    return Rejected(405, "method_not_allowed", "Method not allowed.", "invalid_request_error",
+                    [(b"allow", allowed.encode())])
+
+
+def usage_row(record: KeyRecord, periods: dict[str, Any], now_us: int) -> dict[str, Any]:
+    subscription = record.key_type == "subscription"
+    row: dict[str, Any] = {
+        "id": record.id,
+        "name": record.name,
+        "type": record.key_type,
+        "plan": record.plan if subscription else "credits",
+        "isActive": record.active,
+        "usage": periods,
+    }
+    if subscription:
+        expires = record.expires_at_us
+        row["subscription"] = {
+            "status": "expired" if expires is not None and now_us >= expires else "active",
+            "expiresAt": None if expires is None else iso_from_us(expires),
+        }
+    row["createdAt"] = iso_from_us(record.created_at_us)
+    return row
+
+
+def throttle_headers(capacity: int, throttle: Throttle) -> Headers:
+    headers: Headers = [
+        (b"x-ratelimit-limit-requests", str(capacity).encode()),
+        (b"x-ratelimit-remaining-requests", str(throttle.remaining).encode()),
+        (b"x-ratelimit-reset-requests", format_reset(throttle.reset_us).encode()),
+    ]
+    if not throttle.allowed:
+        seconds = max(1, -(-throttle.retry_after_us // 1_000_000))
+        headers.append((b"retry-after", str(seconds).encode()))
+    return headers
+
+
+class Management:
+    def __init__(self, store: Store, settings: Settings, verifier: Verifier | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.verifier = verifier
+        self.usage_capacity = USAGE_CAPACITY
+        self.usage_period_seconds = USAGE_PERIOD_SECONDS
+        self.openapi_body = orjson.dumps(openapi.document())
+
+    def route(self, path: str) -> Handler:
+        return self.handle
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        usage = path.startswith("/api/usage")
+        try:
+            await self._dispatch(scope, receive, send)
+        except Rejected as rejected:
+            await send_rejection(send, rejected)
+        except StoreUnavailable:
+            if usage:
+                await send_rejection(send, Rejected(
+                    502, "usage_unavailable", "Usage data is temporarily unavailable.",
+                    "api_error"))
+            else:
+                await send_rejection(send, Rejected(
+                    503, "store_unavailable", "The gateway's store is temporarily unavailable.",
+                    "api_error"))
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == "/openapi.json":
+            _allow(method, "GET")
+            await send_json(send, 200, self.openapi_body)
+            return
+        parts = path[len("/api/"):].split("/")
+        if parts == ["usage"]:
+            _allow(method, "GET")
+            await self._usage(scope, send, None)
+        elif len(parts) == 2 and parts[0] == "usage":
+            _allow(method, "GET")
+            await self._usage(scope, send, parts[1])
+        elif parts == ["keys"]:
+            _allow(method, "GET, POST")
+            principal = await self._authenticate(scope)
+            if method == "GET":
+                await self._list_keys(principal, send)
+            else:
+                await self._create_key(principal, await _json_object(scope, receive), send)
+        elif len(parts) == 2 and parts[0] == "keys":
+            _allow(method, "GET, PATCH")
+            principal = await self._authenticate(scope)
+            key_id = _key_id(parts[1])
+            if method == "GET":
+                await self._show_key(principal, key_id, send)
+            else:
+                await self._update_key(principal, key_id, await _json_object(scope, receive),
+                                       send)
+        elif len(parts) == 3 and parts[0] == "keys" and parts[2] == "rotate":
+            _allow(method, "POST")
+            principal = await self._authenticate(scope)
+            await self._rotate(principal, _key_id(parts[1]), send)
+        else:
+            raise Rejected(404, "not_found", "No such endpoint.")
+
+    # -- authentication -----------------------------------------------------------------------
+
+    async def _authenticate(self, scope: Scope) -> Principal:
+        token = bearer_token(header(scope["headers"], b"authorization"))
+        if token is None:
+            raise _unauthorized()
+        if token.startswith(MANAGEMENT_PREFIX):
+            if not looks_like(token, MANAGEMENT_PREFIX):
+                raise _unauthorized()
+            ref = await self.store.mgmt_lookup(hash_secret(token))
+            if ref is None:
+                raise _unauthorized()
+            return Principal(ref.account_id, f"mk:{ref.mgmt_id}")
+        if self.verifier is None:
+            raise _unauthorized()
+        try:
+            result = self.verifier(token)
+            account_id = await result if inspect.isawaitable(result) else result
+        except Exception:
+            log.exception("the management session verifier failed")
+            raise Rejected(503, "auth_unavailable", "Session verification is temporarily "
+                           "unavailable.", "api_error") from None
+        if not isinstance(account_id, str) or not account_id:
+            raise _unauthorized()
+        if not await self.store.account_exists(account_id):
+            raise _unauthorized()
+        # Sessions come and go with logins, so their allowance is the account's.
+        return Principal(account_id, "session")
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def _usage(self, scope: Scope, send: Send, raw_key_id: str | None) -> None:
+        principal = await self._authenticate(scope)
+        key_id = None if raw_key_id is None else _key_id(raw_key_id)
+        throttle = await self.store.mgmt_throttle(principal.account_id, principal.bucket,
+                                                  self.usage_capacity,
+                                                  self.usage_period_seconds)
+        headers = throttle_headers(self.usage_capacity, throttle)
+        if not throttle.allowed:
+            raise Rejected(429, "rate_limit_exceeded",
+                           f"Rate limit reached: {self.usage_capacity} usage requests per "
+                           f"{self.usage_period_seconds // 3600} hours. Cache the response.",
+                           "requests", headers)
+        snapshot = await self.store.usage_snapshot(principal.account_id, key_id)
+        now_s = snapshot.now_us // 1_000_000
+        rows = [usage_row(k.record, usage_document(aggregate(now_s, k.minute_hashes,
+                                                             k.hour_hashes)),
+                          snapshot.now_us)
+                for k in snapshot.keys]
+        if key_id is None:
+            await send_json(send, 200, orjson.dumps({"success": True, "data": rows}), headers)
+        elif not rows:
+            raise Rejected(404, "key_not_found", "No key with this id in your account.",
+                           "invalid_request_error", headers)
+        else:
+            await send_json(send, 200, orjson.dumps(rows[0]), headers)
+
+    # -- key administration -------------------------------------------------------------------
+
+    async def _list_keys(self, principal: Principal, send: Send) -> None:
+        records = await self.store.list_keys(principal.account_id)
+        await send_json(send, 200, orjson.dumps([key_json(r) for r in records]))
+
+    async def _show_key(self, principal: Principal, key_id: str, send: Send) -> None:
+        record = await self.store.account_key(principal.account_id, key_id)
+        if record is None:
+            raise _not_found()
+        await send_json(send, 200, orjson.dumps(key_json(record)))
+
+    async def _create_key(self, principal: Principal, body: dict[str, Any], send: Send) -> None:
+        spec = key_spec(body)
+        try:
+            record, secret = await create_key(self.store, self.settings, principal.account_id,
+                                              spec)
+        except ConfigError as exc:
+            raise _bad(str(exc)) from None
+        except NotFound:
+            raise _unauthorized() from None
+        await send_json(send, 201, orjson.dumps(key_json(record, secret)))
+
+    async def _update_key(self, principal: Principal, key_id: str, body: dict[str, Any],
+                          send: Send) -> None:
+        _only(body, _PATCH_FIELDS)
+        if not body:
+            raise _bad("nothing to update: give isActive and/or name")
+        active = body.get("isActive")
+        if "isActive" in body and not isinstance(active, bool):
+            raise _bad("isActive must be true or false")
+        name = _name(body["name"]) if "name" in body else None
+        record = await self.store.update_key(principal.account_id, key_id, name=name,
+                                             active=active)
+        if record is None:
+            raise _not_found()
+        await send_json(send, 200, orjson.dumps(key_json(record)))
+
+    async def _rotate(self, principal: Principal, key_id: str, send: Send) -> None:
+        secret = new_consumption_secret()
+        record = await self.store.rotate_key(principal.account_id, key_id, hash_secret(secret))
+        if record is None:
+            raise _not_found()
+        await send_json(send, 200, orjson.dumps(key_json(record, secret)))
+
+
+# -- request validation (every message names the field) -------------------------------------
+
+def _allow(method: str, allowed: str) -> None:
+    if method not in allowed.split(", "):
+        raise _method_not_allowed(allowed)
+
+
+def _key_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise _bad("keyId must be a UUID") from None
+
+
+async def _json_object(scope: Scope, receive: Receive) -> dict[str, Any]:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Rejected(400, "invalid_request", "The client went away.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise Rejected(413, "request_too_large", "Request body is larger than 64 KiB.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        body = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise _bad("Request body must be a JSON object.")
+    return body
+
+
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    for field in body:
+        if field not in allowed:
+            raise _bad(f"unknown field {field[:50]!r} (allowed: {', '.join(allowed)})")
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad("name must be a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise _bad(f"name must be at most {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def _optional_str(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, str):
+        raise _bad(f"{field} must be a string")
+    return value
+
+
+def _optional_int(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _bad(f"{field} must be an integer")
+    return value
+
+
+def _duration(body: dict[str, Any], field: str) -> str | None:
+    text = _optional_str(body, field)
+    if text is not None:
+        try:
+            seconds = parse_duration(text)
+        except ConfigError:
+            raise _bad(f"{field} must be a positive integer with s, m, h or d, like '30d'") \
+                from None
+        if seconds > MAX_DURATION_SECONDS:
+            raise _bad(f"{field} must be at most 3650d")
+    return text
+
+
+def key_spec(body: dict[str, Any]) -> KeySpec:
+    """A POST /api/keys body as the KeySpec the CLI builds from its options."""
+    _only(body, _CREATE_FIELDS)
+    if "name" not in body:
+        raise _bad("name is required")
+    name = _name(body["name"])
+    plan = _optional_str(body, "plan")
+    credit = body.get("credit", False)
+    if credit is None:
+        credit = False
+    if not isinstance(credit, bool):
+        raise _bad("credit must be true or false")
+    if credit == (plan is not None):
+        raise _bad("give exactly one of plan (a plan slug) or credit: true")
+    budget = body.get("budget")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int | float | str):
+            raise _bad("budget must be a USD amount (number or string)")
+        try:
+            micro = usd_to_micro(budget, "budget")
+        except ConfigError:
+            raise _bad("budget must be a non-negative USD amount, like 10 or \"10.50\"") \
+                from None
+        if micro > MAX_BUDGET_MICRO:
+            raise _bad("budget must be at most 1000000000 USD")
+        budget = str(budget)
+    duration = _duration(body, "budget_duration")
+    expires_in = _duration(body, "expires_in")
+    expires_at = _optional_str(body, "expires_at")
+    if expires_at is not None:
+        try:
+            moment = parse_iso_to_us(expires_at)
+        except (ValueError, OverflowError):
+            raise _bad("expires_at must be an ISO 8601 date-time") from None
+        if not 0 <= moment <= _LATEST_EXPIRY_US:
+            raise _bad("expires_at must be between 1970 and 9999")
+    if expires_at is not None and expires_in is not None:
+        raise _bad("give expires_at or expires_in, not both")
+    if credit and (expires_at is not None or expires_in is not None):
+        raise _bad("expires_at and expires_in apply to plan keys; credit keys do not expire")
+    return KeySpec(name=name, plan=plan, credit=credit, rpm=_optional_int(body, "rpm"),
+                   tpm=_optional_int(body, "tpm"), budget_usd=budget,
+                   budget_duration=duration or "30d", expires_at=expires_at,
+                   expires_in=expires_in)
+

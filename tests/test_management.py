@@ -1,0 +1,427 @@
+"""The management API (/api/usage, /api/keys...) through GatewayMiddleware, on both stores."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.keys import hash_secret, new_management_secret
+from gateway.metrics import Metrics
+from gateway.middleware import GatewayMiddleware
+from gateway.mock_upstream import MockUpstream
+from gateway.settings import Settings
+from gateway.store import Names, Store
+from gateway.usage_windows import aggregate
+from tests.conftest import bearer, client_for, new_key
+from tests.openapi_check import check
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
+ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+# The example row of GET /api/usage in the seed document, verbatim.
+SEED_ROW: dict[str, Any] = {
+    "id": "key-uuid", "name": "user-alice", "type": "subscription", "plan": "pro",
+    "isActive": True,
+    "usage": {
+        "last1h": {"requests": 3, "tokens": 8200, "promptTokens": 7800,
+                   "completionTokens": 400},
+        "last24h": {"requests": 45, "tokens": 128000, "promptTokens": 120000,
+                    "completionTokens": 8000},
+        "last7d": {"requests": 312, "tokens": 890000, "promptTokens": 840000,
+                   "completionTokens": 50000},
+        "last30d": {"requests": 1287, "tokens": 35895828, "promptTokens": 35634452,
+                    "completionTokens": 261376},
+    },
+    "subscription": {"status": "active", "expiresAt": "2026-04-23T15:12:31.565Z"},
+    "createdAt": "2026-03-05T13:29:01.800Z",
+}
+
+
+def shape(value: Any) -> Any:
+    """Field names, nesting and JSON types, without the values."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value[:1]]
+    return type(value).__name__
+
+
+async def mgmt_secret(store: Store, account_id: str) -> str:
+    secret = new_management_secret()
+    await store.create_mgmt_key(account_id, hash_secret(secret))
+    return secret
+
+
+def gw(store: Store, settings: Settings, metrics: Metrics, **kw: Any) -> GatewayMiddleware:
+    return GatewayMiddleware(MockUpstream(), settings=settings, store=store, metrics=metrics,
+                             **kw)
+
+
+async def get(client: httpx.AsyncClient, path: str, secret: str) -> httpx.Response:
+    response = await client.get(path, headers=bearer(secret))
+    check(response)
+    return response
+
+
+async def test_usage_counts_settled_traffic_only(store: Store, settings: Settings,
+                                                 metrics: Metrics) -> None:
+    secret, key_id, account = await new_key(store, settings, name="alice", rpm=4)
+    _, idle_id, _ = await new_key(store, settings, account=account, name="idle", credit=True)
+    mk = await mgmt_secret(store, account)
+    auth = bearer(secret)
+    async with client_for(gw(store, settings, metrics)) as client:
+        ok = [
+            await client.post("/v1/chat/completions", json=CHAT, headers=auth),  # 10 + 8
+            await client.post("/v1/chat/completions", headers=auth,  # streamed: 10 + 5
+                              json={**CHAT, "max_tokens": 5, "stream": True}),
+            await client.post("/v1/embeddings", headers=auth,  # 5 + 0
+                              json={"model": "m", "input": "y" * 20}),
+            await client.post("/v1/completions", headers=auth,  # 3 + 4
+                              json={"model": "m", "prompt": "z" * 12, "max_tokens": 4}),
+        ]
+        assert [r.status_code for r in ok] == [200, 200, 200, 200]
+        assert "data: [DONE]" in ok[1].text
+        rejected = [
+            await client.post("/v1/chat/completions", content=b"nope", headers=auth),
+            await client.post("/v1/chat/completions", json=CHAT, headers=auth),  # rpm 4 spent
+            await client.post("/v1/chat/completions", json=CHAT,
+                              headers=bearer("sk_live_" + "q" * 40)),
+        ]
+        assert [r.status_code for r in rejected] == [400, 429, 401]
+        listing = (await get(client, "/api/usage", mk)).json()
+    assert listing["success"] is True
+    rows = {row["id"]: row for row in listing["data"]}
+    assert set(rows) == {key_id, idle_id}
+    expected = {"requests": 4, "tokens": 45, "promptTokens": 28, "completionTokens": 17}
+    assert rows[key_id]["usage"] == {p: expected for p in ("last1h", "last24h", "last7d",
+                                                           "last30d")}
+    zero = {"requests": 0, "tokens": 0, "promptTokens": 0, "completionTokens": 0}
+    assert rows[idle_id]["usage"]["last30d"] == zero
+
+
+async def test_rows_match_the_seed_field_for_field(store: Store, settings: Settings,
+                                                   metrics: Metrics) -> None:
+    _, sub_id, account = await new_key(store, settings, name="user-alice", plan="pro")
+    _, credit_id, _ = await new_key(store, settings, account=account, name="c", credit=True)
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        rows = {r["id"]: r for r in (await get(client, "/api/usage", mk)).json()["data"]}
+        single = (await get(client, f"/api/usage/{sub_id}", mk)).json()
+    sub, credit = rows[sub_id], rows[credit_id]
+    assert list(sub) == list(SEED_ROW)  # same fields, same order
+    assert shape(sub) == shape(SEED_ROW)
+    assert single == sub
+    assert sub["plan"] == "pro" and sub["type"] == "subscription" and sub["isActive"] is True
+    assert sub["subscription"]["status"] == "active"
+    assert ISO_MS.match(sub["createdAt"]) and ISO_MS.match(sub["subscription"]["expiresAt"])
+    assert credit["plan"] == "credits" and credit["type"] == "credit"
+    assert "subscription" not in credit
+    assert list(credit) == [f for f in SEED_ROW if f != "subscription"]
+
+
+async def test_expired_subscription_is_reported(store: Store, settings: Settings,
+                                                metrics: Metrics) -> None:
+    _, key_id, account = await new_key(store, settings, expires_at="2020-01-01T00:00:00Z")
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        row = (await get(client, f"/api/usage/{key_id}", mk)).json()
+    assert row["subscription"] == {"status": "expired", "expiresAt": "2020-01-01T00:00:00.000Z"}
+
+
+async def test_single_key_errors(store: Store, settings: Settings, metrics: Metrics) -> None:
+    _, _, account = await new_key(store, settings)
+    other = (await store.create_account("other")).id
+    _, foreign_id, _ = await new_key(store, settings, account=other)
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        unknown = await get(client, f"/api/usage/{uuid.uuid4()}", mk)
+        foreign = await get(client, f"/api/usage/{foreign_id}", mk)
+        malformed = await get(client, "/api/usage/not-a-uuid", mk)
+    assert unknown.status_code == foreign.status_code == 404
+    assert unknown.json() == foreign.json()  # nothing tells the two apart
+    assert foreign.json()["error"]["code"] == "key_not_found"
+    assert malformed.status_code == 400
+    assert "keyId" in malformed.json()["error"]["message"]
+
+
+async def test_usage_is_limited_to_12_per_12_hours(store: Store, settings: Settings,
+                                                   metrics: Metrics) -> None:
+    _, key_id, account = await new_key(store, settings)
+    mk = await mgmt_secret(store, account)
+    second = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        remaining = []
+        for i in range(12):
+            path = "/api/usage" if i % 2 else f"/api/usage/{key_id}"
+            response = await get(client, path, mk)
+            assert response.status_code == 200
+            remaining.append(int(response.headers["x-ratelimit-remaining-requests"]))
+        assert remaining == list(range(11, -1, -1))
+        for path in ("/api/usage", f"/api/usage/{key_id}"):
+            limited = await get(client, path, mk)
+            assert limited.status_code == 429
+            assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+            # One request refills every hour; the 12 above took far less than 100 s.
+            assert 3500 <= int(limited.headers["retry-after"]) <= 3600
+        # The allowance is per management key; other endpoints are not limited.
+        assert (await get(client, "/api/usage", second)).status_code == 200
+        assert (await client.get("/api/keys", headers=bearer(mk))).status_code == 200
+
+
+async def test_authentication(store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, account = await new_key(store, settings)
+    mk = await mgmt_secret(store, account)
+    revoked = new_management_secret()
+    revoked_key = await store.create_mgmt_key(account, hash_secret(revoked))
+    async with client_for(gw(store, settings, metrics)) as client:
+        assert (await get(client, "/api/usage", revoked)).status_code == 200
+        await store.revoke_mgmt_key(revoked_key.id)
+        for headers in ({}, {"Authorization": "Bearer"}, bearer("mk_short"), bearer(secret),
+                        bearer("mk_" + "a" * 40), bearer(revoked), {"Authorization": mk}):
+            for method, path in (("GET", "/api/usage"), ("GET", "/api/keys"),
+                                 ("POST", "/api/keys"), ("GET", f"/api/usage/{uuid.uuid4()}")):
+                response = await client.request(method, path, headers=headers, json={})
+                check(response)
+                assert response.status_code == 401, (headers, path)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+                assert mk not in response.text and secret not in response.text
+        assert [k.id for k in await store.list_mgmt_keys(account)] != [revoked_key.id]
+
+
+async def test_pluggable_session_verifier(store: Store, settings: Settings,
+                                          metrics: Metrics) -> None:
+    _, key_id, account = await new_key(store, settings)
+    sessions = {"sess-sync": account, "sess-ghost": "no-such-account"}
+
+    async def verify(token: str) -> str | None:
+        if token == "sess-broken":
+            raise RuntimeError("login service down")
+        return sessions.get(token)
+
+    for verifier in (verify, sessions.get):
+        async with client_for(gw(store, settings, metrics, verifier=verifier)) as client:
+            ok = await get(client, "/api/usage", "sess-sync")
+            assert ok.status_code == 200
+            assert [r["id"] for r in ok.json()["data"]] == [key_id]
+            assert (await get(client, "/api/usage", "sess-unknown")).status_code == 401
+            assert (await get(client, "/api/usage", "sess-ghost")).status_code == 401
+    async with client_for(gw(store, settings, metrics, verifier=verify)) as client:
+        broken = await client.get("/api/keys", headers=bearer("sess-broken"))
+    assert broken.status_code == 503
+    assert broken.json()["error"]["code"] == "auth_unavailable"
+
+
+async def test_accounts_are_isolated_on_every_endpoint(store: Store, settings: Settings,
+                                                       metrics: Metrics) -> None:
+    secret_a, key_a, account_a = await new_key(store, settings, name="a-key")
+    account_b = (await store.create_account("b")).id
+    _, key_b, _ = await new_key(store, settings, account=account_b, name="b-key")
+    mk_b = await mgmt_secret(store, account_b)
+    auth = bearer(mk_b)
+    async with client_for(gw(store, settings, metrics)) as client:
+        usage = (await get(client, "/api/usage", mk_b)).json()["data"]
+        assert [r["id"] for r in usage] == [key_b]
+        keys = (await client.get("/api/keys", headers=auth)).json()
+        assert [k["id"] for k in keys] == [key_b]
+        attempts = [
+            await client.get(f"/api/usage/{key_a}", headers=auth),
+            await client.get(f"/api/keys/{key_a}", headers=auth),
+            await client.patch(f"/api/keys/{key_a}", headers=auth,
+                               json={"isActive": False, "name": "pwned"}),
+            await client.post(f"/api/keys/{key_a}/rotate", headers=auth),
+        ]
+        for response in attempts:
+            check(response)
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "key_not_found"
+        still = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret_a))
+        assert still.status_code == 200
+    record = await store.account_key(account_a, key_a)
+    assert record is not None and record.name == "a-key" and record.active
+
+
+async def test_create_patch_and_rotate(store: Store, settings: Settings,
+                                       metrics: Metrics) -> None:
+    account = (await store.create_account("acme")).id
+    mk = await mgmt_secret(store, account)
+    auth = bearer(mk)
+    async with client_for(gw(store, settings, metrics)) as client:
+        created = await client.post("/api/keys", headers=auth, json={
+            "name": "svc", "plan": "standard", "rpm": 30, "budget": "10.50",
+            "budget_duration": "7d", "expires_in": "2d"})
+        check(created)
+        assert created.status_code == 201
+        doc = created.json()
+        key_id, old = doc["id"], doc["key"]
+        assert doc["account_id"] == account and doc["rate_limits"] == {"rpm": 30, "tpm": 3333}
+        assert doc["budget"]["limit"] == 10.5 and doc["budget"]["duration"] == "7d"
+        assert (await client.post("/v1/chat/completions", json=CHAT,
+                                  headers=bearer(old))).status_code == 200
+
+        rotated = await client.post(f"/api/keys/{key_id}/rotate", headers=auth)
+        check(rotated)
+        new = rotated.json()["key"]
+        assert new != old and rotated.json()["id"] == key_id
+        for path in ("/v1/chat/completions", "/v1/usage"):
+            stale = await client.request("POST" if "chat" in path else "GET", path,
+                                         json=CHAT, headers=bearer(old))
+            assert stale.status_code == 401, path
+        assert (await client.post("/v1/chat/completions", json=CHAT,
+                                  headers=bearer(new))).status_code == 200
+
+        patched = await client.patch(f"/api/keys/{key_id}", headers=auth,
+                                     json={"isActive": False, "name": "svc-2"})
+        check(patched)
+        assert patched.json()["is_active"] is False and patched.json()["name"] == "svc-2"
+        denied = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(new))
+        assert denied.status_code == 403
+        row = (await get(client, f"/api/usage/{key_id}", mk)).json()
+        assert row["isActive"] is False and row["name"] == "svc-2"
+        assert row["usage"]["last1h"]["requests"] == 2  # one per secret; the 401/403 are not
+
+        credit = await client.post("/api/keys", headers=auth, json={"name": "c", "credit": True,
+                                                                    "budget": 5})
+        check(credit)
+        assert credit.status_code == 201 and credit.json()["type"] == "credit"
+        listed = await client.get("/api/keys", headers=auth)
+        check(listed)
+        assert {k["id"] for k in listed.json()} == {key_id, credit.json()["id"]}
+        assert all("key" not in k for k in listed.json())
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "name"),
+    ({"name": "", "plan": "standard"}, "name"),
+    ({"name": 5, "plan": "standard"}, "name"),
+    ({"name": "x"}, "plan"),
+    ({"name": "x", "plan": "standard", "credit": True}, "credit"),
+    ({"name": "x", "plan": "gold"}, "plan"),
+    ({"name": "x", "credit": "yes"}, "credit"),
+    ({"name": "x", "credit": True, "rpm": 0}, "rpm"),
+    ({"name": "x", "credit": True, "tpm": "many"}, "tpm"),
+    ({"name": "x", "credit": True, "rpm": True}, "rpm"),
+    ({"name": "x", "credit": True, "budget": -1}, "budget"),
+    ({"name": "x", "credit": True, "budget": "ten"}, "budget"),
+    ({"name": "x", "credit": True, "budget": 1e300}, "budget"),
+    ({"name": "x", "credit": True, "budget_duration": "monthly"}, "budget_duration"),
+    ({"name": "x", "credit": True, "budget_duration": "99999d"}, "budget_duration"),
+    ({"name": "x", "plan": "pro", "expires_at": "tomorrow"}, "expires_at"),
+    ({"name": "x", "plan": "pro", "expires_at": "0001-01-01T00:00:00+01:00"}, "expires_at"),
+    ({"name": "x", "plan": "pro", "expires_in": "1d", "expires_at": "2030-01-01"}, "expires_at"),
+    ({"name": "x", "credit": True, "expires_in": "1d"}, "expires_in"),
+    ({"name": "x", "credit": True, "colour": "red"}, "colour"),
+])
+async def test_create_validation_names_the_field(store: Store, settings: Settings,
+                                                 metrics: Metrics, body: dict[str, Any],
+                                                 field: str) -> None:
+    account = (await store.create_account("acme")).id
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        response = await client.post("/api/keys", headers=bearer(mk), json=body)
+    check(response)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert field in response.json()["error"]["message"]
+    assert await store.list_keys(account) == []
+
+
+async def test_patch_and_body_errors(store: Store, settings: Settings, metrics: Metrics) -> None:
+    _, key_id, account = await new_key(store, settings)
+    auth = bearer(await mgmt_secret(store, account))
+    async with client_for(gw(store, settings, metrics)) as client:
+        cases = [
+            (await client.patch(f"/api/keys/{key_id}", headers=auth, json={}), 400, "isActive"),
+            (await client.patch(f"/api/keys/{key_id}", headers=auth, json={"isActive": 1}),
+             400, "isActive"),
+            (await client.patch(f"/api/keys/{key_id}", headers=auth, json={"name": ""}),
+             400, "name"),
+            (await client.patch(f"/api/keys/{key_id}", headers=auth, json={"credits": 5}),
+             400, "credits"),
+            (await client.patch(f"/api/keys/{key_id}", headers=auth, content=b"[1]"),
+             400, "JSON object"),
+            (await client.post("/api/keys", headers=auth, content=b"x" * 70_000), 413, "64"),
+            (await client.delete(f"/api/keys/{key_id}", headers=auth), 405, "Method"),
+            (await client.put("/api/usage", headers=auth), 405, "Method"),
+            (await client.get("/api/keys/nope", headers=auth), 400, "keyId"),
+        ]
+        for response, status, words in cases:
+            check(response)
+            assert response.status_code == status, response.text
+            assert words in response.json()["error"]["message"]
+        missing = await client.get("/api/nothing-here", headers=auth)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+
+
+async def test_usage_windows_read_from_redis(store: Store) -> None:
+    """Counters at known offsets from Redis time land in the right periods."""
+    account = (await store.create_account("acme")).id
+    record = await store.create_key(
+        account_id=account, name="k", key_type="credit", plan="", rpm=1, tpm=1,
+        budget_limit=None, budget_duration=60, expires_at_us=None, expires_in_seconds=None,
+        secret_hash="0" * 64)
+    for _ in range(5):  # retried only if a minute boundary falls between write and read
+        now = await store.now_us() // 1_000_000
+        minute, hour = now // 60, now // 3600
+        for m, n in ((minute - 59, 1), (minute - 60, 2)):
+            await store.client.hset(Names.usage_minutes(account, record.id, m // 60),
+                                    mapping={f"r{m % 60}": n, f"p{m % 60}": 10 * n})
+        for h, n in ((hour - 23, 4), (hour - 24, 8), (hour - 167, 16), (hour - 168, 32),
+                     (hour - 719, 64), (hour - 720, 128)):
+            await store.client.hset(Names.usage_hours(account, record.id, h // 24),
+                                    mapping={f"r{h % 24}": n, f"c{h % 24}": n})
+        snapshot = await store.usage_snapshot(account)
+        if snapshot.now_us // 60_000_000 == minute:
+            break
+        await store.client.flushall()
+        account = (await store.create_account("acme")).id
+        record = await store.create_key(
+            account_id=account, name="k", key_type="credit", plan="", rpm=1, tpm=1,
+            budget_limit=None, budget_duration=60, expires_at_us=None, expires_in_seconds=None,
+            secret_hash="0" * 64)
+    [counters] = snapshot.keys
+    periods = aggregate(snapshot.now_us // 1_000_000, counters.minute_hashes,
+                        counters.hour_hashes)
+    assert {k: (w.requests, w.prompt_tokens, w.completion_tokens)
+            for k, w in periods.items()} == {
+        "last1h": (1, 10, 0), "last24h": (4, 0, 4), "last7d": (28, 0, 28),
+        "last30d": (124, 0, 124)}
+
+
+async def test_usage_read_is_one_pipeline_for_100_keys(redis_url: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.store import connect
+
+    store = connect(redis_url, timeout_seconds=5.0)
+    try:
+        account = (await store.create_account("big")).id
+        for i in range(100):
+            await store.create_key(
+                account_id=account, name=f"k{i}", key_type="credit", plan="", rpm=1, tpm=1,
+                budget_limit=None, budget_duration=60, expires_at_us=None,
+                expires_in_seconds=None, secret_hash=f"{i:064x}")
+        await store.usage_snapshot(account)  # loads the scripts
+        client = store.client
+        commands: list[str] = []
+        pipelines: list[int] = []
+        real_execute, real_pipeline = client.execute_command, client.pipeline
+
+        async def execute(*args: Any, **kwargs: Any) -> Any:
+            commands.append(str(args[0]))
+            return await real_execute(*args, **kwargs)
+
+        def pipeline(*args: Any, **kwargs: Any) -> Any:
+            pipelines.append(1)
+            return real_pipeline(*args, **kwargs)
+
+        monkeypatch.setattr(client, "execute_command", execute)
+        monkeypatch.setattr(client, "pipeline", pipeline)
+        snapshot = await store.usage_snapshot(account)
+        assert len(snapshot.keys) == 100
+        assert commands == ["EVALSHA"] and pipelines == [1]
+    finally:
+        await store.close()
