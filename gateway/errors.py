@@ -15,6 +15,10 @@ class StoreUnavailable(GatewayError):
     """The limiter store (Redis) could not be reached or answered with an error."""
 
 
+class ClientDisconnected(OSError):
+    """The client went away; raised from `send` so a streaming app stops producing."""
+
+
 class ConfigError(GatewayError):
     """Invalid settings or command-line input; the message is meant for the operator."""
 

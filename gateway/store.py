@@ -310,15 +310,18 @@ class Store:
 
 def connect(url: str, timeout_seconds: float = 0.25) -> Store:
     """A Store over a real Redis at `url` (redis://, rediss://, unix://)."""
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
 
     try:
-        client = Redis.from_url(
+        # A burst beyond the pool waits briefly for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(
             url,
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
-            max_connections=256,
+            max_connections=512,
+            timeout=max(1.0, timeout_seconds * 4),
         )
+        client = Redis.from_pool(pool)
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL: {exc}") from None
     return Store(client)
