@@ -1,0 +1,79 @@
+"""The benchmark in its tiny mode: it runs end to end and writes a complete JSON result.
+
+Speeds are never asserted; the Redis round-trip count is, because it is a behaviour: at steady
+state a metered request costs exactly one admission and one settlement call, and no lookup.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.run import main
+
+KINDS = ("non_streamed", "streamed")
+RUN_FIELDS = {"requests", "rps", "p50_ms", "p99_ms", "cpu_ms_per_request", "redis",
+              "loadgen_cpu_ms_per_request"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    out: Path = tmp_path_factory.mktemp("bench") / "result.json"
+    assert main(["--tiny", "--loadgen", "builtin", "--workers", "1", "--out", str(out)]) == 0
+    doc: dict[str, object] = orjson.loads(out.read_bytes())
+    return doc
+
+
+def test_every_run_is_measured_and_clean(result: dict[str, object]) -> None:
+    throughput = result["throughput"]
+    assert isinstance(throughput, dict)
+    for target in ("upstream", "gateway1", "mock", "middleware"):
+        for kind in KINDS:
+            run = throughput[f"{target}.{kind}"]
+            assert run.keys() >= RUN_FIELDS
+            assert run["requests"] > 0
+            assert run["non_2xx"] == 0 and run["errors"] == 0
+            assert run["cpu_ms_per_request"][target] > 0
+    sequential = result["sequential"]
+    assert isinstance(sequential, dict)
+    for target in ("upstream", "gateway1"):
+        for kind in KINDS:
+            assert sequential[f"{target}.{kind}"]["non_2xx"] == 0
+    # The upstream spaced its events apart: the first arrived before the whole stream ended.
+    stream = sequential["gateway1.streamed"]
+    assert stream["first_byte_p50_ms"] < stream["p50_ms"]
+
+
+def test_a_metered_request_costs_one_redis_call_before_and_one_after(
+        result: dict[str, object]) -> None:
+    trips = result["round_trips"]
+    assert isinstance(trips, dict)
+    for kind in KINDS:
+        assert trips[kind]["non_2xx"] == 0
+        assert trips[kind]["by_command"] == {"EVALSHA admit": 1.0, "EVALSHA settle": 1.0}
+        assert trips[kind]["per_request"] == 2.0
+        assert trips[kind]["auth"] == 0
+
+
+def test_summary_reports_ratios_costs_and_targets(result: dict[str, object]) -> None:
+    summary = result["summary"]
+    assert isinstance(summary, dict)
+    assert set(summary) == {"ratios", "per_request_ms", "one_connection_added", "targets"}
+    for kind in KINDS:
+        assert summary["ratios"][f"serve_rps_over_direct.{kind}"] > 0
+        assert summary["per_request_ms"][f"serve_gateway_cpu_ms.{kind}"] > 0
+    assert {t["name"] for t in summary["targets"]} >= {
+        "gateway CPU per non-streamed proxied request (ms)",
+        "Redis round trips for auth at steady state", "one-connection added p50 (ms)"}
+    assert all(isinstance(t["met"], bool) for t in summary["targets"])
+    scaling = result["scaling"]
+    assert isinstance(scaling, list)
+    assert [row["workers"] for row in scaling] == [1]
+    environment = result["environment"]
+    assert isinstance(environment, dict)
+    assert environment["loadgen"] == "builtin"
