@@ -244,7 +244,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with multiprocess_dir(args.workers):
         uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
-                    log_level=level, access_log=False, timeout_graceful_shutdown=30)
+                    log_level=level, access_log=False, timeout_graceful_shutdown=30,
+                    http="httptools", loop="uvloop")
     return 0
 
 
@@ -254,7 +255,7 @@ def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import DemoApp
 
     uvicorn.run(DemoApp(args.host, args.port), host=args.host, port=args.port,
-                log_level="warning")
+                log_level="warning", http="httptools", loop="uvloop")
     return 0
 
 
