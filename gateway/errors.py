@@ -15,6 +15,10 @@ class StoreUnavailable(GatewayError):
     """The limiter store (Redis) could not be reached or answered with an error."""
 
 
+class StoreAmbiguous(StoreUnavailable):
+    """The store failed after the command was sent: it may or may not have been applied."""
+
+
 class ConfigError(GatewayError):
     """Invalid settings or command-line input; the message is meant for the operator."""
 

@@ -13,10 +13,11 @@ from gateway import metering
 from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
-from gateway.errors import Rejected, StoreUnavailable, send_rejection
+from gateway.errors import Rejected, StoreAmbiguous, StoreUnavailable, send_rejection
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
 from gateway.settings import Price, Settings
+from gateway.settlement import Settlement, SettlementQueue, release
 from gateway.store import Decision, KeyRef, Store, connect
 from gateway.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
@@ -149,23 +150,8 @@ class _Exchange:
         self.settled = True
         prompt, completion = self.usage()
         cost = self.price.cost_micro(prompt, completion) if self.price else 0
-        metrics = self.gateway.metrics
-        try:
-            await self.gateway.store.settle(self.ref, self.request_id, prompt, completion, cost)
-        except StoreUnavailable:
-            metrics.store_errors.labels("settle").inc()
-            metrics.settlements.labels("failed").inc()
-            log.warning("settlement failed; the admission-time estimate stands",
-                        extra={"request_id": self.request_id})
-            return
-        metrics.settlements.labels("settled").inc()
-        plan = self.decision.plan or "credits"
-        if prompt:
-            metrics.tokens.labels("prompt", plan).inc(prompt)
-        if completion:
-            metrics.tokens.labels("completion", plan).inc(completion)
-        if cost:
-            metrics.spend.labels(plan).inc(cost / 1_000_000)
+        await self.gateway.settlements.settle(Settlement(
+            self.ref, self.request_id, prompt, completion, cost, self.decision.plan))
 
 
 class GatewayMiddleware:
@@ -181,6 +167,7 @@ class GatewayMiddleware:
         self.metrics = metrics or default_metrics()
         self.resolver = KeyResolver(store, self.settings.auth_cache_seconds)
         self.endpoints = Endpoints(store, self.settings, self.resolver)
+        self.settlements = SettlementQueue(store, self.metrics)
         self._background: set[asyncio.Task[None]] = set()
         self._outage = False
 
@@ -247,7 +234,9 @@ class GatewayMiddleware:
         started = time.perf_counter()
         try:
             decision = await self.store.admit(ref, secret_hash, request_id, estimate, cost)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
+                self.settlements.submit(release(ref, request_id))
             await self._store_down(scope, receive, send)
             return
         self.metrics.admission_seconds.observe(time.perf_counter() - started)
@@ -307,9 +296,10 @@ class GatewayMiddleware:
         return lifespan_receive
 
     async def drain(self) -> None:
-        """Waits for settlements still running in the background."""
+        """Waits for settlements still running, then flushes the retry queue (bounded)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.settlements.drain()
 
     async def aclose(self) -> None:
         await self.drain()
