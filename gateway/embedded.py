@@ -11,5 +11,5 @@ from gateway.store import Store
 
 
 def embedded_store() -> Store:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), max_connections=2**20)
     return Store(client)

@@ -19,6 +19,10 @@ class StoreAmbiguous(StoreUnavailable):
     """The store failed after the command was sent: it may or may not have been applied."""
 
 
+class ClientDisconnected(OSError):
+    """The client went away; raised from `send` so a streaming app stops producing."""
+
+
 class ConfigError(GatewayError):
     """Invalid settings or command-line input; the message is meant for the operator."""
 

@@ -13,7 +13,13 @@ from gateway import metering
 from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
-from gateway.errors import Rejected, StoreAmbiguous, StoreUnavailable, send_rejection
+from gateway.errors import (
+    ClientDisconnected,
+    Rejected,
+    StoreAmbiguous,
+    StoreUnavailable,
+    send_rejection,
+)
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
 from gateway.settings import Price, Settings
@@ -67,6 +73,10 @@ class _Exchange:
                  price: Price | None, strip_usage: bool) -> None:
         self.gateway = gateway
         self.downstream = send
+        self.client_receive: Receive | None = None
+        self.body: bytes | None = None
+        self.disconnected = asyncio.Event()
+        self.watcher: asyncio.Task[None] | None = None
         self.ref = ref
         self.request_id = request_id
         self.decision = decision
@@ -81,7 +91,37 @@ class _Exchange:
         self.sse: metering.SseUsage | None = None
         self.json: metering.JsonUsage | None = None
 
+    def own_receive(self, body: bytes, receive: Receive) -> Receive:
+        """After replaying the body, the exchange is the only reader of the client's
+        `receive`, so it can notice a disconnect whatever the app does."""
+        self.body = body
+        self.client_receive = receive
+        return self.receive
+
+    async def receive(self) -> Message:
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        self._watch()
+        await self.disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    def _watch(self) -> None:
+        if self.watcher is None and self.client_receive is not None:
+            self.watcher = asyncio.ensure_future(self._wait_for_disconnect(self.client_receive))
+
+    async def _wait_for_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected.set()
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+
     async def send(self, message: Message) -> None:
+        if self.disconnected.is_set():
+            raise ClientDisconnected
         if message["type"] == "http.response.start":
             await self._start(message)
         elif message["type"] == "http.response.body":
@@ -98,6 +138,7 @@ class _Exchange:
             if lowered == b"content-type" and self.price is not None:
                 if value.startswith(b"text/event-stream"):
                     self.sse = metering.SseUsage(self.strip_usage)
+                    self._watch()
                 elif b"json" in value:
                     self.json = metering.JsonUsage(_JSON_TAIL_BYTES)
             elif lowered == b"content-length" and self.strip_usage:
@@ -210,6 +251,7 @@ class GatewayMiddleware:
         price: Price | None = None
         prompt_estimate = completion_estimate = 0
         strip_usage = False
+        body = b""
         if scope["method"] == "POST" and path_is_metered(scope["path"]):
             body = await self._read_limited(scope, receive)
             try:
@@ -226,7 +268,6 @@ class GatewayMiddleware:
             if strip_usage:
                 body = orjson.dumps(payload)
             scope = _with_body_length(scope, len(body))
-            receive = _replay(body, receive)
 
         request_id = uuid.uuid4().hex
         estimate = prompt_estimate + completion_estimate
@@ -237,6 +278,8 @@ class GatewayMiddleware:
         except StoreUnavailable as exc:
             if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
                 self.settlements.submit(release(ref, request_id))
+            if price is not None:  # fail open forwards the body we already read
+                receive = _replay(body, receive)
             await self._store_down(scope, receive, send)
             return
         self.metrics.admission_seconds.observe(time.perf_counter() - started)
@@ -250,10 +293,15 @@ class GatewayMiddleware:
 
         exchange = _Exchange(self, send, ref, request_id, decision, prompt_estimate,
                              completion_estimate, price, strip_usage)
+        if price is not None:
+            receive = exchange.own_receive(body, receive)
         forwarded = time.perf_counter()
         try:
             await self.app(scope, receive, exchange.send)
+        except ClientDisconnected:
+            pass
         finally:
+            exchange.stop_watching()
             self.metrics.upstream_seconds.observe(time.perf_counter() - forwarded)
             if not exchange.settled:
                 await self._settle_shielded(exchange)
@@ -328,5 +376,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
-
-

@@ -341,14 +341,17 @@ def connect(url: str, timeout_seconds: float = 0.25) -> Store:
     """
     options: dict[str, Any] = {"socket_timeout": timeout_seconds,
                                "socket_connect_timeout": timeout_seconds,
-                               "max_connections": 256, "retry": _no_retries()}
+                               "retry": _no_retries()}
     scheme = url.partition("://")[0].lower()
     try:
         if scheme in _CLUSTER_SCHEMES:
-            return Store(_cluster_client(url, scheme, options))
-        from redis.asyncio import Redis
+            return Store(_cluster_client(url, scheme, {**options, "max_connections": 256}))
+        from redis.asyncio import BlockingConnectionPool, Redis
 
-        return Store(Redis.from_url(url, **options))
+        # A burst beyond the pool waits briefly for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=512, timeout=max(1.0, timeout_seconds * 4), **options)
+        return Store(Redis.from_pool(pool))
     except (ValueError, RedisError) as exc:
         raise ConfigError(f"invalid Redis URL: {exc}") from None
 

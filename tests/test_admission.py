@@ -1,0 +1,172 @@
+"""Exactness under concurrency: limits, budgets and spend, on real Redis and embedded."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from gateway.embedded import embedded_store
+from gateway.metrics import Metrics
+from gateway.mock_upstream import MockUpstream
+from gateway.settings import Price, Settings
+from gateway.store import Store, connect
+from tests.conftest import bearer, client_for, gateway, new_key
+
+
+def chat(max_tokens: int | None = 8, chars: int = 40) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x" * chars}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return body
+
+
+async def second_store(store: Store, store_kind: str, redis_url: str | None) -> Store:
+    """Another client on the same data, as a second replica would have."""
+    if store_kind == "redis" and redis_url:
+        return connect(redis_url, timeout_seconds=5.0)
+    return store  # the embedded store exists only inside one process
+
+
+async def burst(clients: list[httpx.AsyncClient], n: int, secret: str,
+                body: dict[str, Any]) -> list[httpx.Response]:
+    async def one(i: int) -> httpx.Response:
+        return await clients[i % len(clients)].post("/v1/chat/completions", json=body,
+                                                     headers=bearer(secret))
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def test_rpm_admits_exactly_the_limit_across_two_instances(
+        store: Store, store_kind: str, settings: Settings, metrics: Metrics,
+        request: Any) -> None:
+    url = request.getfixturevalue("redis_url") if store_kind == "redis" else None
+    other = await second_store(store, store_kind, url)
+    secret, _, _ = await new_key(store, settings, tpm=10_000_000)
+    upstream = MockUpstream()
+    apps = [gateway(upstream, store, settings, metrics),
+            gateway(upstream, other, settings, metrics)]
+    started = await store.now_us()
+    async with client_for(apps[0]) as first, client_for(apps[1]) as second:
+        responses = await burst([first, second], 150, secret, chat())
+    elapsed = (await store.now_us() - started) / 1e6
+    admitted = sum(r.status_code == 200 for r in responses)
+    rejected = [r for r in responses if r.status_code != 200]
+    refill = int(elapsed * 60 / 60) + 1  # 60 rpm refills one request per second
+    assert 60 <= admitted <= 60 + refill
+    assert upstream.requests == admitted
+    assert all(r.status_code == 429 for r in rejected)
+    assert {r.json()["error"]["code"] for r in rejected} == {"rate_limit_exceeded"}
+    assert {r.json()["error"]["type"] for r in rejected} == {"requests"}
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in rejected)
+    if other is not store:
+        await other.close()
+
+
+async def test_tpm_is_never_exceeded_by_a_concurrent_burst(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, rpm=100_000, tpm=1000)
+    upstream = MockUpstream()
+    started = await store.now_us()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        # estimate 10 prompt + 90 completion = 100 tokens; actual usage is 10 + 16
+        responses = await burst([client], 60, secret, chat(max_tokens=90))
+    elapsed = (await store.now_us() - started) / 1e6
+    admitted = [r for r in responses if r.status_code == 200]
+    used = sum(r.json()["usage"]["total_tokens"] for r in admitted)
+    assert used <= 1000 + elapsed * 1000 / 60 + 100
+    assert len(admitted) >= 10
+    tokens = [r for r in responses if r.status_code == 429]
+    assert tokens and {r.json()["error"]["type"] for r in tokens} == {"tokens"}
+
+
+async def test_budget_overshoot_is_at_most_one_request(store: Store, metrics: Metrics) -> None:
+    settings = Settings(default_price=Price(10_000_000, 20_000_000))  # $10 / $20 per M
+    secret, _, _ = await new_key(store, settings, budget_usd="0.001", rpm=100_000,
+                                 tpm=10_000_000)
+    per_request = settings.default_price.cost_micro(10, 8)  # 100 + 160 micro-USD
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        responses = await burst([client], 60, secret, chat(max_tokens=8))
+        usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+    admitted = sum(r.status_code == 200 for r in responses)
+    spent = round(usage["budget"]["spent"] * 1_000_000)
+    assert spent == admitted * per_request
+    assert 1000 <= spent <= 1000 + per_request
+    budget = [r for r in responses if r.status_code == 429]
+    assert {r.json()["error"]["code"] for r in budget} == {"budget_exceeded"}
+    assert {r.json()["error"]["type"] for r in budget} == {"insufficient_quota"}
+    assert all(int(r.headers["retry-after"]) > 86400 for r in budget)  # resets in 30 days
+
+
+async def test_spend_equals_reported_usage_times_price(store: Store, metrics: Metrics) -> None:
+    settings = Settings(default_price=Price(1_300_000, 2_700_000),
+                        model_prices={"small": Price(50_000, 80_000)})
+    secret, _, _ = await new_key(store, settings, rpm=100_000, tpm=10_000_000)
+    bodies = [chat(max_tokens=100), chat(max_tokens=None), chat(max_tokens=3, chars=7),
+              {**chat(max_tokens=None), "model": "small"},
+              {"model": "e", "input": ["abcd" * 5, "xyz"]}]
+    expected = 0
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        for round_ in range(4):
+            for body in bodies:
+                path = "/v1/embeddings" if "input" in body else "/v1/chat/completions"
+                response = await client.post(path, json=body, headers=bearer(secret))
+                assert response.status_code == 200, (round_, response.text)
+                reported = response.json()["usage"]
+                price = settings.price_for(body["model"])
+                expected += price.cost_micro(reported["prompt_tokens"],
+                                             reported.get("completion_tokens", 0))
+        usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+    assert round(usage["budget"]["spent"] * 1_000_000) == expected
+
+
+async def test_credits_are_shared_by_the_keys_of_one_account(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    first, _, account = await new_key(store, settings, credit=True, name="a")
+    second, _, _ = await new_key(store, settings, account, credit=True, name="b")
+    await store.add_credits(account, 100)  # 100 micro-USD
+    per_request = settings.default_price.cost_micro(10, 8)  # 17
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        statuses = []
+        for i in range(20):
+            secret = first if i % 2 else second
+            response = await client.post("/v1/chat/completions", json=chat(),
+                                         headers=bearer(secret))
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                assert response.json()["error"]["code"] == "insufficient_credits"
+                assert "retry-after" not in response.headers
+        usage = (await client.get("/v1/usage", headers=bearer(first))).json()
+    admitted = statuses.count(200)
+    assert admitted == -(-100 // per_request)  # admitted while the balance was positive
+    assert statuses[admitted:] == [429] * (20 - admitted)
+    assert round(usage["credits"]["balance"] * 1_000_000) == 100 - admitted * per_request
+    assert usage["plan"]["slug"] is None
+    assert usage["key"]["type"] == "credit"
+
+
+async def test_budget_rolls_over_after_its_duration(store: Store, metrics: Metrics) -> None:
+    settings = Settings(default_price=Price(10_000_000, 20_000_000))
+    secret, _, _ = await new_key(store, settings, budget_usd="0.0005", budget_duration="3s")
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        before = (await client.get("/v1/usage", headers=bearer(secret))).json()["budget"]
+        assert before["duration"] == "3s"
+        statuses = [(await client.post("/v1/chat/completions", json=chat(),
+                                       headers=bearer(secret))) for _ in range(3)]
+        assert [r.status_code for r in statuses] == [200, 200, 429]
+        wait = int(statuses[2].headers["retry-after"])
+        assert 1 <= wait <= 3
+        await asyncio.sleep(wait + 0.2)
+        after = (await client.post("/v1/chat/completions", json=chat(),
+                                   headers=bearer(secret)))
+        assert after.status_code == 200
+        now = (await client.get("/v1/usage", headers=bearer(secret))).json()["budget"]
+    assert round(now["spent"] * 1_000_000) == settings.default_price.cost_micro(10, 8)
+    assert now["resets_at"] > before["resets_at"]
+
+
+async def test_embedded_store_is_independent_per_instance() -> None:
+    first, second = embedded_store(), embedded_store()
+    account = await first.create_account("solo")
+    assert await second.account_by_name("solo") is None
+    assert (await first.get_account(account.id)).name == "solo"

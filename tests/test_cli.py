@@ -1,0 +1,112 @@
+"""The `gateway` command against a private redis-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gateway.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_account_and_key_lifecycle(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "accounts", "create", "--name", "acme", "--redis", redis_url,
+                       "--json")
+    assert code == 0
+    account = json.loads(out)
+    assert account["name"] == "acme" and account["credits"] == 0
+
+    code, out, _ = run(capsys, "accounts", "add-credits", account["id"], "12.5", "--json",
+                       "--redis", redis_url)
+    assert json.loads(out)["credits"] == 12.5
+
+    code, out, _ = run(capsys, "keys", "create", "--account", account["id"], "--name", "prod",
+                       "--plan", "pro", "--budget", "10", "--budget-duration", "7d", "--json",
+                       "--redis", redis_url)
+    key = json.loads(out)
+    assert key["key"].startswith("sk_live_") and len(key["key"]) >= 8 + 32
+    assert key["type"] == "subscription" and key["plan"] == "pro"
+    assert key["rate_limits"] == {"rpm": 200, "tpm": 13333}
+    assert key["budget"]["limit"] == 10.0 and key["budget"]["duration"] == "7d"
+    assert key["expires_at"] is not None
+
+    code, out, _ = run(capsys, "keys", "show", key["id"], "--json", "--redis", redis_url)
+    shown = json.loads(out)
+    assert "key" not in shown  # the secret is shown once, at creation
+    assert key["key"] not in out
+
+    code, out, _ = run(capsys, "keys", "deactivate", key["id"], "--redis", redis_url, "--json")
+    assert json.loads(out)["is_active"] is False
+    code, out, _ = run(capsys, "keys", "list", "--redis", redis_url, "--json")
+    assert [k["id"] for k in json.loads(out)] == [key["id"]]
+
+
+def test_keys_create_without_account_uses_default(redis_url: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "keys", "create", "--name", "c", "--credit", "--json",
+                       "--redis", redis_url)
+    assert code == 0
+    first = json.loads(out)
+    assert first["type"] == "credit" and first["plan"] is None and first["expires_at"] is None
+    code, out, _ = run(capsys, "keys", "create", "--name", "d", "--plan", "standard", "--json",
+                       "--redis", redis_url)
+    assert json.loads(out)["account_id"] == first["account_id"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["keys", "create", "--name", "x", "--plan", "gold"], "unknown plan 'gold'"),
+    (["keys", "create", "--name", "x", "--plan", "pro", "--budget-duration", "3w"],
+     "invalid duration"),
+    (["keys", "create", "--name", "x", "--plan", "pro", "--budget", "ten"], "invalid amount"),
+    (["keys", "create", "--name", "x", "--plan", "pro", "--rpm", "0"], "rpm must be"),
+    (["keys", "create", "--name", "x", "--credit", "--expires-in", "1d"], "do not expire"),
+    (["keys", "show", "00000000-0000-0000-0000-000000000000"], "no key with id"),
+    (["keys", "deactivate", "nope"], "no key with id"),
+    (["accounts", "add-credits", "nope", "5"], "no account with id"),
+    (["accounts", "add-credits", "nope", "-5"], "invalid amount"),
+])
+def test_bad_input_is_one_clear_line(redis_url: str, capsys: pytest.CaptureFixture[str],
+                                     argv: list[str], message: str) -> None:
+    code, out, err = run(capsys, *argv, "--redis", redis_url)
+    assert code == 1
+    assert out == ""
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_redis_down_is_one_clear_line(tmp_path: object,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "keys", "list", "--redis", f"unix://{tmp_path}/none.sock")
+    assert code == 1
+    assert err.startswith("gateway: error: cannot reach Redis") and err.count("\n") == 1
+
+
+def test_no_redis_configured_and_bad_config(tmp_path: object,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "keys", "list")
+    assert code == 1 and "no Redis configured" in err
+    bad = f"{tmp_path}/bad.toml"
+    with open(bad, "w") as handle:
+        handle.write("fail_mode = 'sideways'\n")
+    code, _, err = run(capsys, "plans", "--config", bad)
+    assert code == 1 and "fail_mode" in err
+
+
+def test_plans_json_matches_the_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plans", "--json")
+    assert code == 0
+    assert json.loads(out)[1] == {"slug": "pro", "name": "Pro", "priceUsdc": "60",
+                                  "rateLimits": {"tpm_limit": 13333, "rpm_limit": 200}}
+
+
+def test_python_dash_m_gateway_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "gateway", "plans"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0 and "standard" in result.stdout

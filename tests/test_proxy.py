@@ -1,0 +1,161 @@
+"""The sidecar shape: GatewayMiddleware over UpstreamProxy, against real HTTP upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import orjson
+
+from gateway.metrics import Metrics
+from gateway.mock_upstream import MockUpstream
+from gateway.proxy import UpstreamProxy
+from gateway.settings import Settings
+from gateway.store import Names, Store
+from gateway.types import Receive, Scope, Send
+from tests.conftest import RedisServer, bearer, client_for, free_port, gateway, new_key, serving
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
+
+
+class EchoUpstream:
+    """Answers with what it received, and a usage block."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        doc = {"path": scope["path"], "query": scope["query_string"].decode(),
+               "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+               "body": body.decode(), "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+        data = orjson.dumps(doc)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"x-upstream", b"yes"), (b"connection", b"keep-alive")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+async def test_forwarding_replaces_auth_and_drops_hop_by_hop(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    async with serving(EchoUpstream()) as upstream:
+        proxy = UpstreamProxy(upstream, api_key="upstream-secret")
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            response = await client.post(
+                "/v1/chat/completions?x=1", json=CHAT,
+                headers={**bearer(secret), "Connection": "keep-alive", "TE": "trailers",
+                         "X-Custom": "kept"})
+            usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+        await proxy.close()
+    assert response.status_code == 200
+    echoed = response.json()
+    assert echoed["path"] == "/v1/chat/completions" and echoed["query"] == "x=1"
+    assert echoed["headers"]["authorization"] == "Bearer upstream-secret"
+    assert echoed["headers"]["x-custom"] == "kept"
+    assert "te" not in echoed["headers"]
+    assert json.loads(echoed["body"]) == CHAT
+    assert response.headers["x-upstream"] == "yes"
+    assert round(usage["budget"]["spent"] * 1e6) == settings.default_price.cost_micro(3, 4)
+
+
+async def test_upstream_down_is_502_and_not_billed(store: Store, settings: Settings,
+                                                    metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    proxy = UpstreamProxy(f"http://127.0.0.1:{free_port()}")
+    async with client_for(gateway(proxy, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+    await proxy.close()
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert "x-ratelimit-remaining-requests" in response.headers
+    assert usage["budget"]["spent"] == 0
+
+
+async def test_proxied_stream_disconnect_is_billed(store: Store, settings: Settings,
+                                                   metrics: Metrics) -> None:
+    secret, _, account_id = await new_key(store, settings)
+    reservations = Names.reservation(account_id, "*")
+    upstream_app = MockUpstream(max_words=300, chunk_delay=0.01)
+    body = {**CHAT, "stream": True, "max_tokens": 300}
+    async with serving(upstream_app) as upstream:
+        proxy = UpstreamProxy(upstream)
+        async with serving(gateway(proxy, store, settings, metrics)) as base, \
+                aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/v1/chat/completions", json=body,
+                                    headers=bearer(secret)) as response:
+                received = b""
+                while received.count(b"\n\n") < 4:
+                    received += await response.content.readany()
+                response.close()
+            streamed = received.count(b"\n\n")
+            # Admission debited the estimate; settlement (when the server notices) deletes
+            # the reservation and replaces the estimate with what was streamed.
+            for _ in range(200):
+                if not [k async for k in store.client.scan_iter(match=reservations)]:
+                    break
+                await asyncio.sleep(0.02)
+            async with session.get(f"{base}/v1/usage", headers=bearer(secret)) as usage:
+                spent = round((await usage.json())["budget"]["spent"] * 1e6)
+        await proxy.close()
+    price = settings.default_price
+    assert price.cost_micro(10, streamed) <= spent <= price.cost_micro(10, streamed + 20)
+
+
+def _wait_http(url: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=0.5).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def test_gateway_serve_as_a_user_runs_it(redis_server: RedisServer, redis_url: str,
+                                         tmp_path: Path) -> None:
+    env = {**os.environ, "GATEWAY_REDIS_URL": redis_url}
+    created = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "create", "--name", "cli", "--plan",
+         "standard", "--rpm", "3", "--json"], env=env, capture_output=True, text=True,
+        check=True, timeout=60)
+    secret = json.loads(created.stdout)["key"]
+    upstream_port, gateway_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "gateway.mock_upstream", "--port",
+                                 str(upstream_port)], env=env)
+    served = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--upstream",
+         f"http://127.0.0.1:{upstream_port}", "--port", str(gateway_port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{gateway_port}"
+    try:
+        deadline = time.monotonic() + 30
+        _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", deadline)
+        _wait_http(f"{base}/healthz", deadline)
+        statuses = [httpx.post(f"{base}/v1/chat/completions", json=CHAT,
+                               headers=bearer(secret), timeout=10).status_code
+                    for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        usage = httpx.get(f"{base}/v1/usage", headers=bearer(secret), timeout=10).json()
+        assert round(usage["budget"]["spent"] * 1e6) == 3 * Settings().default_price.cost_micro(
+            10, 8)
+    finally:
+        served.send_signal(signal.SIGINT)
+        _, err = served.communicate(timeout=30)
+        upstream.terminate()
+        upstream.wait(timeout=30)
+    assert served.returncode == 0
+    assert secret.encode() not in err
+    assert b"Traceback" not in err

@@ -1,0 +1,157 @@
+"""Every rejection: status, OpenAI-style body, headers, and that the upstream never sees it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.errors import StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.mock_upstream import MockUpstream
+from gateway.settings import Settings
+from gateway.store import Names, Store, connect
+from tests.conftest import bearer, client_for, gateway, new_key
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+async def test_deactivated_key_is_403_at_once_even_when_cached(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, _ = await new_key(store, settings)
+    upstream = MockUpstream()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        ok = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        assert ok.status_code == 200
+        await store.set_active(key_id, False)
+        for path in ("/v1/chat/completions", "/v1/usage"):
+            method = client.post if path != "/v1/usage" else client.get
+            kwargs = {"json": CHAT} if path != "/v1/usage" else {}
+            response = await method(path, headers=bearer(secret), **kwargs)  # type: ignore[operator]
+            assert response.status_code == 403
+            assert response.json()["error"]["code"] == "key_deactivated"
+        await store.set_active(key_id, True)
+        again = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        assert again.status_code == 200
+    assert upstream.requests == 2
+
+
+async def test_expired_subscription_is_403_but_usage_still_answers(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, expires_in="1s")
+    upstream = MockUpstream()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        await asyncio.sleep(1.1)
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "subscription_expired"
+        usage = await client.get("/v1/usage", headers=bearer(secret))
+    assert usage.status_code == 200
+    assert usage.json()["plan"]["status"] == "expired"
+    assert upstream.requests == 0
+
+
+async def test_rpm_retry_after_is_the_true_wait(store: Store, settings: Settings,
+                                               metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, rpm=1)
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        first = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        second = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    assert second.status_code == 429
+    assert 58 <= int(second.headers["retry-after"]) <= 60
+    assert second.headers["x-ratelimit-reset-requests"].endswith("s")
+    error = second.json()["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
+
+
+async def test_request_larger_than_the_tpm_bucket_is_admitted_once_then_waits(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, tpm=60)
+    big = {**CHAT, "max_tokens": 600}  # far more than the whole bucket
+    upstream = MockUpstream(max_words=100)
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        first = await client.post("/v1/chat/completions", json=big, headers=bearer(secret))
+        second = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert second.json()["error"]["type"] == "tokens"
+    # actual usage 2 + 100 tokens left the 60-token bucket 42 in debt; it refills at one
+    # token per second, and the next request needs 2 + 4 more
+    assert 44 <= int(second.headers["retry-after"]) <= 48
+    assert upstream.requests == 1
+
+
+async def test_other_v1_paths_need_a_key_and_count_one_request(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, rpm=2)
+    upstream = MockUpstream()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        assert (await client.get("/v1/models")).status_code == 401
+        statuses = [(await client.get("/v1/models", headers=bearer(secret))).status_code
+                    for _ in range(3)]
+        usage = await client.get("/v1/usage", headers=bearer(secret))
+    assert statuses == [200, 200, 429]
+    assert usage.status_code == 200  # /v1/usage does not count against the RPM
+    assert usage.json()["budget"]["spent"] == 0
+
+
+async def test_usage_is_404_when_the_record_is_gone(store: Store, settings: Settings,
+                                                    metrics: Metrics) -> None:
+    secret, key_id, account_id = await new_key(store, settings)
+    await store.client.delete(Names.key(account_id, key_id))
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        response = await client.get("/v1/usage", headers=bearer(secret))
+        missing = await client.get("/v1/usage", headers=bearer("sk_live_" + "Z" * 40))
+    assert response.status_code == 404
+    assert missing.status_code == 401
+
+
+async def test_store_down_means_503_for_inference_and_502_for_usage(
+        tmp_path: object, settings: Settings, metrics: Metrics) -> None:
+    dead = connect(f"unix://{tmp_path}/no-redis.sock", timeout_seconds=0.2)
+    upstream = MockUpstream()
+    secret = "sk_live_" + "Q" * 40
+    async with client_for(gateway(upstream, dead, settings, metrics)) as client:
+        inference = await client.post("/v1/chat/completions", json=CHAT,
+                                      headers=bearer(secret))
+        usage = await client.get("/v1/usage", headers=bearer(secret))
+        ready = await client.get("/readyz")
+    assert inference.status_code == 503
+    assert inference.json()["error"]["code"] == "limiter_unavailable"
+    assert usage.status_code == 502
+    assert usage.json()["error"]["code"] == "usage_unavailable"
+    assert ready.status_code == 503
+    assert upstream.requests == 0
+    try:
+        await dead.ping()
+    except StoreUnavailable as exc:
+        assert "Q" * 10 not in str(exc)
+    await dead.close()
+
+
+async def test_plans_and_health(store: Store, settings: Settings, metrics: Metrics) -> None:
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        plans = (await client.get("/api/plans")).json()
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.post("/v1/usage")).status_code == 405
+    assert plans == [
+        {"slug": "standard", "name": "Standard", "priceUsdc": "20",
+         "rateLimits": {"tpm_limit": 3333, "rpm_limit": 60}},
+        {"slug": "pro", "name": "Pro", "priceUsdc": "60",
+         "rateLimits": {"tpm_limit": 13333, "rpm_limit": 200}},
+    ]
+
+
+async def test_non_gateway_paths_pass_through(store: Store, settings: Settings,
+                                              metrics: Metrics) -> None:
+    seen: list[str] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with client_for(gateway(app, store, settings, metrics)) as client:
+        assert (await client.get("/docs")).status_code == 204
+    assert seen == ["/docs"]

@@ -1,0 +1,98 @@
+"""Streams through a real uvicorn server: usage injection, stripping, and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+
+from gateway.metrics import Metrics
+from gateway.mock_upstream import MockUpstream
+from gateway.settings import Settings
+from gateway.store import Names, Store
+from tests.conftest import bearer, gateway, new_key, serving
+
+STREAM = {"model": "m", "stream": True, "max_tokens": 12,
+          "messages": [{"role": "user", "content": "y" * 80}]}
+
+
+def events(raw: bytes) -> list[dict[str, object]]:
+    out = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"data: ") and block != b"data: [DONE]":
+            out.append(orjson.loads(block[6:]))
+    return out
+
+
+async def spent_micro(session: aiohttp.ClientSession, base: str, secret: str) -> int:
+    async with session.get(f"{base}/v1/usage", headers=bearer(secret)) as response:
+        return round((await response.json())["budget"]["spent"] * 1_000_000)
+
+
+async def test_stream_is_billed_when_the_client_did_not_ask_for_usage(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    async with serving(gateway(MockUpstream(), store, settings, metrics)) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/chat/completions", json=STREAM,
+                                headers=bearer(secret)) as response:
+            assert response.status == 200
+            assert response.headers["x-ratelimit-limit-requests"] == "60"
+            raw = await response.read()
+        chunks = events(raw)
+        assert raw.endswith(b"data: [DONE]\n\n")
+        assert len(chunks) == 12
+        assert all("usage" not in c for c in chunks)  # our injected chunk is removed
+        # spend is visible as soon as the stream has ended (read-your-writes)
+        assert await spent_micro(session, base, secret) == settings.default_price.cost_micro(
+            20, 12)
+
+
+async def test_stream_keeps_the_usage_chunk_the_client_asked_for(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    body = {**STREAM, "stream_options": {"include_usage": True}}
+    async with serving(gateway(MockUpstream(), store, settings, metrics)) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/chat/completions", json=body,
+                                headers=bearer(secret)) as response:
+            chunks = events(await response.read())
+        assert chunks[-1]["usage"] == {"prompt_tokens": 20, "completion_tokens": 12,
+                                       "total_tokens": 32}
+        assert await spent_micro(session, base, secret) == settings.default_price.cost_micro(
+            20, 12)
+
+
+async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, account_id = await new_key(store, settings, rpm=2)
+    upstream = MockUpstream(max_words=200, chunk_delay=0.02)
+    body = {**STREAM, "max_tokens": 200}
+    async with serving(gateway(upstream, store, settings, metrics)) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/chat/completions", json=body,
+                                headers=bearer(secret)) as response:
+            received = b""
+            while received.count(b"\n\n") < 5:
+                received += await response.content.readany()
+            response.close()  # the client goes away mid-stream
+        streamed = received.count(b"\n\n")
+        # Admission debited the estimate; settlement runs as soon as the server notices,
+        # deletes the reservation and replaces the estimate with what was streamed.
+        reservations = Names.reservation(account_id, "*")
+        for _ in range(200):
+            if not [k async for k in store.client.scan_iter(match=reservations)]:
+                break
+            await asyncio.sleep(0.02)
+        spent = await spent_micro(session, base, secret)
+        price = settings.default_price
+        assert price.cost_micro(20, streamed) <= spent <= price.cost_micro(20, streamed + 10)
+        assert [k async for k in store.client.scan_iter(match=reservations)] == []
+        # the reservation of 220 tokens was returned: the next request goes through
+        async with session.post(f"{base}/v1/chat/completions",
+                                json={**STREAM, "stream": False},
+                                headers=bearer(secret)) as response:
+            assert response.status == 200
+            remaining = int(response.headers["x-ratelimit-remaining-tokens"])
+            assert remaining >= 3333 - 20 - 12 - (streamed + 10) - 20
