@@ -15,6 +15,10 @@ class StoreUnavailable(GatewayError):
     """The limiter store (Redis) could not be reached or answered with an error."""
 
 
+class StoreAmbiguous(StoreUnavailable):
+    """The store failed after the command was sent: it may or may not have been applied."""
+
+
 class ClientDisconnected(OSError):
     """The client went away; raised from `send` so a streaming app stops producing."""
 

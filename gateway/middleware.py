@@ -13,12 +13,19 @@ from gateway import metering
 from gateway.auth import KeyResolver, consumption_secret_hash, header
 from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
-from gateway.errors import ClientDisconnected, Rejected, StoreUnavailable, send_rejection
+from gateway.errors import (
+    ClientDisconnected,
+    Rejected,
+    StoreAmbiguous,
+    StoreUnavailable,
+    send_rejection,
+)
 from gateway.logs import RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
 from gateway.settings import Price, Settings
+from gateway.settlement import Settlement, SettlementQueue, release
 from gateway.store import Decision, KeyRef, Store, connect
 from gateway.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
@@ -189,23 +196,8 @@ class _Exchange:
         cost = self.price.cost_micro(prompt, completion) if self.price else 0
         self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
         self.record.cost_micro = cost
-        metrics = self.gateway.metrics
-        try:
-            await self.gateway.store.settle(self.ref, self.request_id, prompt, completion, cost)
-        except StoreUnavailable:
-            metrics.store_errors.labels("settle").inc()
-            metrics.settlements.labels("failed").inc()
-            log.warning("settlement failed; the admission-time estimate stands",
-                        extra={"request_id": self.record.request_id})
-            return
-        metrics.settlements.labels("settled").inc()
-        plan = self.decision.plan or "credits"
-        if prompt:
-            metrics.tokens.labels("prompt", plan).inc(prompt)
-        if completion:
-            metrics.tokens.labels("completion", plan).inc(completion)
-        if cost:
-            metrics.spend.labels(plan).inc(cost / 1_000_000)
+        await self.gateway.settlements.settle(Settlement(
+            self.ref, self.request_id, prompt, completion, cost, self.decision.plan))
 
 
 class GatewayMiddleware:
@@ -224,6 +216,7 @@ class GatewayMiddleware:
         # verifier: dashboard sessions for /api/* (token -> account id); see docs/management.md
         self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry,
                                    verifier)
+        self.settlements = SettlementQueue(store, self.metrics)
         self._background: set[asyncio.Task[None]] = set()
         self._outage = False
 
@@ -300,7 +293,11 @@ class GatewayMiddleware:
         started = time.perf_counter()
         try:
             decision = await self.store.admit(ref, secret_hash, reservation_id, estimate, cost)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
+                self.settlements.submit(release(ref, reservation_id))
+            if price is not None:  # fail open forwards the body we already read
+                receive = _replay(body, receive)
             await self._store_down(scope, receive, send, record)
             return
         record.admission_seconds = time.perf_counter() - started
@@ -370,9 +367,10 @@ class GatewayMiddleware:
         return lifespan_receive
 
     async def drain(self) -> None:
-        """Waits for settlements still running in the background."""
+        """Waits for settlements still running, then flushes the retry queue (bounded)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.settlements.drain()
 
     async def aclose(self) -> None:
         await self.drain()
@@ -388,3 +386,16 @@ def _with_body_length(scope: Scope, length: int) -> Scope:
                if k not in (b"content-length", b"transfer-encoding")]
     headers.append((b"content-length", str(length).encode()))
     return {**scope, "headers": headers}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.errors import ConfigError, NotFound, StoreUnavailable
+from gateway.errors import ConfigError, NotFound, StoreAmbiguous, StoreUnavailable
 from gateway.usage_windows import buckets_needed
 
 T = TypeVar("T")
@@ -222,6 +224,14 @@ def _key_record(raw: dict[Any, Any]) -> KeyRecord:
     )
 
 
+def _maybe_applied(exc: BaseException) -> bool:
+    # A timeout or a connection lost after the command was written: Redis may have run it.
+    # Failing to connect at all (refused, connect timeout) means it certainly did not.
+    if not isinstance(exc, TimeoutError | RedisTimeoutError | RedisConnectionError):
+        return False
+    return "connecting to" not in str(exc)
+
+
 class Store:
     """Typed operations over one redis-py asyncio client (standalone, cluster or embedded)."""
 
@@ -239,6 +249,8 @@ class Store:
         try:
             return await awaitable
         except (TimeoutError, RedisError, OSError) as exc:
+            if _maybe_applied(exc):
+                raise StoreAmbiguous(type(exc).__name__) from exc
             raise StoreUnavailable(type(exc).__name__) from exc
 
     async def ping(self) -> bool:
@@ -513,21 +525,69 @@ class Store:
 def _counters(raw: dict[Any, Any]) -> dict[str, int]:
     return {_text(k): int(v) for k, v in raw.items()}
 
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def _no_retries() -> Any:
+    # Never resend a script on our own: a resent admit.lua after a read timeout could apply
+    # twice. Failures surface as StoreUnavailable; settlements are retried by request id.
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return Retry(NoBackoff(), 0)
+
 
 def connect(url: str, timeout_seconds: float = 0.25) -> Store:
-    """A Store over a real Redis at `url` (redis://, rediss://, unix://)."""
-    from redis.asyncio import BlockingConnectionPool, Redis
+    """A Store over a real Redis at `url`.
 
+    redis://, rediss://, unix:// select a single server (password and db in the URL as
+    usual); redis+cluster://host:port[,host:port...] and rediss+cluster://... select a
+    Redis Cluster discovered from those startup nodes. TLS options ride in the query string
+    (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs, ssl_check_hostname).
+    """
+    options: dict[str, Any] = {"socket_timeout": timeout_seconds,
+                               "socket_connect_timeout": timeout_seconds,
+                               "retry": _no_retries()}
+    scheme = url.partition("://")[0].lower()
     try:
+        if scheme in _CLUSTER_SCHEMES:
+            return Store(_cluster_client(url, scheme, {**options, "max_connections": 256}))
+        from redis.asyncio import BlockingConnectionPool, Redis
+
         # A burst beyond the pool waits briefly for a connection instead of failing.
         pool = BlockingConnectionPool.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            max_connections=512,
-            timeout=max(1.0, timeout_seconds * 4),
-        )
-        client = Redis.from_pool(pool)
-    except ValueError as exc:
+            url, max_connections=512, timeout=max(1.0, timeout_seconds * 4), **options)
+        return Store(Redis.from_pool(pool))
+    except (ValueError, RedisError) as exc:
         raise ConfigError(f"invalid Redis URL: {exc}") from None
-    return Store(client)
+
+
+def _cluster_client(url: str, scheme: str, options: dict[str, Any]) -> Any:
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.connection import parse_url
+
+    rest = url.partition("://")[2]
+    netloc, slash, tail = rest.partition("/")
+    query = ""
+    if not slash:
+        netloc, _, query = netloc.partition("?")
+    else:
+        path, _, query = tail.partition("?")
+        if path not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0")
+    userinfo, at, hosts = netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"cluster node {item.strip()!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    first = f"{_CLUSTER_SCHEMES[scheme]}://{userinfo}{at}{hosts.split(',')[0].strip()}"
+    kwargs = {**options, **parse_url(first + ("?" + query if query else ""))}
+    for name in ("host", "port", "db", "path"):
+        kwargs.pop(name, None)
+    kwargs.pop("connection_class", None)
+    if scheme == "rediss+cluster":
+        kwargs["ssl"] = True
+    startup = [ClusterNode(host, port) for host, port in nodes]
+    return RedisCluster(startup_nodes=startup, **kwargs)

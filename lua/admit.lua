@@ -59,7 +59,9 @@ if now >= resets_at then
   redis.call('HSET', KEYS[1], 'spent', 0, 'resets_at', fmt(resets_at))
 end
 
-local reserve_budget = 0
+-- The estimate is debited from spent even without a budget limit: should its settlement
+-- be lost, the estimate stands and the operator is never under-billed.
+local reserve_budget = est_cost
 if rec[10] ~= '' then
   local left = tonumber(rec[10]) - spent
   if left <= 0 then return reply(6, rpm_tat, tpm_tat, resets_at - now) end

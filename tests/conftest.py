@@ -97,6 +97,25 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private 3-master Redis Cluster (tests/cluster.py), started once when first used."""
+    from tests.cluster import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: Any) -> str:
+    redis_cluster.flush()
+    return str(redis_cluster.url)
+
+
 @pytest.fixture(params=["redis", "embedded"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -105,8 +124,8 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     """The same tests run against a real redis-server and against the embedded store."""
-    if store_kind == "redis":
-        url = request.getfixturevalue("redis_url")
+    if store_kind in ("redis", "cluster"):
+        url = request.getfixturevalue("redis_url" if store_kind == "redis" else "cluster_url")
         backend = connect(url, timeout_seconds=5.0)
     else:
         backend = embedded_store()

@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.proxy import UpstreamProxy
 from gateway.settings import Settings
-from gateway.store import Store
+from gateway.store import Names, Store
 from gateway.types import Receive, Scope, Send
 from tests.conftest import RedisServer, bearer, client_for, free_port, gateway, new_key, serving
 
@@ -85,7 +85,8 @@ async def test_upstream_down_is_502_and_not_billed(store: Store, settings: Setti
 
 async def test_proxied_stream_disconnect_is_billed(store: Store, settings: Settings,
                                                    metrics: Metrics) -> None:
-    secret, _, _ = await new_key(store, settings)
+    secret, _, account_id = await new_key(store, settings)
+    reservations = Names.reservation(account_id, "*")
     upstream_app = MockUpstream(max_words=300, chunk_delay=0.01)
     body = {**CHAT, "stream": True, "max_tokens": 300}
     async with serving(upstream_app) as upstream:
@@ -99,12 +100,14 @@ async def test_proxied_stream_disconnect_is_billed(store: Store, settings: Setti
                     received += await response.content.readany()
                 response.close()
             streamed = received.count(b"\n\n")
+            # Admission debited the estimate; settlement (when the server notices) deletes
+            # the reservation and replaces the estimate with what was streamed.
             for _ in range(200):
-                async with session.get(f"{base}/v1/usage", headers=bearer(secret)) as usage:
-                    spent = round((await usage.json())["budget"]["spent"] * 1e6)
-                if spent:
+                if not [k async for k in store.client.scan_iter(match=reservations)]:
                     break
                 await asyncio.sleep(0.02)
+            async with session.get(f"{base}/v1/usage", headers=bearer(secret)) as usage:
+                spent = round((await usage.json())["budget"]["spent"] * 1e6)
         await proxy.close()
     price = settings.default_price
     assert price.cost_micro(10, streamed) <= spent <= price.cost_micro(10, streamed + 20)

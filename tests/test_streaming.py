@@ -78,14 +78,16 @@ async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
                 received += await response.content.readany()
             response.close()  # the client goes away mid-stream
         streamed = received.count(b"\n\n")
-        for _ in range(200):  # settlement runs as soon as the server notices
-            spent = await spent_micro(session, base, secret)
-            if spent:
+        # Admission debited the estimate; settlement runs as soon as the server notices,
+        # deletes the reservation and replaces the estimate with what was streamed.
+        reservations = Names.reservation(account_id, "*")
+        for _ in range(200):
+            if not [k async for k in store.client.scan_iter(match=reservations)]:
                 break
             await asyncio.sleep(0.02)
+        spent = await spent_micro(session, base, secret)
         price = settings.default_price
         assert price.cost_micro(20, streamed) <= spent <= price.cost_micro(20, streamed + 10)
-        reservations = Names.reservation(account_id, "*")
         assert [k async for k in store.client.scan_iter(match=reservations)] == []
         # the reservation of 220 tokens was returned: the next request goes through
         async with session.post(f"{base}/v1/chat/completions",

@@ -1,0 +1,135 @@
+"""Settlements that survive a Redis blip: a bounded in-process retry queue with backoff.
+
+settle.lua deletes the request's reservation, so replaying a settlement whose first attempt
+timed out after it had applied is a no-op. When the queue overflows, or its drain deadline
+passes at shutdown, or the process dies, the admission-time debit of the estimate stands:
+the operator is never under-billed. Those fallbacks are counted as
+gateway_settlements_total{outcome="failed"} and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from gateway.errors import StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.store import KeyRef, Store
+
+log = logging.getLogger("gateway.settlement")
+
+CAPACITY = 10_000
+FIRST_DELAY_SECONDS = 0.05
+MAX_DELAY_SECONDS = 2.0
+DRAIN_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    ref: KeyRef
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    plan: str  # metric label only
+
+
+def release(ref: KeyRef, request_id: str) -> Settlement:
+    """Settles at zero an admission that may have applied although its reply was lost."""
+    return Settlement(ref, request_id, 0, 0, 0, "")
+
+
+class SettlementQueue:
+    def __init__(self, store: Store, metrics: Metrics, capacity: int = CAPACITY,
+                 first_delay: float = FIRST_DELAY_SECONDS,
+                 max_delay: float = MAX_DELAY_SECONDS) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.capacity = capacity
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self._pending: collections.deque[Settlement] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._draining = False
+        self._overflowing = False
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def settle(self, item: Settlement) -> None:
+        """Settles now; on a store failure the settlement is queued for retry."""
+        try:
+            await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
+                                    item.completion_tokens, item.cost)
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("settle").inc()
+            self.submit(item)
+            return
+        self._record(item, "settled")
+
+    def submit(self, item: Settlement) -> None:
+        if len(self._pending) >= self.capacity:
+            self.metrics.settlements.labels("failed").inc()
+            if not self._overflowing:  # once per overflow, not once per request
+                self._overflowing = True
+                log.error("the settlement retry queue is full (%d): further settlements fall "
+                          "back to the admission-time estimate until it drains", self.capacity)
+            return
+        self._overflowing = False
+        self._pending.append(item)
+        if self._wake is not None:
+            self._wake.set()  # a new item may mean Redis is back: retry without waiting
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        self._wake = asyncio.Event()
+        delay = self.first_delay
+        while self._pending:
+            item = self._pending[0]
+            try:
+                await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
+                                        item.completion_tokens, item.cost)
+            except StoreUnavailable:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                delay = self.first_delay if self._draining else min(delay * 2, self.max_delay)
+                continue
+            self._pending.popleft()
+            self._record(item, "retried")
+            delay = self.first_delay
+
+    def _record(self, item: Settlement, outcome: str) -> None:
+        metrics = self.metrics
+        metrics.settlements.labels(outcome).inc()
+        plan = item.plan or "credits"
+        if item.prompt_tokens:
+            metrics.tokens.labels("prompt", plan).inc(item.prompt_tokens)
+        if item.completion_tokens:
+            metrics.tokens.labels("completion", plan).inc(item.completion_tokens)
+        if item.cost:
+            metrics.spend.labels(plan).inc(item.cost / 1_000_000)
+
+    async def drain(self, deadline_seconds: float = DRAIN_SECONDS) -> None:
+        """Flushes the queue at shutdown; what is left at the deadline falls back."""
+        self._draining = True
+        worker = self._worker
+        if worker is not None and not worker.done():
+            if self._wake is not None:
+                self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(worker), deadline_seconds)
+            if not worker.done():
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+        if self._pending:
+            self.metrics.settlements.labels("failed").inc(len(self._pending))
+            log.error("shutdown: %d settlement(s) could not be written in %.1f s and fall back "
+                      "to the admission-time estimate", len(self._pending), deadline_seconds)
+            self._pending.clear()

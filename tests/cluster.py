@@ -1,0 +1,100 @@
+"""A private 3-master Redis Cluster on loopback for the tests (no replicas)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 < 65536 and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisCluster:
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None or shutil.which("redis-cli") is None:
+            pytest.fail("redis-server and redis-cli are needed (apt-get install redis-server)")
+        self.binary = binary
+        self.directory = directory
+        self.ports: list[int] = []
+        self.masters = masters
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def cli(self, port: int, *args: str) -> str:
+        done = subprocess.run(["redis-cli", "-p", str(port), *args], check=True,
+                              capture_output=True, timeout=10)
+        return done.stdout.decode()
+
+    def start(self) -> None:
+        for _ in range(self.masters):
+            port = cluster_port()
+            node_dir = self.directory / str(port)
+            node_dir.mkdir()
+            self.processes.append(subprocess.Popen(
+                [self.binary, "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+                 "--dir", str(node_dir), "--daemonize", "no", "--loglevel", "warning"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.ports.append(port)
+        for port in self.ports:
+            self._wait(lambda p=port: self.cli(p, "PING").strip() == "PONG")
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=30)
+        for port in self.ports:
+            self._wait(lambda p=port: "cluster_state:ok" in self.cli(p, "CLUSTER", "INFO"))
+
+    @staticmethod
+    def _wait(ready: object, seconds: float = 15) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if ready():  # type: ignore[operator]
+                    return
+            except subprocess.CalledProcessError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the Redis Cluster did not come up")
+
+    def flush(self) -> None:
+        for port in self.ports:
+            self.cli(port, "FLUSHALL")
+
+    def keys_per_node(self) -> list[int]:
+        return [int(self.cli(port, "DBSIZE").strip()) for port in self.ports]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(timeout=10)
+        self.processes.clear()
