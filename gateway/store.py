@@ -6,12 +6,16 @@ one cluster slot. Money is integer micro-USD; time is Redis time in microseconds
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
+import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -235,8 +239,9 @@ def _maybe_applied(exc: BaseException) -> bool:
 class Store:
     """Typed operations over one redis-py asyncio client (standalone, cluster or embedded)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, hot: Multiplexed | None = None) -> None:
         self.client = client
+        self._hot = hot
         self._admit = client.register_script(lua_source("admit"))
         self._settle = client.register_script(lua_source("settle"))
         self._usage = client.register_script(lua_source("usage"))
@@ -266,7 +271,34 @@ class Store:
                 await self._call(self.client.script_load(script.script))
 
     async def close(self) -> None:
+        if self._hot is not None:
+            await self._hot.close()
         await self.client.aclose()
+
+    async def _hot_call(self, *command: Any) -> Any:
+        """A hot-path command: on the multiplexed connection when there is one."""
+        if self._hot is None:
+            return await self._call(self.client.execute_command(*command))
+        try:
+            return await self._hot.call(*command)
+        except _Unsent as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except (TimeoutError, OSError) as exc:
+            raise StoreAmbiguous(type(exc).__name__) from exc
+        except hiredis.ReplyError as exc:
+            raise StoreUnavailable(f"Redis error: {str(exc)[:80]}") from exc
+
+    async def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._hot is None:
+            return await self._call(script(keys=keys, args=args))
+        try:
+            return await self._hot_call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except StoreUnavailable as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+        # After SCRIPT FLUSH or a failover: load once, then run (the script was not run).
+        await self._hot_call("SCRIPT", "LOAD", script.script)
+        return await self._hot_call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def now_us(self) -> int:
         seconds, micros = await self._call(self.client.time())
@@ -275,7 +307,7 @@ class Store:
     # -- hot path -------------------------------------------------------------------------
 
     async def lookup(self, secret_hash: str) -> KeyRef | None:
-        value = await self._call(self.client.get(Names.secret(secret_hash)))
+        value = await self._hot_call("GET", Names.secret(secret_hash))
         if value is None:
             return None
         account_id, _, key_id = _text(value).partition(":")
@@ -286,7 +318,7 @@ class Store:
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
                 Names.reservation(ref.account_id, request_id)]
         args = [secret_hash, est_tokens, est_cost, RESERVATION_TTL_SECONDS]
-        raw = await self._call(self._admit(keys=keys, args=args))
+        raw = await self._evalsha(self._admit, keys, args)
         n = [int(v) for v in raw[:8]]
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
                         _text(raw[9]))
@@ -297,7 +329,7 @@ class Store:
                 Names.reservation(ref.account_id, request_id),
                 Names.usage_prefix(ref.account_id, ref.key_id)]
         args = [prompt_tokens, completion_tokens, cost]
-        return bool(await self._call(self._settle(keys=keys, args=args)))
+        return bool(await self._evalsha(self._settle, keys, args))
 
     async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
@@ -557,7 +589,8 @@ def connect(url: str, timeout_seconds: float = 0.25) -> Store:
         # A burst beyond the pool waits briefly for a connection instead of failing.
         pool = BlockingConnectionPool.from_url(
             url, max_connections=512, timeout=max(1.0, timeout_seconds * 4), **options)
-        return Store(Redis.from_pool(pool))
+        hot = Multiplexed(url, timeout_seconds) if scheme in ("redis", "unix") else None
+        return Store(Redis.from_pool(pool), hot)
     except (ValueError, RedisError) as exc:
         raise ConfigError(f"invalid Redis URL: {exc}") from None
 
@@ -591,3 +624,123 @@ def _cluster_client(url: str, scheme: str, options: dict[str, Any]) -> Any:
         kwargs["ssl"] = True
     startup = [ClusterNode(host, port) for host, port in nodes]
     return RedisCluster(startup_nodes=startup, **kwargs)
+
+
+class _Unsent(Exception):
+    """The command was never written: Redis certainly did not run it."""
+
+
+class _RespProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            waiter = self.waiters.popleft()
+            if waiter.done():
+                continue  # its caller timed out; the order of replies is kept all the same
+            if isinstance(reply, hiredis.ReplyError):
+                waiter.set_exception(reply)
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("connection to Redis lost"))
+
+
+class Multiplexed:
+    """One pipelined connection for the hot path (admit, settle, key lookup).
+
+    Every call is written at once and answered in order, so all concurrent requests of a
+    process share one socket: no connection pool and no per-command client machinery on the
+    hot path, and Redis reads many commands per system call. After a failure the next call
+    reconnects. Used for redis:// and unix:// URLs; TLS and Cluster go through redis-py.
+    """
+
+    def __init__(self, url: str, timeout_seconds: float) -> None:
+        from redis.asyncio.connection import parse_url
+
+        options = parse_url(url)
+        self._path: str | None = options.get("path")
+        self._host = str(options.get("host", "localhost"))
+        self._port = int(options.get("port", 6379))
+        self._username: str | None = options.get("username")
+        self._password: str | None = options.get("password")
+        self._db = int(options.get("db", 0))
+        self._timeout = timeout_seconds
+        self._protocol: _RespProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._failed_at = 0.0
+
+    async def _connect(self) -> _RespProtocol:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        asked = time.monotonic()
+        async with self._connecting:
+            current = self._protocol
+            if current is not None and not current.lost:
+                return current
+            if self._failed_at >= asked:  # an attempt made while we waited just failed
+                raise _Unsent("cannot connect to Redis")
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    if self._path:
+                        _, protocol = await loop.create_unix_connection(_RespProtocol,
+                                                                        self._path)
+                    else:
+                        _, protocol = await loop.create_connection(_RespProtocol, self._host,
+                                                                   self._port)
+                    self._protocol = protocol
+                    if self._password:
+                        auth = ((self._username, self._password) if self._username
+                                else (self._password,))
+                        await self._send(protocol, ("AUTH", *auth))
+                    if self._db:
+                        await self._send(protocol, ("SELECT", self._db))
+            except (OSError, TimeoutError, hiredis.ReplyError) as exc:
+                self._failed_at = time.monotonic()
+                await self.close()
+                raise _Unsent(f"cannot connect to Redis: {type(exc).__name__}") from exc
+            return protocol
+
+    async def _send(self, protocol: _RespProtocol, command: tuple[Any, ...]) -> Any:
+        transport = protocol.transport
+        if transport is None or protocol.lost:
+            raise _Unsent("not connected")
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        protocol.waiters.append(waiter)
+        transport.write(hiredis.pack_command(command))
+        expiry = asyncio.get_running_loop().call_later(self._timeout, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            expiry.cancel()
+
+    async def call(self, *command: Any) -> Any:
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connect()
+        return await self._send(protocol, command)
+
+    async def close(self) -> None:
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+        self._protocol = None
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("Redis did not answer in time"))

@@ -1,0 +1,51 @@
+"""Store internals that the HTTP tests do not pin down on their own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.errors import StoreUnavailable
+from gateway.keys import hash_secret
+from gateway.settings import Settings
+from gateway.store import connect
+from tests.conftest import new_key
+
+
+async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
+    store = connect(redis_url, timeout_seconds=5.0)
+    settings = Settings()
+    secret, key_id, account_id = await new_key(store, settings)
+    ref = await store.lookup(hash_secret(secret))
+    assert ref is not None and (ref.account_id, ref.key_id) == (account_id, key_id)
+    await store.client.script_flush()
+    decision = await store.admit(ref, hash_secret(secret),
+                                 "r1", 10, 5)
+    assert decision.code == 0
+    assert await store.settle(ref, "r1", 3, 4, 5) is True
+    assert await store.settle(ref, "r1", 3, 4, 5) is False  # idempotent per request id
+    await store.close()
+
+
+async def test_concurrent_hot_calls_share_one_connection(redis_url: str) -> None:
+    store = connect(redis_url, timeout_seconds=5.0)
+    settings = Settings()
+    secret, _, _ = await new_key(store, settings, rpm=1000, tpm=10_000_000)
+    ref = await store.lookup(hash_secret(secret))
+    assert ref is not None
+    decisions = await asyncio.gather(*(store.admit(ref, hash_secret(secret), f"r{i}", 1, 0)
+                                       for i in range(200)))
+    assert [d.code for d in decisions].count(0) == 200
+    clients = await store.client.client_list()
+    assert len(clients) <= 3  # the multiplexed connection, the admin pool's, this query's
+    await store.close()
+
+
+async def test_wrong_password_is_unavailable_not_a_crash(redis_url: str) -> None:
+    store = connect(redis_url.replace("unix://", "unix://:wrong@"), timeout_seconds=1.0)
+    with pytest.raises(StoreUnavailable):
+        await store.lookup("0" * 64)
+    await store.close()
+
+
