@@ -636,6 +636,19 @@ class _RespProtocol(asyncio.Protocol):
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self._outbox: list[bytes] = []
+
+    def enqueue(self, command: bytes, waiter: asyncio.Future[Any]) -> None:
+        # Commands issued in one loop iteration leave in one write (one system call).
+        self.waiters.append(waiter)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(command)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self.transport is not None and not self.lost:
+            self.transport.write(b"".join(outbox))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -719,10 +732,10 @@ class Multiplexed:
         transport = protocol.transport
         if transport is None or protocol.lost:
             raise _Unsent("not connected")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiters.append(waiter)
-        transport.write(hiredis.pack_command(command))
-        expiry = asyncio.get_running_loop().call_later(self._timeout, _expire, waiter)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        protocol.enqueue(hiredis.pack_command(command), waiter)
+        expiry = loop.call_later(self._timeout, _expire, waiter)
         try:
             return await waiter
         finally:
