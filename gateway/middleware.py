@@ -213,7 +213,7 @@ class GatewayMiddleware:
         self.store = store
         self.metrics = metrics or default_metrics()
         self.resolver = KeyResolver(store, self.settings.auth_cache_seconds)
-        # verifier: dashboard sessions for /api/* (token -> account id); see the README, "Management API"
+        # verifier: dashboard sessions for /api/* (token -> account id); README "Management API"
         self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry,
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
