@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -127,13 +127,19 @@ async def _plans(args: argparse.Namespace, settings: Settings, store: Store | No
                                  f"{p.rpm} rpm  {p.tpm} tpm" for p in settings.plans.values()))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of the command; --help has the rest.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--redis", metavar="URL", help="Redis URL (env GATEWAY_REDIS_URL)")
     common.add_argument("--config", metavar="FILE", help="TOML settings (env GATEWAY_CONFIG)")
     common.add_argument("--json", action="store_true", help="print one JSON document")
 
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser = _Parser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the reverse proxy")

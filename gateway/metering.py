@@ -67,17 +67,29 @@ def prepare_stream(body: dict[str, Any]) -> bool:
     return True
 
 
+MAX_REPORTED_TOKENS = 100_000_000
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_REPORTED_TOKENS else None
+
+
 def _usage_numbers(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) from an OpenAI `usage` object; None when it is not believable,
+    so the admission-time estimate stands instead."""
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        total = usage.get("total_tokens")
-        if isinstance(total, int) and isinstance(prompt, int):
-            return prompt, max(0, total - prompt)
+    prompt = _count(usage.get("prompt_tokens"))
+    if prompt is None:
         return None
-    return max(0, prompt), max(0, completion)
+    if "completion_tokens" in usage:
+        completion = _count(usage["completion_tokens"])
+    else:
+        total = _count(usage.get("total_tokens", prompt))
+        completion = None if total is None or total < prompt else total - prompt
+    return None if completion is None else (prompt, completion)
 
 
 def _matching_brace(data: bytes, start: int) -> int:

@@ -43,7 +43,7 @@ def _too_large() -> Rejected:
 
 
 def _not_json() -> Rejected:
-    return Rejected(400, "invalid_request", "Request body must be a JSON object.")
+    return Rejected(400, "invalid_request", "Request body must be a valid JSON object.")
 
 
 def _limiter_unavailable() -> Rejected:
@@ -252,6 +252,16 @@ class GatewayMiddleware:
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send,
                        record: RequestRecord) -> None:
+        path: str = scope["path"]
+        if not _canonical(path):
+            # The upstream would resolve `/v1/./chat/completions` to a metered route that
+            # the gateway would meter as some other path: refuse rather than guess.
+            raise self._reject(Rejected(400, "invalid_request",
+                                        "Request path must be in canonical form."))
+        if path_is_metered(path) and scope["method"] != "POST":
+            raise self._reject(Rejected(405, "method_not_allowed",
+                                        f"{path} accepts POST only.",
+                                        headers=[(b"allow", b"POST")]))
         secret_hash = consumption_secret_hash(header(scope["headers"], b"authorization"))
         if secret_hash is None:
             raise self._reject(invalid_key())
@@ -375,6 +385,12 @@ class GatewayMiddleware:
     async def aclose(self) -> None:
         await self.drain()
         await self.store.close()
+
+
+def _canonical(path: str) -> bool:
+    segments = path.split("/")[1:]
+    return all(segment not in ("", ".", "..") for segment in segments) and not any(
+        c in path for c in ";\\")
 
 
 def path_is_metered(path: str) -> bool:

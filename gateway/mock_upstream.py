@@ -30,7 +30,8 @@ def _chars(value: Any) -> int:
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
-    chars = sum(_chars(m.get("content")) for m in body.get("messages") or []
+    messages = body.get("messages")
+    chars = sum(_chars(m.get("content")) for m in (messages if isinstance(messages, list) else [])
                 if isinstance(m, dict))
     chars += _chars(body.get("prompt")) + _chars(body.get("input"))
     return max(1, -(-chars // 4))
@@ -95,8 +96,9 @@ class MockUpstream:
 
     async def _completion(self, send: Send, body: dict[str, Any], chat: bool) -> None:
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
-        words = self.max_words if not isinstance(limit, int) else max(0, min(limit,
-                                                                             self.max_words))
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            limit = self.max_words
+        words = max(0, min(limit, self.max_words))
         prompt = prompt_tokens(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": words,
                  "total_tokens": prompt + words}

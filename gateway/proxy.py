@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from gateway.errors import error_body, send_json
 from gateway.types import Headers, Message, Receive, Scope, Send
@@ -50,20 +52,29 @@ class UpstreamProxy:
             return
         if scope["type"] != "http":
             return
+        if not scope["path"].startswith("/v1/"):
+            # Only the OpenAI-compatible API is proxied, and only after the gateway has
+            # authenticated and metered it: nothing else may reach the upstream (and its key).
+            await send_json(send, 404, error_body("Not found.", "invalid_request_error",
+                                                  "not_found"))
+            return
         body = await _request_body(receive)
         if body is None:
             return
+        dropped = _DROP_REQUEST | _connection_tokens(scope["headers"])
         headers = {k.decode("latin-1"): v.decode("latin-1")
-                   for k, v in scope["headers"] if k not in _DROP_REQUEST}
+                   for k, v in scope["headers"] if k not in dropped}
         headers["accept-encoding"] = "identity"  # usage is read from the body
         if self._auth:
             headers["authorization"] = self._auth
-        url = self.base + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        # The decoded path the gateway metered, re-quoted: what is billed is what is served.
+        url = self.base + quote(scope["path"])
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         try:
             response = await self._client().request(
-                scope["method"], url, headers=headers, data=body, allow_redirects=False)
+                scope["method"], URL(url, encoded=True), headers=headers, data=body,
+                allow_redirects=False)
         except (TimeoutError, aiohttp.ClientError, OSError):
             await send_json(send, 502, error_body(
                 "The upstream inference server is unreachable.", "api_error",
@@ -92,6 +103,15 @@ class UpstreamProxy:
                 await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Headers the client named in `Connection:` are hop-by-hop too (RFC 9110 7.6.1)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(named)
 
 
 async def _request_body(receive: Receive) -> bytes | None:

@@ -16,6 +16,7 @@ from gateway.logs import check_format, check_level
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_RATE = 100_000_000
+MAX_USD = 1_000_000_000  # micro-USD stay exact in Lua's doubles far beyond this
 
 
 def parse_duration(text: str) -> int:
@@ -41,6 +42,8 @@ def usd_to_micro(value: object, what: str) -> int:
         raise ConfigError(f"invalid amount for {what}: {value!r}") from None
     if not amount.is_finite() or amount < 0:
         raise ConfigError(f"invalid amount for {what}: {value!r}")
+    if amount > MAX_USD:
+        raise ConfigError(f"amount for {what} is above the maximum of {MAX_USD:,} USD")
     return int((amount * 1_000_000).to_integral_value())
 
 

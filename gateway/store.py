@@ -419,7 +419,11 @@ class Store:
 
     async def list_keys(self, account_id: str) -> list[KeyRecord]:
         ids = await self._call(self.client.smembers(Names.account_keys(account_id)))
-        records = [await self.get_key(_text(i)) for i in ids]
+        records = []
+        for key_id in ids:
+            raw = await self._call(self.client.hgetall(Names.key(account_id, _text(key_id))))
+            if raw:  # a record deleted by hand is skipped, not fatal to the listing
+                records.append(_key_record(raw))
         return sorted(records, key=lambda r: (r.created_at_us, r.id))
 
     async def set_active(self, key_id: str, active: bool) -> KeyRecord:

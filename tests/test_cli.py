@@ -110,3 +110,24 @@ def test_python_dash_m_gateway_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "gateway", "plans"], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0 and "standard" in result.stdout
+
+
+def test_usage_mistakes_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["keys", "create", "--plan", "pro"],
+                 ["keys", "create", "--name", "x", "--plan", "pro", "--credit"],
+                 ["keys", "create", "--name", "x", "--plan", "pro", "--rpm", "abc"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        _, err = capsys.readouterr()
+        assert exited.value.code == 2
+        assert err.count("\n") == 1 and "error:" in err
+
+
+def test_huge_credit_amounts_are_refused(redis_url: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "accounts", "create", "--name", "big", "--json",
+                       "--redis", redis_url)
+    account = json.loads(out)["id"]
+    code, _, err = run(capsys, "accounts", "add-credits", account, "9300000000000",
+                       "--redis", redis_url)
+    assert code == 1 and "maximum" in err

@@ -16,6 +16,7 @@ import httpx
 import orjson
 
 from gateway.metrics import Metrics
+from gateway.middleware import GatewayMiddleware
 from gateway.mock_upstream import MockUpstream
 from gateway.proxy import UpstreamProxy
 from gateway.settings import Settings
@@ -113,6 +114,33 @@ async def test_proxied_stream_disconnect_is_billed(store: Store, settings: Setti
     assert price.cost_micro(10, streamed) <= spent <= price.cost_micro(10, streamed + 20)
 
 
+async def raw_asgi(app: GatewayMiddleware, method: str, path: str, body: bytes,
+                   headers: dict[str, str]) -> tuple[int, bytes]:
+    """Calls the ASGI app with exactly this path, as a raw HTTP client could send it."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("gw", 80),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    messages: list[dict[str, object]] = []
+    sent = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    status = int(messages[0]["status"])  # type: ignore[call-overload]
+    return status, b"".join(m.get("body", b"") for m in messages[1:])  # type: ignore[misc]
+
+
 def _wait_http(url: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         try:
@@ -159,3 +187,54 @@ def test_gateway_serve_as_a_user_runs_it(redis_server: RedisServer, redis_url: s
     assert served.returncode == 0
     assert secret.encode() not in err
     assert b"Traceback" not in err
+
+
+async def test_only_metered_v1_paths_reach_the_upstream(store: Store, settings: Settings,
+                                                        metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    seen: list[str] = []
+
+    class Recorder(EchoUpstream):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append(scope["path"])
+            await super().__call__(scope, receive, send)
+
+    async with serving(Recorder()) as upstream:
+        proxy = UpstreamProxy(upstream, api_key="upstream-secret")
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            for path in ("/invocations", "/score", "/health", "/foo/bar?x=1"):
+                response = await client.post(path, json=CHAT, headers=bearer(secret))
+                assert response.status_code == 404, path
+                assert "upstream-secret" not in response.text
+            app = gateway(proxy, store, settings, metrics)
+            for path in ("/v1/./chat/completions", "/v1/../v1/chat/completions",
+                         "/v1//chat/completions", "/v1/chat/completions/",
+                         "/v1/chat/completions;a=b"):
+                # httpx would normalise these paths; a raw client need not
+                status, body = await raw_asgi(app, "POST", path, orjson.dumps(CHAT),
+                                              bearer(secret))
+                assert status == 400, path
+                assert orjson.loads(body)["error"]["code"] == "invalid_request"
+            response = await client.put("/v1/chat/completions", json=CHAT,
+                                        headers=bearer(secret))
+            assert response.status_code == 405
+            assert response.headers["allow"] == "POST"
+            ok = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+            assert ok.status_code == 200
+        await proxy.close()
+    assert seen == ["/v1/chat/completions"]
+
+
+async def test_headers_named_in_connection_are_not_forwarded(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    async with serving(EchoUpstream()) as upstream:
+        proxy = UpstreamProxy(upstream)
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=CHAT,
+                headers={**bearer(secret), "Connection": "keep-alive, X-Hop",
+                         "X-Hop": "drop me", "X-End": "keep me"})
+        await proxy.close()
+    echoed = response.json()["headers"]
+    assert "x-hop" not in echoed and echoed["x-end"] == "keep me"

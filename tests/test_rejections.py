@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
@@ -155,3 +157,43 @@ async def test_non_gateway_paths_pass_through(store: Store, settings: Settings,
     async with client_for(gateway(app, store, settings, metrics)) as client:
         assert (await client.get("/docs")).status_code == 204
     assert seen == ["/docs"]
+
+
+async def test_unbelievable_usage_falls_back_to_the_estimate(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, account_id = await new_key(store, settings)
+
+    def upstream_reporting(usage: object):  # type: ignore[no-untyped-def]
+        async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+            while (await receive()).get("more_body"):
+                pass
+            body = orjson.dumps({"choices": [], "usage": usage})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+        return app
+
+    estimate = settings.default_price.cost_micro(2, 4)  # "hello" and max_tokens 4
+    for usage in ({"prompt_tokens": 1, "completion_tokens": True},
+                  {"prompt_tokens": -1000, "completion_tokens": 3},
+                  {"prompt_tokens": "7", "completion_tokens": 3},
+                  {"prompt_tokens": 1, "completion_tokens": 10**18},
+                  {"prompt_tokens": 1.5, "completion_tokens": 3}):
+        before = (await store.get_key((await store.list_keys(account_id))[0].id)).spent
+        app = gateway(upstream_reporting(usage), store, settings, metrics)
+        async with client_for(app) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT,
+                                         headers=bearer(secret))
+        assert response.status_code == 200, usage
+        after = (await store.get_key((await store.list_keys(account_id))[0].id)).spent
+        assert after - before == estimate, usage
+    reservations = Names.reservation(account_id, "*")
+    assert [k async for k in store.client.scan_iter(match=reservations)] == []
+
+
+async def test_listing_survives_a_key_record_deleted_by_hand(
+        store: Store, settings: Settings) -> None:
+    _, gone, account_id = await new_key(store, settings, name="gone")
+    _, kept, _ = await new_key(store, settings, account_id, name="kept")
+    await store.client.delete(Names.key(account_id, gone))
+    assert [k.id for k in await store.list_keys(account_id)] == [kept]
