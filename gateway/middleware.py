@@ -312,13 +312,13 @@ class GatewayMiddleware:
             return
         record.admission_seconds = time.perf_counter() - started
         self.metrics.admission_seconds.observe(record.admission_seconds)
-        record.plan = decision.plan or "credits"
+        record.plan = decision.plan or ("credits" if decision.key_type == "credit" else "")
         self._outage = False
         if decision.code != ADMITTED:
             if decision.code == UNKNOWN_KEY:
                 self.resolver.forget(secret_hash)
             rejected = rejection(decision)
-            raise self._reject(rejected, decision.plan or "credits")
+            raise self._reject(rejected, record.plan)
         self.metrics.requests.labels("allowed", "ok", record.plan).inc()
         record.decision, record.reason = "allowed", "ok"
 
