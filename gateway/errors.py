@@ -19,6 +19,10 @@ class StoreAmbiguous(StoreUnavailable):
     """The store failed after the command was sent: it may or may not have been applied."""
 
 
+class StoreCommandError(StoreUnavailable):
+    """Redis answered, with an error: retrying the same command cannot help."""
+
+
 class ClientDisconnected(OSError):
     """The client went away; raised from `send` so a streaming app stops producing."""
 

@@ -252,6 +252,7 @@ class Management:
 
     async def _create_key(self, principal: Principal, body: dict[str, Any], send: Send) -> None:
         spec = key_spec(body)
+        self._check_entitlement(spec)
         try:
             record, secret = await create_key(self.store, self.settings, principal.account_id,
                                               spec)
@@ -260,6 +261,25 @@ class Management:
         except NotFound:
             raise _unauthorized() from None
         await send_json(send, 201, orjson.dumps(key_json(record, secret)))
+
+    def _check_entitlement(self, spec: KeySpec) -> None:
+        """Plans and limits are entitlements the operator grants: over HTTP a key gets at
+        most what its plan (or the credit limits) give, and plan keys only when the operator
+        allows it (api_plan_keys = true)."""
+        if spec.plan is not None:
+            plan = self.settings.plans.get(spec.plan)
+            if plan is None:
+                raise _bad(f"plan: unknown plan {spec.plan!r}")
+            if not self.settings.api_plan_keys:
+                raise Rejected(403, "plan_keys_not_allowed",
+                               "Plan keys are issued by the operator; the management API "
+                               "creates credit keys (credit: true).", "permission_error")
+            rpm, tpm = plan.rpm, plan.tpm
+        else:
+            rpm, tpm = self.settings.credit_rpm, self.settings.credit_tpm
+        for field, asked, allowed in (("rpm", spec.rpm, rpm), ("tpm", spec.tpm, tpm)):
+            if asked is not None and asked > allowed:
+                raise _bad(f"{field} must be at most {allowed} for this key type")
 
     async def _update_key(self, principal: Principal, key_id: str, body: dict[str, Any],
                           send: Send) -> None:

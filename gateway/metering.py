@@ -44,14 +44,35 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, -(-chars // 4))
 
 
+MAX_COMPLETION_TOKENS = 10_000_000
+MAX_CHOICES = 128
+
+
+class InvalidEstimate(ValueError):
+    """A request field makes the reservation meaningless; the message names the field."""
+
+
+def _bounded(body: dict[str, Any], field: str, low: int, high: int) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidEstimate(f"{field} must be an integer between {low} and {high}")
+    return value
+
+
 def completion_reservation(body: dict[str, Any], path: str, default_max_tokens: int) -> int:
+    """Completion tokens to reserve: max_tokens (or the default) for every choice asked for."""
     if path == "/v1/embeddings":
         return 0
-    for field in ("max_completion_tokens", "max_tokens"):
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return default_max_tokens
+    per_choice = default_max_tokens
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = _bounded(body, field, 0, MAX_COMPLETION_TOKENS)
+        if value is not None:
+            per_choice = value
+    choices = max(_bounded(body, "n", 1, MAX_CHOICES) or 1,
+                  _bounded(body, "best_of", 1, MAX_CHOICES) or 1)
+    return per_choice * choices
 
 
 def prepare_stream(body: dict[str, Any]) -> bool:
@@ -161,17 +182,26 @@ class SseUsage:
     def __init__(self, strip_usage: bool) -> None:
         self._strip = strip_usage
         self._pending = b""
-        self._overflowed = False
-        self.found: tuple[int, int] | None = None
+        self._skipping = False
+        self.skipped = False  # an event was too large to read: usage may have been missed
+        self.found: tuple[int, int] | None = None  # the latest usage seen (may be running)
+        self.final = False  # the usage chunk proper (no choices) has been seen
         self.streamed_chars = 0
         self.streamed_chunks = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """Returns the bytes to forward now."""
-        if self._overflowed:
-            return chunk
-        data = self._pending + chunk
         out: list[bytes] = []
+        if self._skipping:
+            # Inside an event too large to parse: pass it through up to its end.
+            end = _EVENT_END.search(self._pending[-3:] + chunk)
+            if end is None:
+                self._pending = chunk[-3:]
+                return chunk
+            cut = max(0, end.end() - len(self._pending[-3:]))
+            out.append(chunk[:cut])
+            chunk, self._pending, self._skipping = chunk[cut:], b"", False
+        data = self._pending + chunk
         position = 0
         for match in _EVENT_END.finditer(data):
             event = data[position : match.end()]
@@ -180,14 +210,17 @@ class SseUsage:
                 out.append(event)
         self._pending = data[position:]
         if len(self._pending) > _MAX_SSE_EVENT:
-            # Not an SSE stream we understand; stop parsing, never buffer without bound.
-            self._overflowed = True
+            # Never buffer without bound: forward this event unparsed and resume after it.
             out.append(self._pending)
-            self._pending = b""
+            self._pending = self._pending[-3:]
+            self._skipping = self.skipped = True
         return b"".join(out)
 
     def flush(self) -> bytes:
         pending, self._pending = self._pending, b""
+        if self._skipping:
+            self._skipping = False
+            return b""  # already forwarded
         if pending and self._inspect(pending):
             return b""
         return pending
@@ -209,6 +242,9 @@ class SseUsage:
             usage = _usage_numbers(obj.get("usage"))
             if usage is not None:
                 self.found = usage
+                # Running usage (vLLM's continuous_usage_stats) rides on chunks that still
+                # carry choices; only the chunk without choices is the final count.
+                self.final = self.final or not obj.get("choices")
             self._count_text(obj.get("choices"))
             if usage is not None and self._strip and not obj.get("choices"):
                 return True

@@ -162,7 +162,7 @@ class _Exchange:
             chunk = self.sse.feed(chunk)
             if not more:
                 chunk += self.sse.flush()
-            if self.sse.found is not None:
+            if self.sse.final:
                 await self.settle()  # before the client can see the end of the stream
         elif self.json is not None:
             self.json.feed(chunk)
@@ -184,14 +184,21 @@ class _Exchange:
             return 0, 0  # the upstream refused or failed: no work to bill
         if not self.started:
             return self.prompt_estimate, 0  # gone before any answer: the prompt was sent
-        if self.sse is not None:
+        if self.sse is not None and not (self.finished and self.sse.skipped):
             return self.prompt_estimate, self.sse.streamed_tokens()
         return self.prompt_estimate, self.completion_estimate  # no usage reported
 
     async def settle(self) -> None:
+        """Settles exactly once, in a task of its own: cancelling the request (a client
+        disconnect, a shutdown deadline) must not cancel its settlement half-way."""
         if self.settled:
             return
         self.settled = True
+        task = asyncio.ensure_future(self._settle())
+        self.gateway.track(task)
+        await asyncio.shield(task)
+
+    async def _settle(self) -> None:
         prompt, completion = self.usage()
         cost = self.price.cost_micro(prompt, completion) if self.price else 0
         self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
@@ -288,8 +295,11 @@ class GatewayMiddleware:
                 raise self._reject(_not_json())
             price = self.settings.price_for(payload.get("model"))
             prompt_estimate = metering.estimate_prompt_tokens(payload)
-            completion_estimate = metering.completion_reservation(
-                payload, scope["path"], self.settings.default_max_tokens)
+            try:
+                completion_estimate = metering.completion_reservation(
+                    payload, scope["path"], self.settings.default_max_tokens)
+            except metering.InvalidEstimate as exc:
+                raise self._reject(Rejected(400, "invalid_request", str(exc))) from None
             strip_usage = metering.prepare_stream(payload)
             if strip_usage:
                 body = orjson.dumps(payload)
@@ -334,8 +344,7 @@ class GatewayMiddleware:
         finally:
             exchange.stop_watching()
             self.metrics.upstream_seconds.observe(time.perf_counter() - forwarded)
-            if not exchange.settled:
-                await self._settle_shielded(exchange)
+            await exchange.settle()
 
     async def _read_limited(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.settings.max_body_bytes
@@ -347,12 +356,9 @@ class GatewayMiddleware:
         except Rejected as rejected:
             raise self._reject(rejected) from None
 
-    async def _settle_shielded(self, exchange: _Exchange) -> None:
-        # Cancellation of the request must not cancel its settlement.
-        task = asyncio.ensure_future(exchange.settle())
+    def track(self, task: asyncio.Task[None]) -> None:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
 
     async def _store_down(self, scope: Scope, receive: Receive, send: Send,
                           record: RequestRecord) -> None:

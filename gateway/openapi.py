@@ -205,7 +205,7 @@ def document() -> dict[str, Any]:
                         **_errors(401, 405, 503)}, _MGMT),
             "post": _op("Create a consumption key; the secret is in this response only",
                         {"201": _json(_ref("KeyWithSecret"), "The new key and its secret"),
-                         **_errors(400, 401, 405, 413, 503)}, _MGMT, _ref("KeyCreate")),
+                         **_errors(400, 401, 403, 405, 413, 503)}, _MGMT, _ref("KeyCreate")),
         },
         "/api/keys/{keyId}": {
             "get": _op("One consumption key of the account",

@@ -10,6 +10,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.errors import error_body, send_json
+from gateway.metering import METERED_PATHS
 from gateway.types import Headers, Message, Receive, Scope, Send
 
 # RFC 9110 hop-by-hop headers, plus the ones the client connection defines for itself.
@@ -52,11 +53,12 @@ class UpstreamProxy:
             return
         if scope["type"] != "http":
             return
-        if not scope["path"].startswith("/v1/"):
-            # Only the OpenAI-compatible API is proxied, and only after the gateway has
-            # authenticated and metered it: nothing else may reach the upstream (and its key).
-            await send_json(send, 404, error_body("Not found.", "invalid_request_error",
-                                                  "not_found"))
+        if not _proxied(scope["method"], scope["path"]):
+            # Only what the gateway meters reaches the upstream (and its key): the metered
+            # POST routes and the model list. Anything else could be inference unbilled.
+            await send_json(send, 404, error_body(
+                "Not found: the gateway forwards POST /v1/chat/completions, /v1/completions, "
+                "/v1/embeddings and GET /v1/models.", "invalid_request_error", "not_found"))
             return
         body = await _request_body(receive)
         if body is None:
@@ -103,6 +105,12 @@ class UpstreamProxy:
                 await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _proxied(method: str, path: str) -> bool:
+    if path in METERED_PATHS:
+        return method == "POST"
+    return method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/"))
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:

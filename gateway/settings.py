@@ -85,6 +85,12 @@ def _price(raw: Any, what: str) -> Price:
                  usd_to_micro(raw["output"], f"{what}.output"))
 
 
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 DEFAULT_PLANS = {
     "standard": Plan("standard", "Standard", "20", 60, 3333),
     "pro": Plan("pro", "Pro", "60", 200, 13333),
@@ -103,6 +109,7 @@ class Settings:
     default_price: Price = Price(500_000, 1_500_000)
     model_prices: dict[str, Price] = field(default_factory=dict)
     auth_cache_seconds: float = 5.0
+    api_plan_keys: bool = False  # may management keys create plan (subscription) keys?
     redis_timeout_seconds: float = 0.25
     log_level: str = "info"
     log_format: str = "json"
@@ -175,6 +182,7 @@ class Settings:
             default_price=default_price,
             model_prices=models,
             auth_cache_seconds=float(data.get("auth_cache_seconds", 5.0)),
+            api_plan_keys=_flag(data.get("api_plan_keys", False), "api_plan_keys"),
             redis_timeout_seconds=timeout,
             log_level=log_level,
             log_format=log_format,

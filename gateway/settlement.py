@@ -15,7 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.store import KeyRef, Store
 
@@ -35,11 +35,12 @@ class Settlement:
     completion_tokens: int
     cost: int
     plan: str  # metric label only
+    count_usage: bool = True
 
 
 def release(ref: KeyRef, request_id: str) -> Settlement:
     """Settles at zero an admission that may have applied although its reply was lost."""
-    return Settlement(ref, request_id, 0, 0, 0, "")
+    return Settlement(ref, request_id, 0, 0, 0, "", count_usage=False)
 
 
 class SettlementQueue:
@@ -63,13 +64,26 @@ class SettlementQueue:
     async def settle(self, item: Settlement) -> None:
         """Settles now; on a store failure the settlement is queued for retry."""
         try:
-            await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
-                                    item.completion_tokens, item.cost)
+            applied = await self._write(item)
+        except StoreCommandError as exc:
+            self._give_up(item, exc)
+            return
         except StoreUnavailable:
             self.metrics.store_errors.labels("settle").inc()
             self.submit(item)
             return
-        self._record(item, "settled")
+        self._record(item, "settled", applied)
+
+    async def _write(self, item: Settlement) -> bool:
+        return await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
+                                       item.completion_tokens, item.cost, item.count_usage)
+
+    def _give_up(self, item: Settlement, exc: StoreCommandError) -> None:
+        # Redis refused the command itself: retrying cannot help, and must not block the
+        # settlements queued behind it. The admission-time estimate stands.
+        self.metrics.store_errors.labels("settle").inc()
+        self.metrics.settlements.labels("failed").inc()
+        log.error("settlement refused by Redis (%s); the admission-time estimate stands", exc)
 
     def submit(self, item: Settlement) -> None:
         if len(self._pending) >= self.capacity:
@@ -92,8 +106,11 @@ class SettlementQueue:
         while self._pending:
             item = self._pending[0]
             try:
-                await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
-                                        item.completion_tokens, item.cost)
+                applied = await self._write(item)
+            except StoreCommandError as exc:
+                self._pending.popleft()
+                self._give_up(item, exc)
+                continue
             except StoreUnavailable:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -101,12 +118,14 @@ class SettlementQueue:
                 delay = self.first_delay if self._draining else min(delay * 2, self.max_delay)
                 continue
             self._pending.popleft()
-            self._record(item, "retried")
+            self._record(item, "retried", applied)
             delay = self.first_delay
 
-    def _record(self, item: Settlement, outcome: str) -> None:
+    def _record(self, item: Settlement, outcome: str, applied: bool) -> None:
         metrics = self.metrics
         metrics.settlements.labels(outcome).inc()
+        if not applied:
+            return  # settled before (a retry after a lost reply) or expired: nothing new
         plan = item.plan or "credits"
         if item.prompt_tokens:
             metrics.tokens.labels("prompt", plan).inc(item.prompt_tokens)

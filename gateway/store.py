@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 import uuid
 from collections.abc import Awaitable
@@ -17,10 +18,16 @@ from typing import Any, TypeVar
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.errors import ConfigError, NotFound, StoreAmbiguous, StoreUnavailable
+from gateway.errors import (
+    ConfigError,
+    NotFound,
+    StoreAmbiguous,
+    StoreCommandError,
+    StoreUnavailable,
+)
 from gateway.usage_windows import buckets_needed
 
 T = TypeVar("T")
@@ -236,6 +243,18 @@ def _maybe_applied(exc: BaseException) -> bool:
     return "connecting to" not in str(exc)
 
 
+# Errors Redis answers while it is starting, failing over or briefly busy: worth a retry.
+_TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN",
+                      "NOSCRIPT")
+
+
+def _reply_error(message: str) -> StoreUnavailable:
+    text = f"Redis error: {message[:80]}"
+    if message.startswith(_TRANSIENT_REPLIES):
+        return StoreUnavailable(text)
+    return StoreCommandError(text)
+
+
 class Store:
     """Typed operations over one redis-py asyncio client (standalone, cluster or embedded)."""
 
@@ -253,12 +272,16 @@ class Store:
         # Backend errors become one error type here, at the storage edge.
         try:
             return await awaitable
+        except ResponseError as exc:
+            raise _reply_error(str(exc)) from exc
         except (TimeoutError, RedisError, OSError) as exc:
             if _maybe_applied(exc):
                 raise StoreAmbiguous(type(exc).__name__) from exc
             raise StoreUnavailable(type(exc).__name__) from exc
 
     async def ping(self) -> bool:
+        if self._hot is not None:  # the connection the hot path really uses
+            await self._hot_call("PING")
         return bool(await self._call(self.client.ping()))
 
     async def ensure_scripts(self) -> None:
@@ -286,7 +309,7 @@ class Store:
         except (TimeoutError, OSError) as exc:
             raise StoreAmbiguous(type(exc).__name__) from exc
         except hiredis.ReplyError as exc:
-            raise StoreUnavailable(f"Redis error: {str(exc)[:80]}") from exc
+            raise _reply_error(str(exc)) from exc
 
     async def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         if self._hot is None:
@@ -324,11 +347,11 @@ class Store:
                         _text(raw[9]))
 
     async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
-                     completion_tokens: int, cost: int) -> bool:
+                     completion_tokens: int, cost: int, count_usage: bool = True) -> bool:
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
                 Names.reservation(ref.account_id, request_id),
                 Names.usage_prefix(ref.account_id, ref.key_id)]
-        args = [prompt_tokens, completion_tokens, cost]
+        args = [prompt_tokens, completion_tokens, cost, 1 if count_usage else 0]
         return bool(await self._evalsha(self._settle, keys, args))
 
     async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
@@ -717,8 +740,11 @@ class Multiplexed:
                         _, protocol = await loop.create_unix_connection(_RespProtocol,
                                                                         self._path)
                     else:
-                        _, protocol = await loop.create_connection(_RespProtocol, self._host,
-                                                                   self._port)
+                        transport, protocol = await loop.create_connection(
+                            _RespProtocol, self._host, self._port)
+                        sock = transport.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                     self._protocol = protocol
                     if self._password:
                         auth = ((self._username, self._password) if self._username
@@ -742,6 +768,12 @@ class Multiplexed:
         expiry = loop.call_later(self._timeout, _expire, waiter)
         try:
             return await waiter
+        except TimeoutError:
+            # No reply in time: presume the connection dead (a silent partition never resets
+            # it), fail whatever else waits on it, and reconnect on the next call.
+            if protocol.transport is not None:
+                protocol.transport.abort()
+            raise
         finally:
             expiry.cancel()
 

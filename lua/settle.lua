@@ -8,6 +8,8 @@
 -- ARGV[1] = actual prompt tokens
 -- ARGV[2] = actual completion tokens
 -- ARGV[3] = actual cost, integer micro-USD
+-- ARGV[4] = 1 to add the request to the usage counters, 0 for a refund of an admission
+--           whose reply was lost (the client never got an answer from the upstream)
 -- returns 1 when settled now, 0 when the reservation was already settled or had expired
 
 local res = redis.call('HMGET', KEYS[3], 'tokens', 'budget', 'credits', 'period')
@@ -29,11 +31,13 @@ if rec[2] then
     redis.call('HINCRBY', KEYS[1], 'spent', cost - tonumber(res[2]))
   end
   redis.call('HINCRBY', KEYS[1], 'total_spent', cost)
-  if rec[1] == 'credit' then
-    redis.call('HINCRBY', KEYS[2], 'credits', tonumber(res[3]) - cost)
-  end
-  redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
 end
+-- Credits are the account's: corrected even if the key record has gone meanwhile.
+if rec[1] == 'credit' or tonumber(res[3]) > 0 then
+  redis.call('HINCRBY', KEYS[2], 'credits', tonumber(res[3]) - cost)
+end
+redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
+if ARGV[4] == '0' then return 1 end
 
 -- Usage counters: per-minute fields in one hash per hour (kept 2 hours) and per-hour
 -- fields in one hash per day (kept 32 days). Bounded: they expire by themselves.

@@ -135,7 +135,8 @@ async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterato
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings()
+    # Tests create plan keys over the management API too; the default refusal has its own test.
+    return Settings(api_plan_keys=True)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.keys import hash_secret, new_management_secret
 from gateway.metrics import Metrics
@@ -425,3 +426,23 @@ async def test_usage_read_is_one_pipeline_for_100_keys(redis_url: str,
         assert commands == ["EVALSHA"] and pipelines == [1]
     finally:
         await store.close()
+
+
+async def test_plan_keys_and_raised_limits_are_the_operators(store: Store) -> None:
+    account = await store.create_account("entitled")
+    secret = new_management_secret()
+    await store.create_mgmt_key(account.id, hash_secret(secret))
+    app = GatewayMiddleware(MockUpstream(), settings=Settings(), store=store,
+                            metrics=Metrics.create(CollectorRegistry()))
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with client_for(app) as client:
+        plan = await client.post("/api/keys", json={"name": "p", "plan": "pro"},
+                                 headers=headers)
+        fast = await client.post("/api/keys", json={"name": "c", "credit": True,
+                                                    "rpm": 10_000}, headers=headers)
+        ok = await client.post("/api/keys", json={"name": "c", "credit": True, "rpm": 10},
+                               headers=headers)
+    assert plan.status_code == 403
+    assert plan.json()["error"]["code"] == "plan_keys_not_allowed"
+    assert fast.status_code == 400 and "rpm" in fast.json()["error"]["message"]
+    assert ok.status_code == 201 and ok.json()["rate_limits"]["rpm"] == 10

@@ -197,3 +197,24 @@ async def test_listing_survives_a_key_record_deleted_by_hand(
     _, kept, _ = await new_key(store, settings, account_id, name="kept")
     await store.client.delete(Names.key(account_id, gone))
     assert [k.id for k in await store.list_keys(account_id)] == [kept]
+
+
+async def test_absurd_reservations_are_400_and_n_multiplies_the_reservation(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, tpm=1000)
+    upstream = MockUpstream()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        for extra in ({"max_tokens": 10**18}, {"max_tokens": -1}, {"max_tokens": "8"},
+                      {"n": 0}, {"n": 10**6}, {"best_of": True}):
+            response = await client.post("/v1/chat/completions", json={**CHAT, **extra},
+                                         headers=bearer(secret))
+            assert response.status_code == 400, extra
+            assert next(iter(extra)) in response.json()["error"]["message"]
+        # 2 + 100 x 16 choices = 1602 tokens: more than the 1000-token bucket holds, so the
+        # request is admitted once (the bucket is full) and the next one must wait
+        first = await client.post("/v1/chat/completions",
+                                  json={**CHAT, "max_tokens": 100, "n": 16},
+                                  headers=bearer(secret))
+        assert first.status_code == 200
+        assert int(first.headers["x-ratelimit-remaining-tokens"]) == 0
+    assert upstream.requests == 1

@@ -96,3 +96,61 @@ async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
             assert response.status == 200
             remaining = int(response.headers["x-ratelimit-remaining-tokens"])
             assert remaining >= 3333 - 20 - 12 - (streamed + 10) - 20
+
+
+async def test_running_usage_chunks_do_not_settle_early(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    """vLLM's continuous_usage_stats puts a running count on every chunk: bill the last."""
+    secret, _, _ = await new_key(store, settings)
+
+    async def upstream(scope, receive, send):  # type: ignore[no-untyped-def]
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(1, 11):
+            chunk = {"choices": [{"index": 0, "delta": {"content": "tok "}}],
+                     "usage": {"prompt_tokens": 20, "completion_tokens": i}}
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"data: " + orjson.dumps(chunk) + b"\n\n"})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    body = {**STREAM, "stream_options": {"include_usage": True,
+                                          "continuous_usage_stats": True}}
+    async with serving(gateway(upstream, store, settings, metrics)) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/chat/completions", json=body,
+                                headers=bearer(secret)) as response:
+            await response.read()
+        assert await spent_micro(session, base, secret) == settings.default_price.cost_micro(
+            20, 10)
+
+
+async def test_an_oversized_event_does_not_stop_usage_parsing(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    big = {"choices": [{"index": 0, "text": "x" * (2 * 1024 * 1024)}]}
+
+    async def upstream(scope, receive, send):  # type: ignore[no-untyped-def]
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        data = b"data: " + orjson.dumps(big) + b"\n\n"
+        for start in range(0, len(data), 65536):  # as an upstream client hands it over
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": data[start:start + 65536]})
+        usage = {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 500}}
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": b"data: " + orjson.dumps(usage) + b"\n\n"})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async with serving(gateway(upstream, store, settings, metrics)) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/chat/completions", json=STREAM,
+                                headers=bearer(secret)) as response:
+            raw = await response.read()
+        assert b'"usage"' not in raw  # the injected usage chunk is still removed
+        assert len(raw) > 2 * 1024 * 1024  # the big event passed through whole
+        assert await spent_micro(session, base, secret) == settings.default_price.cost_micro(
+            20, 500)
