@@ -251,7 +251,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
                     log_level=level, access_log=False, timeout_graceful_shutdown=30,
-                    http="httptools", loop="uvloop")
+                    http="httptools", loop="uvloop", proxy_headers=False)
     return 0
 
 

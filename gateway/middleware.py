@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 
 import orjson
 
@@ -297,7 +297,7 @@ class GatewayMiddleware:
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement).
-        reservation_id = uuid.uuid4().hex
+        reservation_id = os.urandom(16).hex()
         estimate = prompt_estimate + completion_estimate
         cost = price.cost_micro(prompt_estimate, completion_estimate) if price else 0
         started = time.perf_counter()
