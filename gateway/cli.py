@@ -280,7 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, NotFound) as exc:
         return _fail(str(exc))
     except StoreUnavailable as exc:
-        return _fail(f"cannot reach Redis at the configured URL ({exc})")
+        hint = ""
+        if (settings.redis_url or "").lower().startswith("rediss"):
+            hint = ("; for TLS check ssl_ca_certs, and ssl_certfile/ssl_keyfile if the "
+                    "server wants client certificates")
+        return _fail(f"cannot reach Redis at the configured URL ({exc}){hint}")
     except KeyboardInterrupt:
         return 130
     return 0

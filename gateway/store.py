@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable
@@ -255,6 +257,20 @@ def _reply_error(message: str) -> StoreUnavailable:
     return StoreCommandError(text)
 
 
+def _tls_reason(exc: BaseException) -> str:
+    # A failed TLS handshake says why (e.g. "certificate verify failed: ..."): no secrets.
+    cause: BaseException | None = exc
+    for _ in range(8):  # a bounded walk: exception chains can be cyclic
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLError):
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                return f", TLS certificate verify failed: {cause.verify_message}"
+            return f", TLS error: {cause.reason or 'handshake failed'}"
+        cause = cause.__cause__ or cause.__context__
+    return ""
+
+
 class Store:
     """Typed operations over one redis-py asyncio client (standalone, cluster or embedded)."""
 
@@ -275,9 +291,10 @@ class Store:
         except ResponseError as exc:
             raise _reply_error(str(exc)) from exc
         except (TimeoutError, RedisError, OSError) as exc:
+            message = type(exc).__name__ + _tls_reason(exc)
             if _maybe_applied(exc):
-                raise StoreAmbiguous(type(exc).__name__) from exc
-            raise StoreUnavailable(type(exc).__name__) from exc
+                raise StoreAmbiguous(message) from exc
+            raise StoreUnavailable(message) from exc
 
     async def ping(self) -> bool:
         if self._hot is not None:  # the connection the hot path really uses
@@ -608,6 +625,7 @@ def connect(url: str, timeout_seconds: float = 0.25) -> Store:
                                "socket_connect_timeout": timeout_seconds,
                                "retry": _no_retries()}
     scheme = url.partition("://")[0].lower()
+    _check_tls_files(url)
     try:
         if scheme in _CLUSTER_SCHEMES:
             return Store(_cluster_client(url, scheme, {**options, "max_connections": 256}))
@@ -622,19 +640,25 @@ def connect(url: str, timeout_seconds: float = 0.25) -> Store:
         raise ConfigError(f"invalid Redis URL: {exc}") from None
 
 
+def _check_tls_files(url: str) -> None:
+    """A mistyped certificate path is named at startup, not reported as unreachable Redis."""
+    from urllib.parse import parse_qsl
+
+    for name, value in parse_qsl(url.partition("?")[2]):
+        if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and \
+                not os.path.isfile(value):
+            raise ConfigError(f"invalid Redis URL: {name} file {value!r} does not exist")
+
+
 def _cluster_client(url: str, scheme: str, options: dict[str, Any]) -> Any:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
     from redis.asyncio.connection import parse_url
 
-    rest = url.partition("://")[2]
-    netloc, slash, tail = rest.partition("/")
-    query = ""
-    if not slash:
-        netloc, _, query = netloc.partition("?")
-    else:
-        path, _, query = tail.partition("?")
-        if path not in ("", "0"):
-            raise ValueError("a Redis Cluster has only database 0")
+    # The query goes first: its values (certificate paths) may contain slashes.
+    rest, _, query = url.partition("://")[2].partition("?")
+    netloc, _, path = rest.partition("/")
+    if path not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0")
     userinfo, at, hosts = netloc.rpartition("@")
     nodes: list[tuple[str, int]] = []
     for item in hosts.split(","):
