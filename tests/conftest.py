@@ -184,6 +184,18 @@ async def serving(app: ASGIApp) -> AsyncIterator[str]:
         await task
 
 
+async def stream_then_leave(session: Any, url: str, body: dict[str, Any],
+                            headers: dict[str, str], events: int) -> int:
+    """Reads `events` SSE events of a streamed completion, then drops the connection the way
+    a client pressing Ctrl-C does; returns how many events arrived."""
+    async with session.post(url, json=body, headers=headers) as response:
+        received = b""
+        while received.count(b"\n\n") < events:
+            received += await response.content.readany()
+        response.close()
+    return received.count(b"\n\n")
+
+
 Auth = Callable[[str], dict[str, str]]
 
 

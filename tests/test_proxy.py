@@ -22,7 +22,16 @@ from gateway.proxy import UpstreamProxy
 from gateway.settings import Settings
 from gateway.store import Names, Store
 from gateway.types import Receive, Scope, Send
-from tests.conftest import RedisServer, bearer, client_for, free_port, gateway, new_key, serving
+from tests.conftest import (
+    RedisServer,
+    bearer,
+    client_for,
+    free_port,
+    gateway,
+    new_key,
+    serving,
+    stream_then_leave,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 
@@ -94,13 +103,8 @@ async def test_proxied_stream_disconnect_is_billed(store: Store, settings: Setti
         proxy = UpstreamProxy(upstream)
         async with serving(gateway(proxy, store, settings, metrics)) as base, \
                 aiohttp.ClientSession() as session:
-            async with session.post(f"{base}/v1/chat/completions", json=body,
-                                    headers=bearer(secret)) as response:
-                received = b""
-                while received.count(b"\n\n") < 4:
-                    received += await response.content.readany()
-                response.close()
-            streamed = received.count(b"\n\n")
+            streamed = await stream_then_leave(session, f"{base}/v1/chat/completions", body,
+                                               bearer(secret), 4)
             # Admission debited the estimate; settlement (when the server notices) deletes
             # the reservation and replaces the estimate with what was streamed.
             for _ in range(200):

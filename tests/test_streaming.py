@@ -11,7 +11,7 @@ from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.store import Names, Store
-from tests.conftest import bearer, gateway, new_key, serving
+from tests.conftest import bearer, gateway, new_key, serving, stream_then_leave
 
 STREAM = {"model": "m", "stream": True, "max_tokens": 12,
           "messages": [{"role": "user", "content": "y" * 80}]}
@@ -71,13 +71,8 @@ async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
     body = {**STREAM, "max_tokens": 200}
     async with serving(gateway(upstream, store, settings, metrics)) as base, \
             aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/v1/chat/completions", json=body,
-                                headers=bearer(secret)) as response:
-            received = b""
-            while received.count(b"\n\n") < 5:
-                received += await response.content.readany()
-            response.close()  # the client goes away mid-stream
-        streamed = received.count(b"\n\n")
+        streamed = await stream_then_leave(session, f"{base}/v1/chat/completions", body,
+                                           bearer(secret), 5)
         # Admission debited the estimate; settlement runs as soon as the server notices,
         # deletes the reservation and replaces the estimate with what was streamed.
         reservations = Names.reservation(account_id, "*")
