@@ -40,8 +40,9 @@ local function remaining(tat, interval)
 end
 
 local function reply(code, r_tat, t_tat, retry)
-  return {code, rpm, remaining(r_tat, rpm_interval), fmt(r_tat - now),
-          tpm, remaining(t_tat, tpm_interval), fmt(t_tat - now), fmt(retry), plan, key_type}
+  -- Numbers in a reply become integers on their own (string.format costs ~1 us a call).
+  return {code, rpm, remaining(r_tat, rpm_interval), r_tat - now,
+          tpm, remaining(t_tat, tpm_interval), t_tat - now, retry, plan, key_type}
 end
 
 if rec[2] ~= '1' then return reply(2, rpm_tat, tpm_tat, -1) end

@@ -48,12 +48,13 @@ local day = math.floor(hour / 24)
 local mkey = KEYS[4] .. ':m:' .. hour
 local hkey = KEYS[4] .. ':h:' .. day
 local m, h = tostring(minute % 60), tostring(hour % 24)
-redis.call('HINCRBY', mkey, 'r' .. m, 1)
+-- The time to live is renewed by the first request of each minute (hour), not by every one.
+local first_in_minute = redis.call('HINCRBY', mkey, 'r' .. m, 1) == 1
 redis.call('HINCRBY', mkey, 'p' .. m, prompt)
 redis.call('HINCRBY', mkey, 'c' .. m, completion)
-redis.call('EXPIRE', mkey, 7200)
-redis.call('HINCRBY', hkey, 'r' .. h, 1)
+if first_in_minute then redis.call('EXPIRE', mkey, 7200) end
+local first_in_hour = redis.call('HINCRBY', hkey, 'r' .. h, 1) == 1
 redis.call('HINCRBY', hkey, 'p' .. h, prompt)
 redis.call('HINCRBY', hkey, 'c' .. h, completion)
-redis.call('EXPIRE', hkey, 2764800)
+if first_in_hour then redis.call('EXPIRE', hkey, 2764800) end
 return 1
