@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import orjson
@@ -19,8 +19,6 @@ from gateway.metrics import multiprocess_dir
 from gateway.settings import Settings, usd_to_micro
 from gateway.store import MgmtKey, Store, connect
 from gateway.timefmt import iso_from_us
-
-Command = Callable[[argparse.Namespace, Settings, Store], Awaitable[Any]]
 
 
 def _print(args: argparse.Namespace, doc: Any, text: str) -> None:

@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
-
-    @property
-    def tcp_url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
@@ -194,9 +190,6 @@ async def stream_then_leave(session: Any, url: str, body: dict[str, Any],
             received += await response.content.readany()
         response.close()
     return received.count(b"\n\n")
-
-
-Auth = Callable[[str], dict[str, str]]
 
 
 def bearer(secret: str) -> dict[str, str]:

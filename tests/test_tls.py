@@ -159,7 +159,7 @@ def test_cli_needs_the_client_certificate_for_mutual_tls(
 async def test_gateway_runs_over_a_tls_cluster(tls_cluster: TLSCluster, settings: Settings,
                                                metrics: Metrics) -> None:
     # Two of the three masters are given; the third is discovered (over TLS as well).
-    store = connect(tls_cluster.url(), timeout_seconds=5.0)
+    store = connect(tls_cluster.url, timeout_seconds=5.0)
     try:
         for n in range(4):  # accounts hash to different slots, so to different nodes
             account = await store.create_account(f"cluster-{n}")
@@ -172,6 +172,6 @@ async def test_gateway_runs_over_a_tls_cluster(tls_cluster: TLSCluster, settings
 def test_cli_creates_keys_on_a_tls_cluster(tls_cluster: TLSCluster,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "keys", "create", "--name", "c", "--plan", "standard",
-                         "--json", "--redis", tls_cluster.url())
+                         "--json", "--redis", tls_cluster.url)
     assert (code, err) == (0, "")
     assert json.loads(out)["key"].startswith("sk_live_")

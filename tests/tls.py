@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import cluster_port
+from tests.cluster import RedisCluster, cluster_port
 from tests.conftest import free_port
 
 _EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -121,15 +121,12 @@ class TLSRedis:
         _stop(self.process)
 
 
-class TLSCluster:
+class TLSCluster(RedisCluster):
     """Three TLS cluster masters (TLS on the client port and the cluster bus)."""
 
     def __init__(self, directory: Path, certs: Certificates, masters: int = 3) -> None:
-        if shutil.which("redis-cli") is None:
-            pytest.fail("redis-cli is needed (apt-get install redis-server)")
+        super().__init__(directory, masters)
         self.certs = certs
-        self.ports: list[int] = []
-        self.processes: list[subprocess.Popen[bytes]] = []
         try:
             for _ in range(masters):
                 port = cluster_port()
@@ -166,16 +163,7 @@ class TLSCluster:
                               timeout=10)
         return done.stdout.decode()
 
+    @property
     def url(self) -> str:
         nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports[:2])
         return f"rediss+cluster://{nodes}?ssl_ca_certs={self.certs.path('ca.crt')}"
-
-    def keys_per_node(self) -> list[int]:
-        return [int(self.cli(port, "DBSIZE").strip()) for port in self.ports]
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            process.wait(timeout=10)
-        self.processes.clear()
