@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hiredis
@@ -110,8 +111,18 @@ class Names:
         return f"gw:mgmt-id:{mgmt_id}"
 
 
+_SOURCE_TREE_LUA = Path(__file__).resolve().parent.parent / "lua"
+
+
 def lua_source(name: str) -> str:
-    return resources.files("gateway.lua").joinpath(f"{name}.lua").read_text()
+    """A script from the installed package (`gateway.lua`, the wheel's copy of lua/)."""
+    try:
+        scripts = resources.files("gateway.lua")
+    except ModuleNotFoundError:
+        # `python -m gateway` run inside a source checkout imports gateway/ from the working
+        # directory, beside which lua/ lies, not from the installed wheel.
+        return (_SOURCE_TREE_LUA / f"{name}.lua").read_text()
+    return scripts.joinpath(f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,3 +49,17 @@ async def test_wrong_password_is_unavailable_not_a_crash(redis_url: str) -> None
     await store.close()
 
 
+
+
+def test_scripts_load_from_a_source_checkout_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m gateway` inside the repository imports gateway/ from the working tree,
+    where there is no gateway.lua package: lua/ beside it must serve."""
+    import gateway.store as store_module
+
+    installed = store_module.lua_source("admit")
+
+    def no_package(_: str) -> None:
+        raise ModuleNotFoundError("No module named 'gateway.lua'")
+
+    monkeypatch.setattr(store_module.resources, "files", no_package)
+    assert store_module.lua_source("admit") == installed
