@@ -20,6 +20,25 @@ class KeyResolver:
         self._store = store
         self._ttl = ttl_seconds
         self._cache: dict[str, tuple[KeyRef, float]] = {}
+        # Authorization header -> secret hash: parsing and SHA-256 once per client key,
+        # not once per request. In memory only, like the request that carried it.
+        self._hashes: dict[bytes, str] = {}
+
+    async def authenticate(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
+        """(secret hash, key) for an `Authorization: Bearer sk_live_...` header, or None
+        when it names no key. Raises StoreUnavailable when the lookup cannot be made."""
+        if authorization is None:
+            return None
+        secret_hash = self._hashes.get(authorization)
+        if secret_hash is None:
+            secret_hash = consumption_secret_hash(authorization)
+            if secret_hash is None:
+                return None
+            if len(self._hashes) >= _MAX_ENTRIES:
+                self._hashes.clear()
+            self._hashes[authorization] = secret_hash
+        ref = await self.resolve(secret_hash)
+        return None if ref is None else (secret_hash, ref)
 
     async def resolve(self, secret_hash: str) -> KeyRef | None:
         now = time.monotonic()

@@ -8,7 +8,6 @@ drown the log. Lines never carry a secret: the key is logged by its id only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import ConfigError
+from gateway.ids import new_id
 from gateway.types import Headers, Message, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -24,6 +24,7 @@ MAX_REQUEST_ID_LENGTH = 128
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("json", "text")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_REPLACED_WITH_BODY = frozenset({REQUEST_ID_HEADER, b"content-length", b"transfer-encoding"})
 
 access_log = logging.getLogger("gateway.access")
 
@@ -58,7 +59,7 @@ def request_id_from(headers: Headers) -> str:
             if 0 < len(value) <= MAX_REQUEST_ID_LENGTH and all(0x21 <= b <= 0x7E for b in value):
                 return value.decode("ascii")
             break
-    return os.urandom(16).hex()
+    return new_id()
 
 
 @dataclass(slots=True)
@@ -83,9 +84,14 @@ class RequestRecord:
     def start(cls, scope: Scope) -> RequestRecord:
         return cls(request_id_from(scope["headers"]), scope["method"], scope["path"])
 
-    def outbound_scope(self, scope: Scope) -> Scope:
-        """The scope sent on to the app: X-Request-Id replaced by this request's id."""
-        headers = [(k, v) for k, v in scope["headers"] if k != REQUEST_ID_HEADER]
+    def outbound_scope(self, scope: Scope, body_length: int | None = None) -> Scope:
+        """The scope sent on to the app: X-Request-Id replaced by this request's id and,
+        when the body was read (and perhaps rewritten), its length declared anew."""
+        if body_length is None:
+            headers = [(k, v) for k, v in scope["headers"] if k != REQUEST_ID_HEADER]
+        else:
+            headers = [(k, v) for k, v in scope["headers"] if k not in _REPLACED_WITH_BODY]
+            headers.append((b"content-length", b"%d" % body_length))
         headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
         return {**scope, "headers": headers}
 

@@ -135,6 +135,30 @@ def _matching_brace(data: bytes, start: int) -> int:
     return -1
 
 
+_BRACE_TRIES = 4
+
+
+def _usage_object(body: bytes, start: int) -> Any:
+    """The JSON object that opens at `start`. Usage objects are small and nest little, so
+    letting orjson try each closing brace in turn beats scanning bytes in Python."""
+    end = start
+    for _ in range(_BRACE_TRIES):
+        end = body.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            return orjson.loads(body[start : end + 1])
+        except orjson.JSONDecodeError:
+            continue
+    end = _matching_brace(body, start)
+    if end < 0:
+        return None
+    try:
+        return orjson.loads(body[start : end + 1])
+    except orjson.JSONDecodeError:
+        return None
+
+
 def usage_from_json(body: bytes) -> tuple[int, int] | None:
     """The `usage` object of a JSON response, read from the last occurrence of the key
     (OpenAI-compatible servers put it at the end) without parsing the whole body."""
@@ -143,12 +167,7 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
         start = body.find(b"{", index + len(_USAGE_KEY))
         colon = body.find(b":", index + len(_USAGE_KEY))
         if start > 0 and colon > 0 and body[colon + 1 : start].strip() == b"":
-            end = _matching_brace(body, start)
-            if end > 0:
-                try:
-                    return _usage_numbers(orjson.loads(body[start : end + 1]))
-                except orjson.JSONDecodeError:
-                    return None
+            return _usage_numbers(_usage_object(body, start))
         index = body.rfind(_USAGE_KEY, 0, index)
     return None
 

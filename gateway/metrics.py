@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import (
@@ -46,6 +46,16 @@ class Metrics:
     settlements: Counter
     fail_open: Counter
     registry: CollectorRegistry
+    _children: dict[tuple[Counter, tuple[str, ...]], Counter] = field(default_factory=dict)
+
+    def child(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, looked up once per label set: on the hot path the
+        lookup (validation, a lock, a dict of tuples) costs more than the increment."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @classmethod
     def create(cls, registry: CollectorRegistry = REGISTRY) -> Metrics:

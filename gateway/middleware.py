@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import orjson
 
 from gateway import metering
-from gateway.auth import KeyResolver, consumption_secret_hash, header
+from gateway.auth import KeyResolver, header
 from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
 from gateway.errors import (
@@ -20,6 +19,7 @@ from gateway.errors import (
     StoreUnavailable,
     send_rejection,
 )
+from gateway.ids import new_id
 from gateway.logs import RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
@@ -242,7 +242,7 @@ class GatewayMiddleware:
                 await handler(scope, receive, send)
             elif path.startswith("/v1/"):
                 try:
-                    await self._metered(record.outbound_scope(scope), receive, send, record)
+                    await self._metered(scope, receive, send, record)
                 except Rejected as rejected:
                     record.decision, record.reason = "rejected", rejected.code
                     await send_rejection(send, rejected)
@@ -254,38 +254,37 @@ class GatewayMiddleware:
             log_request(record)
 
     def _reject(self, rejected: Rejected, plan: str = "") -> Rejected:
-        self.metrics.requests.labels("rejected", rejected.code, plan).inc()
+        self.metrics.child(self.metrics.requests, "rejected", rejected.code, plan).inc()
         return rejected
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send,
                        record: RequestRecord) -> None:
         path: str = scope["path"]
-        if not _canonical(path):
+        metered = path in metering.METERED_PATHS
+        if not metered and not _canonical(path):
             # The upstream would resolve `/v1/./chat/completions` to a metered route that
             # the gateway would meter as some other path: refuse rather than guess.
             raise self._reject(Rejected(400, "invalid_request",
                                         "Request path must be in canonical form."))
-        if path_is_metered(path) and scope["method"] != "POST":
+        if metered and scope["method"] != "POST":
             raise self._reject(Rejected(405, "method_not_allowed",
                                         f"{path} accepts POST only.",
                                         headers=[(b"allow", b"POST")]))
-        secret_hash = consumption_secret_hash(header(scope["headers"], b"authorization"))
-        if secret_hash is None:
-            raise self._reject(invalid_key())
         try:
-            ref = await self.resolver.resolve(secret_hash)
+            found = await self.resolver.authenticate(header(scope["headers"], b"authorization"))
         except StoreUnavailable:
-            await self._store_down(scope, receive, send, record)
+            await self._store_down(record.outbound_scope(scope), receive, send, record)
             return
-        if ref is None:
+        if found is None:
             raise self._reject(invalid_key())
+        secret_hash, ref = found
         record.key_id = ref.key_id
 
         price: Price | None = None
         prompt_estimate = completion_estimate = 0
         strip_usage = False
         body = b""
-        if scope["method"] == "POST" and path_is_metered(scope["path"]):
+        if metered:
             body = await self._read_limited(scope, receive)
             try:
                 payload = orjson.loads(body)
@@ -303,11 +302,13 @@ class GatewayMiddleware:
             strip_usage = metering.prepare_stream(payload)
             if strip_usage:
                 body = orjson.dumps(payload)
-            scope = _with_body_length(scope, len(body))
+            scope = record.outbound_scope(scope, len(body))
+        else:
+            scope = record.outbound_scope(scope)
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement).
-        reservation_id = os.urandom(16).hex()
+        reservation_id = new_id()
         estimate = prompt_estimate + completion_estimate
         cost = price.cost_micro(prompt_estimate, completion_estimate) if price else 0
         started = time.perf_counter()
@@ -329,7 +330,7 @@ class GatewayMiddleware:
                 self.resolver.forget(secret_hash)
             rejected = rejection(decision)
             raise self._reject(rejected, record.plan)
-        self.metrics.requests.labels("allowed", "ok", record.plan).inc()
+        self.metrics.child(self.metrics.requests, "allowed", "ok", record.plan).inc()
         record.decision, record.reason = "allowed", "ok"
 
         exchange = _Exchange(self, send, ref, reservation_id, decision, prompt_estimate,
@@ -362,7 +363,7 @@ class GatewayMiddleware:
 
     async def _store_down(self, scope: Scope, receive: Receive, send: Send,
                           record: RequestRecord) -> None:
-        self.metrics.store_errors.labels("admit").inc()
+        self.metrics.child(self.metrics.store_errors, "admit").inc()
         if not self._outage:
             self._outage = True
             log.error("limiter store unavailable (fail_mode=%s)", self.settings.fail_mode)
@@ -394,20 +395,12 @@ class GatewayMiddleware:
 
 
 def _canonical(path: str) -> bool:
+    if "/." not in path and "//" not in path and not path.endswith("/") and ";" not in path \
+            and "\\" not in path:
+        return True  # the common case, without splitting
     segments = path.split("/")[1:]
     return all(segment not in ("", ".", "..") for segment in segments) and not any(
         c in path for c in ";\\")
-
-
-def path_is_metered(path: str) -> bool:
-    return path in metering.METERED_PATHS
-
-
-def _with_body_length(scope: Scope, length: int) -> Scope:
-    headers = [(k, v) for k, v in scope["headers"]
-               if k not in (b"content-length", b"transfer-encoding")]
-    headers.append((b"content-length", str(length).encode()))
-    return {**scope, "headers": headers}
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -64,12 +64,14 @@ class SettlementQueue:
     async def settle(self, item: Settlement) -> None:
         """Settles now; on a store failure the settlement is queued for retry."""
         try:
-            applied = await self._write(item)
+            applied = await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
+                                              item.completion_tokens, item.cost,
+                                              item.count_usage)
         except StoreCommandError as exc:
             self._give_up(item, exc)
             return
         except StoreUnavailable:
-            self.metrics.store_errors.labels("settle").inc()
+            self.metrics.child(self.metrics.store_errors, "settle").inc()
             self.submit(item)
             return
         self._record(item, "settled", applied)
@@ -81,13 +83,13 @@ class SettlementQueue:
     def _give_up(self, item: Settlement, exc: StoreCommandError) -> None:
         # Redis refused the command itself: retrying cannot help, and must not block the
         # settlements queued behind it. The admission-time estimate stands.
-        self.metrics.store_errors.labels("settle").inc()
-        self.metrics.settlements.labels("failed").inc()
+        self.metrics.child(self.metrics.store_errors, "settle").inc()
+        self.metrics.child(self.metrics.settlements, "failed").inc()
         log.error("settlement refused by Redis (%s); the admission-time estimate stands", exc)
 
     def submit(self, item: Settlement) -> None:
         if len(self._pending) >= self.capacity:
-            self.metrics.settlements.labels("failed").inc()
+            self.metrics.child(self.metrics.settlements, "failed").inc()
             if not self._overflowing:  # once per overflow, not once per request
                 self._overflowing = True
                 log.error("the settlement retry queue is full (%d): further settlements fall "
@@ -123,16 +125,16 @@ class SettlementQueue:
 
     def _record(self, item: Settlement, outcome: str, applied: bool) -> None:
         metrics = self.metrics
-        metrics.settlements.labels(outcome).inc()
+        metrics.child(metrics.settlements, outcome).inc()
         if not applied:
             return  # settled before (a retry after a lost reply) or expired: nothing new
         plan = item.plan or "credits"
         if item.prompt_tokens:
-            metrics.tokens.labels("prompt", plan).inc(item.prompt_tokens)
+            metrics.child(metrics.tokens, "prompt", plan).inc(item.prompt_tokens)
         if item.completion_tokens:
-            metrics.tokens.labels("completion", plan).inc(item.completion_tokens)
+            metrics.child(metrics.tokens, "completion", plan).inc(item.completion_tokens)
         if item.cost:
-            metrics.spend.labels(plan).inc(item.cost / 1_000_000)
+            metrics.child(metrics.spend, plan).inc(item.cost / 1_000_000)
 
     async def drain(self, deadline_seconds: float = DRAIN_SECONDS) -> None:
         """Flushes the queue at shutdown; what is left at the deadline falls back."""
@@ -148,7 +150,7 @@ class SettlementQueue:
                 with contextlib.suppress(asyncio.CancelledError):
                     await worker
         if self._pending:
-            self.metrics.settlements.labels("failed").inc(len(self._pending))
+            self.metrics.child(self.metrics.settlements, "failed").inc(len(self._pending))
             log.error("shutdown: %d settlement(s) could not be written in %.1f s and fall back "
                       "to the admission-time estimate", len(self._pending), deadline_seconds)
             self._pending.clear()

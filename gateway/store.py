@@ -340,16 +340,25 @@ class Store:
             raise _reply_error(str(exc)) from exc
 
     async def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        if self._hot is None:
+        hot = self._hot
+        if hot is None:
             return await self._call(script(keys=keys, args=args))
+        # One frame between the caller and the socket: this runs twice per request.
         try:
-            return await self._hot_call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except StoreUnavailable as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
-        # After SCRIPT FLUSH or a failover: load once, then run (the script was not run).
-        await self._hot_call("SCRIPT", "LOAD", script.script)
-        return await self._hot_call("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                return await hot.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            except hiredis.ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+            # After SCRIPT FLUSH or a failover: load once, then run (the script was not run).
+            await hot.call("SCRIPT", "LOAD", script.script)
+            return await hot.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except _Unsent as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except (TimeoutError, OSError) as exc:
+            raise StoreAmbiguous(type(exc).__name__) from exc
+        except hiredis.ReplyError as exc:
+            raise _reply_error(str(exc)) from exc
 
     async def now_us(self) -> int:
         seconds, micros = await self._call(self.client.time())
@@ -693,24 +702,65 @@ class _Unsent(Exception):
 
 
 class _RespProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """RESP over one connection: commands are written in order and answered in order.
+
+    Each command gets a deadline; one timer watches the oldest (replies come in order, so
+    the oldest is always the first overdue) instead of a timer per command.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
         self.reader = hiredis.Reader()
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.deadlines: collections.deque[float] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self._outbox: list[bytes] = []
+        self._watchdog: asyncio.TimerHandle | None = None
 
-    def enqueue(self, command: bytes, waiter: asyncio.Future[Any]) -> None:
-        # Commands issued in one loop iteration leave in one write (one system call).
+    def request(self, command: bytes) -> asyncio.Future[Any]:
+        """Queues `command`; its reply (or error) completes the returned future."""
+        if self.transport is None or self.lost:
+            raise _Unsent("not connected")
+        loop = self.loop
+        waiter = loop.create_future()
         self.waiters.append(waiter)
+        deadline = loop.time() + self.timeout
+        self.deadlines.append(deadline)
+        # Commands issued in one loop iteration leave in one write (one system call).
         if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         self._outbox.append(command)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+        return waiter
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
         if self.transport is not None and not self.lost:
             self.transport.write(b"".join(outbox))
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if not self.deadlines:
+            return
+        if self.deadlines[0] > self.loop.time():
+            self._watchdog = self.loop.call_at(self.deadlines[0], self._check_deadline)
+            return
+        # No reply in time: presume the connection dead (a silent partition never resets
+        # it), fail everything that waits on it, and let the next call reconnect.
+        self._fail_all(TimeoutError("Redis did not answer in time"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail_all(self, error: Exception) -> None:
+        self.lost = True
+        self.deadlines.clear()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -719,19 +769,19 @@ class _RespProtocol(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiters.popleft()
+            self.deadlines.popleft()
             if waiter.done():
-                continue  # its caller timed out; the order of replies is kept all the same
+                continue  # its caller was cancelled; the order of replies is kept all the same
             if isinstance(reply, hiredis.ReplyError):
                 waiter.set_exception(reply)
             else:
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(ConnectionResetError("connection to Redis lost"))
+        self._fail_all(ConnectionResetError("connection to Redis lost"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 class Multiplexed:
@@ -758,6 +808,9 @@ class Multiplexed:
         self._connecting: asyncio.Lock | None = None
         self._failed_at = 0.0
 
+    def _new_protocol(self) -> _RespProtocol:
+        return _RespProtocol(self._timeout)
+
     async def _connect(self) -> _RespProtocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
@@ -772,11 +825,11 @@ class Multiplexed:
             try:
                 async with asyncio.timeout(self._timeout):
                     if self._path:
-                        _, protocol = await loop.create_unix_connection(_RespProtocol,
+                        _, protocol = await loop.create_unix_connection(self._new_protocol,
                                                                         self._path)
                     else:
                         transport, protocol = await loop.create_connection(
-                            _RespProtocol, self._host, self._port)
+                            self._new_protocol, self._host, self._port)
                         sock = transport.get_extra_info("socket")
                         if sock is not None:
                             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -784,39 +837,20 @@ class Multiplexed:
                     if self._password:
                         auth = ((self._username, self._password) if self._username
                                 else (self._password,))
-                        await self._send(protocol, ("AUTH", *auth))
+                        await protocol.request(_pack(("AUTH", *auth)))
                     if self._db:
-                        await self._send(protocol, ("SELECT", self._db))
+                        await protocol.request(_pack(("SELECT", self._db)))
             except (OSError, TimeoutError, hiredis.ReplyError) as exc:
                 self._failed_at = time.monotonic()
                 await self.close()
                 raise _Unsent(f"cannot connect to Redis: {type(exc).__name__}") from exc
             return protocol
 
-    async def _send(self, protocol: _RespProtocol, command: tuple[Any, ...]) -> Any:
-        transport = protocol.transport
-        if transport is None or protocol.lost:
-            raise _Unsent("not connected")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
-        protocol.enqueue(hiredis.pack_command(command), waiter)
-        expiry = loop.call_later(self._timeout, _expire, waiter)
-        try:
-            return await waiter
-        except TimeoutError:
-            # No reply in time: presume the connection dead (a silent partition never resets
-            # it), fail whatever else waits on it, and reconnect on the next call.
-            if protocol.transport is not None:
-                protocol.transport.abort()
-            raise
-        finally:
-            expiry.cancel()
-
     async def call(self, *command: Any) -> Any:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connect()
-        return await self._send(protocol, command)
+        return await protocol.request(_pack(command))
 
     async def close(self) -> None:
         protocol = self._protocol
@@ -825,6 +859,6 @@ class Multiplexed:
         self._protocol = None
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("Redis did not answer in time"))
+def _pack(command: tuple[Any, ...]) -> bytes:
+    packed: bytes = hiredis.pack_command(command)
+    return packed
