@@ -189,21 +189,16 @@ class _Exchange:
         return self.prompt_estimate, self.completion_estimate  # no usage reported
 
     async def settle(self) -> None:
-        """Settles exactly once, in a task of its own: cancelling the request (a client
-        disconnect, a shutdown deadline) must not cancel its settlement half-way."""
+        """Settles exactly once; cancelling the request (a client disconnect, a shutdown
+        deadline) cannot cancel the settlement half-way (see settle_shielded)."""
         if self.settled:
             return
         self.settled = True
-        task = asyncio.ensure_future(self._settle())
-        self.gateway.track(task)
-        await asyncio.shield(task)
-
-    async def _settle(self) -> None:
         prompt, completion = self.usage()
         cost = self.price.cost_micro(prompt, completion) if self.price else 0
         self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
         self.record.cost_micro = cost
-        await self.gateway.settlements.settle(Settlement(
+        await self.gateway.settlements.settle_shielded(Settlement(
             self.ref, self.request_id, prompt, completion, cost, self.decision.plan))
 
 
@@ -224,7 +219,6 @@ class GatewayMiddleware:
         self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry,
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
-        self._background: set[asyncio.Task[None]] = set()
         self._outage = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -357,10 +351,6 @@ class GatewayMiddleware:
         except Rejected as rejected:
             raise self._reject(rejected) from None
 
-    def track(self, task: asyncio.Task[None]) -> None:
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def _store_down(self, scope: Scope, receive: Receive, send: Send,
                           record: RequestRecord) -> None:
         self.metrics.child(self.metrics.store_errors, "admit").inc()
@@ -385,8 +375,6 @@ class GatewayMiddleware:
 
     async def drain(self) -> None:
         """Waits for settlements still running, then flushes the retry queue (bounded)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
         await self.settlements.drain()
 
     async def aclose(self) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.metrics import Metrics
@@ -57,9 +59,48 @@ class SettlementQueue:
         self._wake: asyncio.Event | None = None
         self._draining = False
         self._overflowing = False
+        self._inflight: set[asyncio.Future[Any]] = set()
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    async def settle_shielded(self, item: Settlement) -> None:
+        """Settles now, such that cancelling the caller (a client disconnect, a shutdown
+        deadline) cannot stop the settlement half-way; returns once Redis has answered or
+        the settlement is queued for retry, so the spend is visible when it returns."""
+        reply = self.store.settle_started(item.ref, item.request_id, item.prompt_tokens,
+                                          item.completion_tokens, item.cost) \
+            if item.count_usage else None
+        if reply is None:  # no hot connection: a task of its own does the same, at more cost
+            task = asyncio.ensure_future(self.settle(item))
+            self._track(task)
+            await asyncio.shield(task)
+            return
+        # Already on its way to Redis: no task needed. _answered deals with the outcome
+        # (it runs before this coroutine resumes); a cancelled wait replays the settlement.
+        self._track(reply)
+        reply.add_done_callback(functools.partial(self._answered, item))
+        with contextlib.suppress(Exception):
+            await reply
+
+    def _track(self, pending: asyncio.Future[Any]) -> None:
+        self._inflight.add(pending)
+        pending.add_done_callback(self._inflight.discard)
+
+    def _answered(self, item: Settlement, reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled():
+            self.submit(item)  # Redis may have run it: a replay is then a no-op
+            return
+        try:
+            applied = Store.settled(reply)
+        except StoreCommandError as exc:
+            self._give_up(item, exc)
+            return
+        except StoreUnavailable:
+            self.metrics.child(self.metrics.store_errors, "settle").inc()
+            self.submit(item)
+            return
+        self._record(item, "settled", applied)
 
     async def settle(self, item: Settlement) -> None:
         """Settles now; on a store failure the settlement is queued for retry."""
@@ -137,8 +178,11 @@ class SettlementQueue:
             metrics.child(metrics.spend, plan).inc(item.cost / 1_000_000)
 
     async def drain(self, deadline_seconds: float = DRAIN_SECONDS) -> None:
-        """Flushes the queue at shutdown; what is left at the deadline falls back."""
+        """Waits for settlements in flight, then flushes the queue at shutdown; what is
+        left at the deadline falls back."""
         self._draining = True
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=deadline_seconds)
         worker = self._worker
         if worker is not None and not worker.done():
             if self._wake is not None:

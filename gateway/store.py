@@ -391,6 +391,31 @@ class Store:
         args = [prompt_tokens, completion_tokens, cost, 1 if count_usage else 0]
         return bool(await self._evalsha(self._settle, keys, args))
 
+    def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
+                       completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
+        """The settlement, already queued on the hot connection when this returns, so that
+        no cancellation of the caller can stop it; None when there is no connected hot
+        connection (then use settle()). Read the outcome with settled()."""
+        protocol = self._hot.connected() if self._hot is not None else None
+        if protocol is None:
+            return None
+        keys = (Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
+                Names.reservation(ref.account_id, request_id),
+                Names.usage_prefix(ref.account_id, ref.key_id))
+        return protocol.request(_pack(("EVALSHA", self._settle.sha, 4, *keys, prompt_tokens,
+                                       completion_tokens, cost, 1)))
+
+    @staticmethod
+    def settled(reply: asyncio.Future[Any]) -> bool:
+        """settle()'s answer from a settle_started() reply; raises what settle() raises
+        (a NOSCRIPT reply is StoreUnavailable: settle() loads the script and retries)."""
+        try:
+            return bool(reply.result())
+        except (TimeoutError, OSError) as exc:
+            raise StoreAmbiguous(type(exc).__name__) from exc
+        except hiredis.ReplyError as exc:
+            raise _reply_error(str(exc)) from exc
+
     async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
         raw = await self._call(self._usage(keys=keys, args=[secret_hash]))
@@ -807,6 +832,7 @@ class Multiplexed:
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._failed_at = 0.0
+        self._closed = False
 
     def _new_protocol(self) -> _RespProtocol:
         return _RespProtocol(self._timeout)
@@ -821,6 +847,8 @@ class Multiplexed:
                 return current
             if self._failed_at >= asked:  # an attempt made while we waited just failed
                 raise _Unsent("cannot connect to Redis")
+            if self._closed:  # a late retry must not open a connection nobody will close
+                raise _Unsent("the store is closed")
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._timeout):
@@ -842,9 +870,13 @@ class Multiplexed:
                         await protocol.request(_pack(("SELECT", self._db)))
             except (OSError, TimeoutError, hiredis.ReplyError) as exc:
                 self._failed_at = time.monotonic()
-                await self.close()
+                self._drop()
                 raise _Unsent(f"cannot connect to Redis: {type(exc).__name__}") from exc
             return protocol
+
+    def connected(self) -> _RespProtocol | None:
+        protocol = self._protocol
+        return None if protocol is None or protocol.lost else protocol
 
     async def call(self, *command: Any) -> Any:
         protocol = self._protocol
@@ -852,11 +884,15 @@ class Multiplexed:
             protocol = await self._connect()
         return await protocol.request(_pack(command))
 
-    async def close(self) -> None:
+    def _drop(self) -> None:
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
         self._protocol = None
+
+    async def close(self) -> None:
+        self._closed = True
+        self._drop()
 
 
 def _pack(command: tuple[Any, ...]) -> bytes:
