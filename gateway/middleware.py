@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 
 import orjson
 
@@ -78,7 +79,8 @@ class _Exchange:
         self.downstream = send
         self.client_receive: Receive | None = None
         self.body: bytes | None = None
-        self.disconnected = asyncio.Event()
+        self.gone = False  # the client disconnected
+        self._gone_event: asyncio.Event | None = None  # made only when someone waits for it
         self.watcher: asyncio.Task[None] | None = None
         self.ref = ref
         self.request_id = request_id
@@ -106,7 +108,10 @@ class _Exchange:
             body, self.body = self.body, None
             return {"type": "http.request", "body": body, "more_body": False}
         self._watch()
-        await self.disconnected.wait()
+        if not self.gone:
+            if self._gone_event is None:
+                self._gone_event = asyncio.Event()
+            await self._gone_event.wait()
         return {"type": "http.disconnect"}
 
     def _watch(self) -> None:
@@ -116,14 +121,16 @@ class _Exchange:
     async def _wait_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.disconnected.set()
+        self.gone = True
+        if self._gone_event is not None:
+            self._gone_event.set()
 
     def stop_watching(self) -> None:
         if self.watcher is not None:
             self.watcher.cancel()
 
     async def send(self, message: Message) -> None:
-        if self.disconnected.is_set():
+        if self.gone:
             raise ClientDisconnected
         if message["type"] == "http.response.start":
             await self._start(message)
@@ -166,10 +173,24 @@ class _Exchange:
                 await self.settle()  # before the client can see the end of the stream
         elif self.json is not None:
             self.json.feed(chunk)
-        if not more:
-            self.finished = True
+        last = {"type": "http.response.body", "body": chunk, "more_body": more}
+        if more:
+            await self.downstream(last)
+            return
+        self.finished = True
+        answer = self._begin_settle()
+        if answer is None:
             await self.settle()  # read-your-writes: spend lands before the last byte
-        await self.downstream({"type": "http.response.body", "body": chunk, "more_body": more})
+            await self.downstream(last)
+            return
+        # Read-your-writes without waiting a round trip: one turn of the loop writes the
+        # settlement (with any others queued meanwhile) before the client can see the last
+        # byte, so its next question to any replica reaches Redis after the spend.
+        await asyncio.sleep(0)
+        try:
+            await self.downstream(last)
+        finally:
+            await answer
 
     def usage(self) -> tuple[int, int]:
         if self.price is None:
@@ -188,18 +209,31 @@ class _Exchange:
             return self.prompt_estimate, self.sse.streamed_tokens()
         return self.prompt_estimate, self.completion_estimate  # no usage reported
 
-    async def settle(self) -> None:
-        """Settles exactly once; cancelling the request (a client disconnect, a shutdown
-        deadline) cannot cancel the settlement half-way (see settle_shielded)."""
-        if self.settled:
-            return
+    def _settlement(self) -> Settlement:
         self.settled = True
         prompt, completion = self.usage()
         cost = self.price.cost_micro(prompt, completion) if self.price else 0
         self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
         self.record.cost_micro = cost
-        await self.gateway.settlements.settle_shielded(Settlement(
-            self.ref, self.request_id, prompt, completion, cost, self.decision.plan))
+        return Settlement(self.ref, self.request_id, prompt, completion, cost,
+                          self.decision.plan)
+
+    def _begin_settle(self) -> Awaitable[None] | None:
+        """The settlement written to Redis now (see SettlementQueue.begin), or None."""
+        if self.settled:
+            return _nothing()
+        item = self._settlement()
+        answer = self.gateway.settlements.begin(item)
+        if answer is None:
+            self.settled = False  # settle() takes it from here
+        return answer
+
+    async def settle(self) -> None:
+        """Settles exactly once; cancelling the request (a client disconnect, a shutdown
+        deadline) cannot cancel the settlement half-way (see settle_shielded)."""
+        if self.settled:
+            return
+        await self.gateway.settlements.settle_shielded(self._settlement())
 
 
 class GatewayMiddleware:
@@ -380,6 +414,10 @@ class GatewayMiddleware:
     async def aclose(self) -> None:
         await self.drain()
         await self.store.close()
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _canonical(path: str) -> bool:

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import functools
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,12 @@ class Settlement:
     count_usage: bool = True
 
 
+async def _quietly(reply: asyncio.Future[Any]) -> None:
+    # _answered (a done callback) deals with the outcome; it runs before this resumes.
+    with contextlib.suppress(Exception):
+        await reply
+
+
 def release(ref: KeyRef, request_id: str) -> Settlement:
     """Settles at zero an admission that may have applied although its reply was lost."""
     return Settlement(ref, request_id, 0, 0, 0, "", count_usage=False)
@@ -64,24 +71,34 @@ class SettlementQueue:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def begin(self, item: Settlement) -> Awaitable[None] | None:
+        """Queues the settlement on the hot connection, when there is one, before this
+        returns: it is written as soon as the caller yields to the loop, and cancelling the
+        caller cannot stop it. Returns the wait for Redis's answer (or the hand-over to the
+        retry queue), which raises nothing but CancelledError; if that wait is cancelled
+        the settlement is replayed (a no-op if it had applied). None when there is no hot
+        connection: use settle_shielded()."""
+        if not item.count_usage:
+            return None
+        reply = self.store.settle_started(item.ref, item.request_id, item.prompt_tokens,
+                                          item.completion_tokens, item.cost)
+        if reply is None:
+            return None
+        self._track(reply)
+        reply.add_done_callback(functools.partial(self._answered, item))
+        return _quietly(reply)
+
     async def settle_shielded(self, item: Settlement) -> None:
         """Settles now, such that cancelling the caller (a client disconnect, a shutdown
         deadline) cannot stop the settlement half-way; returns once Redis has answered or
-        the settlement is queued for retry, so the spend is visible when it returns."""
-        reply = self.store.settle_started(item.ref, item.request_id, item.prompt_tokens,
-                                          item.completion_tokens, item.cost) \
-            if item.count_usage else None
-        if reply is None:  # no hot connection: a task of its own does the same, at more cost
-            task = asyncio.ensure_future(self.settle(item))
-            self._track(task)
-            await asyncio.shield(task)
+        the settlement is queued for retry."""
+        answer = self.begin(item)
+        if answer is not None:
+            await answer
             return
-        # Already on its way to Redis: no task needed. _answered deals with the outcome
-        # (it runs before this coroutine resumes); a cancelled wait replays the settlement.
-        self._track(reply)
-        reply.add_done_callback(functools.partial(self._answered, item))
-        with contextlib.suppress(Exception):
-            await reply
+        task = asyncio.ensure_future(self.settle(item))  # no hot connection: a task instead
+        self._track(task)
+        await asyncio.shield(task)
 
     def _track(self, pending: asyncio.Future[Any]) -> None:
         self._inflight.add(pending)

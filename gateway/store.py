@@ -393,9 +393,10 @@ class Store:
 
     def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                        completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
-        """The settlement, already queued on the hot connection when this returns, so that
-        no cancellation of the caller can stop it; None when there is no connected hot
-        connection (then use settle()). Read the outcome with settled()."""
+        """The settlement, queued on the hot connection when this returns (written when the
+        running callback yields to the loop), so that no cancellation of the caller can
+        stop it; None when there is no connected hot connection (then use settle()). Read
+        the outcome with settled()."""
         protocol = self._hot.connected() if self._hot is not None else None
         if protocol is None:
             return None
@@ -745,7 +746,8 @@ class _RespProtocol(asyncio.Protocol):
         self._watchdog: asyncio.TimerHandle | None = None
 
     def request(self, command: bytes) -> asyncio.Future[Any]:
-        """Queues `command`; its reply (or error) completes the returned future."""
+        """Queues `command`, to be written as soon as the running callback yields to the
+        loop; its reply (or error) completes the returned future."""
         if self.transport is None or self.lost:
             raise _Unsent("not connected")
         loop = self.loop
@@ -763,7 +765,7 @@ class _RespProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        if self.transport is not None and not self.lost:
+        if outbox and self.transport is not None and not self.lost:
             self.transport.write(b"".join(outbox))
 
     def _check_deadline(self) -> None:

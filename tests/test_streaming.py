@@ -6,11 +6,13 @@ import asyncio
 
 import aiohttp
 import orjson
+from prometheus_client import CollectorRegistry
 
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
-from gateway.store import Names, Store
+from gateway.store import Names, Store, connect
+from tests.burst import CHAT, CHAT_COST
 from tests.conftest import bearer, gateway, new_key, serving, stream_then_leave
 
 STREAM = {"model": "m", "stream": True, "max_tokens": 12,
@@ -149,3 +151,27 @@ async def test_an_oversized_event_does_not_stop_usage_parsing(
         assert len(raw) > 2 * 1024 * 1024  # the big event passed through whole
         assert await spent_micro(session, base, secret) == settings.default_price.cost_micro(
             20, 500)
+
+
+async def test_spend_is_visible_to_the_next_request_on_another_replica(
+        redis_url: str, settings: Settings) -> None:
+    """The settlement is written to Redis before the client can see the last byte (without
+    waiting its round trip): a usage question sent to another replica right after the
+    response, over another connection, already sees the spend."""
+    first, second = connect(redis_url, 5.0), connect(redis_url, 5.0)
+    try:
+        secret, _, _ = await new_key(first, settings, rpm=1000, tpm=1_000_000)
+        replica_a = gateway(MockUpstream(), first, settings, Metrics.create(CollectorRegistry()))
+        replica_b = gateway(MockUpstream(), second, settings,
+                            Metrics.create(CollectorRegistry()))
+        async with serving(replica_a) as base_a, serving(replica_b) as base_b, \
+                aiohttp.ClientSession() as session:
+            for done in range(1, 41):
+                async with session.post(f"{base_a}/v1/chat/completions", json=CHAT,
+                                        headers=bearer(secret)) as response:
+                    assert response.status == 200
+                    await response.read()
+                assert await spent_micro(session, base_b, secret) == done * CHAT_COST
+    finally:
+        await first.close()
+        await second.close()
