@@ -29,7 +29,8 @@ Handler = Callable[["Server", asyncio.StreamReader, asyncio.StreamWriter, int], 
 
 class Server:
     """asyncio.start_server on a free loopback port, running `handler` per connection (with
-    the connection's index) and counting connections, requests and client EOFs."""
+    the connection's index) and counting connections, requests and client EOFs. It is also a
+    watchdog: a test hanging inside `async with Server(...)` fails with TimeoutError."""
 
     def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
         self.handler = handler
@@ -42,6 +43,8 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Server:
+        self._deadline = asyncio.timeout(20)
+        await self._deadline.__aenter__()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
                                                   ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -56,6 +59,7 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
+        await self._deadline.__aexit__(exc_type, exc, tb)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -535,7 +539,8 @@ async def test_connect_timeout() -> None:
         async with client_for(f"http://127.0.0.1:{port}", connect_timeout=0.2) as client:
             started = time.monotonic()
             with pytest.raises(UpstreamError, match="timed out"):
-                await client.request("GET", "/", [], b"")
+                async with asyncio.timeout(5):
+                    await client.request("GET", "/", [], b"")
             assert 0.15 < time.monotonic() - started < 1.5
     finally:
         for filler in fillers:
