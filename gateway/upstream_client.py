@@ -156,7 +156,8 @@ class _Connection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -165,7 +166,8 @@ class _Connection(asyncio.Protocol):
         self._complete = True
         # Only meaningful inside this callback: llhttp resets its flags right after it.
         self._keep_alive = self._parser.should_keep_alive()
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     # --- used by UpstreamClient / UpstreamResponse ---
 
@@ -211,16 +213,11 @@ class _Connection(asyncio.Protocol):
                 self._transport.resume_reading()
         return data
 
-    def reusable(self) -> bool:
-        return (self._complete and self._keep_alive and self._error is None
-                and not self._closed)
-
     def park(self, now: float) -> None:
         """Become idle in the pool: the next bytes from the upstream would be unsolicited."""
         self._in_flight = False
         self._reused = True
         self._idle_since = now
-        self._headers = []
         if self._pieces or self._paused:
             self.take()
 
@@ -418,14 +415,15 @@ class UpstreamClient:
 
     def _encode(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
                 body: bytes) -> bytes:
-        path = target.encode("ascii")
-        if b" " in path or b"\r" in path or b"\n" in path:
+        if " " in target or not target.isprintable():  # no CR/LF injection into the head
             raise ValueError(f"request target must be quoted: {target!r}")
-        parts = [method.encode("ascii"), b" ", self._prefix, path, self._head_tail]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
+        parts = [method.encode("ascii"), b" ", self._prefix, target.encode("ascii"),
+                 self._head_tail]
+        for header in headers:
+            parts.append(b"%s: %s\r\n" % header)
         if body or method in _BODY_METHODS:
-            parts += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n\r\n", body)
+            parts.append(b"content-length: %d\r\n\r\n" % len(body))
+            parts.append(body)
         else:
             parts.append(b"\r\n")
         return b"".join(parts)
@@ -465,7 +463,8 @@ class UpstreamClient:
         return conn
 
     def _release(self, conn: _Connection) -> None:
-        if not conn.reusable():
+        if not (conn._complete and conn._keep_alive and conn._error is None
+                and not conn._closed):
             conn._close()
             return
         conn.park(conn._loop.time())
