@@ -45,8 +45,8 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_buffered", "_client", "_closed", "_complete", "_content_type", "_error", "_got_data",
         "_head_done", "_head_only", "_headers", "_idle_since", "_in_flight", "_interim",
-        "_keep_alive", "_loop", "_lost", "_parser", "_paused", "_pieces", "_reused", "_status",
-        "_transport", "_waiter",
+        "_keep_alive", "_loop", "_lost", "_parser", "_paused", "_pieces", "_status", "_transport",
+        "_waiter",
     )
 
     def __init__(self, client: UpstreamClient, loop: asyncio.AbstractEventLoop) -> None:
@@ -55,7 +55,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._closed = False
-        self._reused = False
         self._in_flight = False
         self._idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
@@ -216,7 +215,6 @@ class _Connection(asyncio.Protocol):
     def park(self, now: float) -> None:
         """Become idle in the pool: the next bytes from the upstream would be unsolicited."""
         self._in_flight = False
-        self._reused = True
         self._idle_since = now
         if self._pieces or self._paused:
             self.take()
@@ -380,7 +378,9 @@ class UpstreamClient:
     async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
                       body: bytes) -> UpstreamResponse:
         """Send a request; return once the response head has arrived. `headers` must be free
-        of hop-by-hop headers, host and content-length: this adds host and content-length."""
+        of hop-by-hop headers, host and content-length: this adds host and content-length.
+        There is no read timeout: wrap the call (and the body reads) in asyncio.timeout() if
+        needed; the cancellation closes the connection."""
         data = self._encode(method, target, headers, body)
         head_only = method == "HEAD"
         conn = self._pop_idle()
@@ -471,8 +471,8 @@ class UpstreamClient:
         idle = self._idle
         idle.append(conn)
         if len(idle) > self._max_idle:
-            idle.popleft()._close()
-        if self._sweeper is None:
+            idle.popleft()._close()  # the least recently used: the least likely to be needed
+        if self._sweeper is None and idle:
             self._schedule_sweep()
 
     def _forget(self, conn: _Connection) -> None:

@@ -249,10 +249,18 @@ async def test_chunked_body_is_read_whole() -> None:
 
 # --- 3. keep-alive and the pool ---
 
+def nodelay(client: UpstreamClient) -> int:
+    [conn] = client._idle
+    assert conn._transport is not None
+    sock = conn._transport.get_extra_info("socket")
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
 async def test_keep_alive_reuses_one_connection() -> None:
     async with Server(keep_answering) as server, client_for(server.url) as client:
         for _ in range(3):
             assert await get(client) == b"connection 0"
+        assert nodelay(client)
         async with await client.request("GET", "/", [], b"") as resp:
             assert b"".join([piece async for piece in resp.chunks()]) == b"connection 0"
     assert server.accepted == 1
@@ -272,6 +280,14 @@ async def test_pool_is_lifo_and_bounded_by_max_idle() -> None:
         assert await get(client) == bodies[2]  # the most recently used comes first
         assert await get(client) == bodies[2]
     assert server.accepted == 3
+
+
+async def test_max_idle_zero_keeps_nothing() -> None:
+    async with Server(keep_answering) as server, client_for(server.url, max_idle=0) as client:
+        assert await get(client) == b"connection 0"
+        assert await get(client) == b"connection 1"
+        assert not client._idle
+        await until(lambda: server.eofs == 2)
 
 
 async def test_idle_timeout_closes_and_replaces_connections() -> None:
@@ -814,6 +830,7 @@ def test_on_uvloop() -> None:
         async with Server(keep_answering) as server, client_for(server.url) as client:
             for _ in range(3):
                 assert await get(client) == b"connection 0"
+            assert nodelay(client)
         async with Server(dies_mid_chunked) as server, client_for(server.url) as client:
             resp = await client.request("GET", "/", [], b"")
             with pytest.raises(UpstreamError):
