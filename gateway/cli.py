@@ -19,6 +19,7 @@ from gateway.metrics import multiprocess_dir
 from gateway.settings import Settings, usd_to_micro
 from gateway.store import MgmtKey, Store, connect
 from gateway.timefmt import iso_from_us
+from gateway.upstream_client import UpstreamClient
 
 
 def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
@@ -235,6 +236,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                           "GATEWAY_REDIS_URL (or try `gateway demo`, which needs none)")
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
+    try:
+        UpstreamClient(args.upstream)
+    except ValueError as exc:
+        raise ConfigError(f"--upstream: {exc}") from None
     os.environ["GATEWAY_UPSTREAM"] = args.upstream
     os.environ["GATEWAY_REDIS_URL"] = settings.redis_url
     if args.config:

@@ -186,8 +186,8 @@ class _Exchange:
         # Read-your-writes without waiting a round trip: one turn of the loop writes the
         # settlement (with any others queued meanwhile) before the client can see the last
         # byte, so its next question to any replica reaches Redis after the spend.
-        await asyncio.sleep(0)
         try:
+            await asyncio.sleep(0)
             await self.downstream(last)
         finally:
             await answer

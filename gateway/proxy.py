@@ -1,4 +1,4 @@
-"""The upstream app of `gateway serve`: forwards to an OpenAI-compatible server with aiohttp."""
+"""The upstream app of `gateway serve`: forwards to an OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 from urllib.parse import quote
 
-import aiohttp
-from yarl import URL
-
 from gateway.errors import error_body, send_json
 from gateway.metering import METERED_PATHS
-from gateway.types import Headers, Message, Receive, Scope, Send
+from gateway.types import Headers, Receive, Scope, Send
+from gateway.upstream_client import UpstreamClient, UpstreamError, UpstreamResponse
 
 # RFC 9110 hop-by-hop headers, plus the ones the client connection defines for itself.
 _DROP_REQUEST = frozenset({
@@ -20,32 +18,22 @@ _DROP_REQUEST = frozenset({
     b"accept-encoding", b"content-length",
 })
 _DROP_RESPONSE = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "server", "date",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"server", b"date",
 })
+_IDENTITY = (b"accept-encoding", b"identity")  # usage is read from the body
 
 
 class UpstreamProxy:
     def __init__(self, upstream: str, api_key: str | None = None,
                  connect_timeout: float = 5.0) -> None:
-        self.base = upstream.rstrip("/")
-        self._auth = f"Bearer {api_key}" if api_key else None
-        self._connect_timeout = connect_timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Content-Type"),
-            )
-        return self._session
+        """Raises ValueError for an upstream URL that is not http(s)://host[:port][/path]."""
+        self._client = UpstreamClient(upstream, connect_timeout=connect_timeout)
+        self._auth = (b"authorization", f"Bearer {api_key}".encode("latin-1")) \
+            if api_key else None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -53,7 +41,8 @@ class UpstreamProxy:
             return
         if scope["type"] != "http":
             return
-        if not _proxied(scope["method"], scope["path"]):
+        method: str = scope["method"]
+        if not _proxied(method, scope["path"]):
             # Only what the gateway meters reaches the upstream (and its key): the metered
             # POST routes and the model list. Anything else could be inference unbilled.
             await send_json(send, 404, error_body(
@@ -63,37 +52,29 @@ class UpstreamProxy:
         body = await _request_body(receive)
         if body is None:
             return
-        dropped = _DROP_REQUEST | _connection_tokens(scope["headers"])
-        headers = {k.decode("latin-1"): v.decode("latin-1")
-                   for k, v in scope["headers"] if k not in dropped}
-        headers["accept-encoding"] = "identity"  # usage is read from the body
+        headers = _forwarded_headers(scope["headers"])
         if self._auth:
-            headers["authorization"] = self._auth
+            headers.append(self._auth)
         # The decoded path the gateway metered, re-quoted: what is billed is what is served.
-        url = self.base + quote(scope["path"])
+        target = quote(scope["path"])
         if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+            target += "?" + quote(scope["query_string"], safe="=&;%+,/:@!$'()*?~")
         try:
-            response = await self._client().request(
-                scope["method"], URL(url, encoded=True), headers=headers, data=body,
-                allow_redirects=False)
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            response = await self._client.request(method, target, headers, body)
+        except UpstreamError:
             await send_json(send, 502, error_body(
                 "The upstream inference server is unreachable.", "api_error",
                 "upstream_unavailable"))
             return
         async with response:
-            out: Headers = [(k.encode("latin-1"), v.encode("latin-1"))
-                            for k, v in response.headers.items()
-                            if k.lower() not in _DROP_RESPONSE]
             await send({"type": "http.response.start", "status": response.status,
-                        "headers": out})
+                        "headers": [h for h in response.headers if h[0] not in _DROP_RESPONSE]})
             try:
-                if response.content_type == "text/event-stream":
+                if response.content_type == b"text/event-stream":
                     await _stream_until_disconnect(response, receive, send)
                 else:
                     await send({"type": "http.response.body", "body": await response.read()})
-            except (TimeoutError, aiohttp.ClientError):
+            except UpstreamError:
                 return  # upstream broke mid-body: end without completing the response
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -113,13 +94,15 @@ def _proxied(method: str, path: str) -> bool:
     return method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/"))
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Headers the client named in `Connection:` are hop-by-hop too (RFC 9110 7.6.1)."""
-    named: set[bytes] = set()
+def _forwarded_headers(headers: Headers) -> Headers:
+    dropped = _DROP_REQUEST
     for name, value in headers:
         if name == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(named)
+            # Headers the client named in `Connection:` are hop-by-hop too (RFC 9110 7.6.1).
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    forwarded = [h for h in headers if h[0] not in dropped]
+    forwarded.append(_IDENTITY)
+    return forwarded
 
 
 async def _request_body(receive: Receive) -> bytes | None:
@@ -133,27 +116,22 @@ async def _request_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _stream_until_disconnect(response: aiohttp.ClientResponse, receive: Receive,
+async def _stream_until_disconnect(response: UpstreamResponse, receive: Receive,
                                    send: Send) -> None:
-    async def pump() -> None:
-        async for chunk in response.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    """Forwards the stream piece by piece. A client that leaves closes the upstream
+    connection at once (the upstream stops generating), even between two events."""
 
-    async def disconnected() -> Message:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return message
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        response.release()  # the body is unfinished: this closes the connection
 
-    pumping = asyncio.ensure_future(pump())
-    watching = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        async for piece in response.chunks():
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        for task in (pumping, watching):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if pumping.done() and not pumping.cancelled() and pumping.exception() is not None:
-        raise pumping.exception()  # type: ignore[misc]
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

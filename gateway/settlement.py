@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -39,12 +38,6 @@ class Settlement:
     cost: int
     plan: str  # metric label only
     count_usage: bool = True
-
-
-async def _quietly(reply: asyncio.Future[Any]) -> None:
-    # _answered (a done callback) deals with the outcome; it runs before this resumes.
-    with contextlib.suppress(Exception):
-        await reply
 
 
 def release(ref: KeyRef, request_id: str) -> Settlement:
@@ -85,8 +78,7 @@ class SettlementQueue:
         if reply is None:
             return None
         self._track(reply)
-        reply.add_done_callback(functools.partial(self._answered, item))
-        return _quietly(reply)
+        return self._answer(item, reply)
 
     async def settle_shielded(self, item: Settlement) -> None:
         """Settles now, such that cancelling the caller (a client disconnect, a shutdown
@@ -104,12 +96,17 @@ class SettlementQueue:
         self._inflight.add(pending)
         pending.add_done_callback(self._inflight.discard)
 
-    def _answered(self, item: Settlement, reply: asyncio.Future[Any]) -> None:
-        if reply.cancelled():
-            self.submit(item)  # Redis may have run it: a replay is then a no-op
-            return
+    async def _answer(self, item: Settlement, reply: asyncio.Future[Any]) -> None:
         try:
-            applied = Store.settled(reply)
+            with contextlib.suppress(Exception):  # read below, as the store's errors
+                await reply
+            try:
+                applied = Store.settled(reply)
+            except StoreUnavailable as exc:
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                await self.settle(item)  # loads the script (after a flush or a failover)
+                return
         except StoreCommandError as exc:
             self._give_up(item, exc)
             return
@@ -117,6 +114,9 @@ class SettlementQueue:
             self.metrics.child(self.metrics.store_errors, "settle").inc()
             self.submit(item)
             return
+        except asyncio.CancelledError:
+            self.submit(item)  # Redis may have run it: a replay is then a no-op
+            raise
         self._record(item, "settled", applied)
 
     async def settle(self, item: Settlement) -> None:

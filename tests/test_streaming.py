@@ -157,7 +157,8 @@ async def test_spend_is_visible_to_the_next_request_on_another_replica(
         redis_url: str, settings: Settings) -> None:
     """The settlement is written to Redis before the client can see the last byte (without
     waiting its round trip): a usage question sent to another replica right after the
-    response, over another connection, already sees the spend."""
+    response, over another connection, already sees the spend; also right after the
+    scripts were flushed."""
     first, second = connect(redis_url, 5.0), connect(redis_url, 5.0)
     try:
         secret, _, _ = await new_key(first, settings, rpm=1000, tpm=1_000_000)
@@ -167,6 +168,8 @@ async def test_spend_is_visible_to_the_next_request_on_another_replica(
         async with serving(replica_a) as base_a, serving(replica_b) as base_b, \
                 aiohttp.ClientSession() as session:
             for done in range(1, 41):
+                if done == 20:  # after SCRIPT FLUSH, the settlement reloads its script inline
+                    await first.client.script_flush()
                 async with session.post(f"{base_a}/v1/chat/completions", json=CHAT,
                                         headers=bearer(secret)) as response:
                     assert response.status == 200
