@@ -228,6 +228,10 @@ async def _run_with_store(args: argparse.Namespace, settings: Settings) -> None:
         await store.close()
 
 
+# uvicorn's httptools protocol, writing head and body of a response in one system call.
+SERVER_PROTOCOL = "gateway.server_protocol:CoalescingHttpToolsProtocol"
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -254,7 +258,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
                     log_level=level, access_log=False, timeout_graceful_shutdown=30,
-                    http="httptools", loop="uvloop", proxy_headers=False)
+                    http=SERVER_PROTOCOL, loop="uvloop", proxy_headers=False)
     return 0
 
 
@@ -264,7 +268,7 @@ def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import DemoApp
 
     uvicorn.run(DemoApp(args.host, args.port), host=args.host, port=args.port,
-                log_level="warning", http="httptools", loop="uvloop")
+                log_level="warning", http=SERVER_PROTOCOL, loop="uvloop")
     return 0
 
 
