@@ -24,6 +24,18 @@ class KeyResolver:
         # not once per request. In memory only, like the request that carried it.
         self._hashes: dict[bytes, str] = {}
 
+    def cached(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
+        """authenticate()'s answer when the cache has it, without a coroutine: the hot path."""
+        if authorization is None:
+            return None
+        secret_hash = self._hashes.get(authorization)
+        if secret_hash is None:
+            return None
+        hit = self._cache.get(secret_hash)
+        if hit is None or hit[1] <= time.monotonic():
+            return None
+        return secret_hash, hit[0]
+
     async def authenticate(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
         """(secret hash, key) for an `Authorization: Bearer sk_live_...` header, or None
         when it names no key. Raises StoreUnavailable when the lookup cannot be made."""

@@ -21,7 +21,7 @@ from gateway.errors import (
     send_rejection,
 )
 from gateway.ids import new_id
-from gateway.logs import RequestRecord, log_request
+from gateway.logs import REQUEST_ID_HEADER, RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
@@ -141,10 +141,12 @@ class _Exchange:
 
     async def _start(self, message: Message) -> None:
         self.started = True
-        self.status = int(message["status"])
+        self.status = self.record.status = int(message["status"])
         headers: Headers = []
         for name, value in message.get("headers", []):
             lowered = name.lower()
+            if lowered == REQUEST_ID_HEADER:
+                continue  # ours replaces it
             if lowered == b"content-type" and self.price is not None:
                 if value.startswith(b"text/event-stream"):
                     self.sse = metering.SseUsage(self.strip_usage)
@@ -160,6 +162,7 @@ class _Exchange:
             original = message.get("headers", [])
             headers.extend(h for h in original if h[0].lower() == b"content-length")
         headers.extend(rate_headers(self.decision))
+        headers.append((REQUEST_ID_HEADER, self.record.request_id.encode()))
         await self.downstream({**message, "headers": headers})
 
     async def _body(self, message: Message) -> None:
@@ -183,11 +186,10 @@ class _Exchange:
             await self.settle()  # read-your-writes: spend lands before the last byte
             await self.downstream(last)
             return
-        # Read-your-writes without waiting a round trip: one turn of the loop writes the
-        # settlement (with any others queued meanwhile) before the client can see the last
-        # byte, so its next question to any replica reaches Redis after the spend.
+        # Read-your-writes without waiting a round trip: the settlement was written to Redis
+        # before the client can see the last byte, so its next question to any replica
+        # reaches Redis after the spend.
         try:
-            await asyncio.sleep(0)
             await self.downstream(last)
         finally:
             await answer
@@ -263,14 +265,14 @@ class GatewayMiddleware:
             return
         path: str = scope["path"]
         record = RequestRecord.start(scope)
-        send = record.wrap(send)
+        raw_send, send = send, record.wrap(send)
         try:
             handler = self.endpoints.route(path)
             if handler is not None:
                 await handler(scope, receive, send)
             elif path.startswith("/v1/"):
                 try:
-                    await self._metered(scope, receive, send, record)
+                    await self._metered(scope, receive, send, raw_send, record)
                 except Rejected as rejected:
                     record.decision, record.reason = "rejected", rejected.code
                     await send_rejection(send, rejected)
@@ -285,8 +287,10 @@ class GatewayMiddleware:
         self.metrics.child(self.metrics.requests, "rejected", rejected.code, plan).inc()
         return rejected
 
-    async def _metered(self, scope: Scope, receive: Receive, send: Send,
+    async def _metered(self, scope: Scope, receive: Receive, send: Send, raw_send: Send,
                        record: RequestRecord) -> None:
+        """`send` records the response for the log line; `raw_send` is the server's own,
+        for the exchange, which records the response itself (one header pass, not two)."""
         path: str = scope["path"]
         metered = path in metering.METERED_PATHS
         if not metered and not _canonical(path):
@@ -298,8 +302,10 @@ class GatewayMiddleware:
             raise self._reject(Rejected(405, "method_not_allowed",
                                         f"{path} accepts POST only.",
                                         headers=[(b"allow", b"POST")]))
+        authorization = header(scope["headers"], b"authorization")
         try:
-            found = await self.resolver.authenticate(header(scope["headers"], b"authorization"))
+            found = (self.resolver.cached(authorization)
+                     or await self.resolver.authenticate(authorization))
         except StoreUnavailable:
             await self._store_down(record.outbound_scope(scope), receive, send, record)
             return
@@ -361,7 +367,7 @@ class GatewayMiddleware:
         self.metrics.child(self.metrics.requests, "allowed", "ok", record.plan).inc()
         record.decision, record.reason = "allowed", "ok"
 
-        exchange = _Exchange(self, send, ref, reservation_id, decision, prompt_estimate,
+        exchange = _Exchange(self, raw_send, ref, reservation_id, decision, prompt_estimate,
                              completion_estimate, price, strip_usage, record)
         if price is not None:
             receive = exchange.own_receive(body, receive)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from urllib.parse import quote
 
 from gateway.errors import error_body, send_json
@@ -56,7 +57,7 @@ class UpstreamProxy:
         if self._auth:
             headers.append(self._auth)
         # The decoded path the gateway metered, re-quoted: what is billed is what is served.
-        target = quote(scope["path"])
+        target = _quoted(scope["path"])
         if scope.get("query_string"):
             target += "?" + quote(scope["query_string"], safe="=&;%+,/:@!$'()*?~")
         try:
@@ -86,6 +87,11 @@ class UpstreamProxy:
                 await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(path: str) -> str:
+    return quote(path)
 
 
 def _proxied(method: str, path: str) -> bool:

@@ -38,6 +38,16 @@ RESERVATION_TTL_SECONDS = 24 * 3600
 SUBSCRIPTION_DEFAULT_SECONDS = 30 * 86400
 
 
+@dataclass(frozen=True, slots=True)
+class HotNames:
+    """The names one key's admissions and settlements use, built once per key."""
+
+    key: str
+    account: str
+    reservation_prefix: str
+    usage_prefix: str
+
+
 class Names:
     """Every Redis key name the gateway uses is built here."""
 
@@ -59,7 +69,17 @@ class Names:
 
     @classmethod
     def reservation(cls, account_id: str, request_id: str) -> str:
-        return f"{cls._acct(account_id)}:res:{request_id}"
+        return cls.reservation_prefix(account_id) + request_id
+
+    @classmethod
+    def reservation_prefix(cls, account_id: str) -> str:
+        return f"{cls._acct(account_id)}:res:"
+
+    @classmethod
+    def hot(cls, ref: KeyRef) -> HotNames:
+        return HotNames(cls.key(ref.account_id, ref.key_id), cls.account(ref.account_id),
+                        cls.reservation_prefix(ref.account_id),
+                        cls.usage_prefix(ref.account_id, ref.key_id))
 
     @classmethod
     def usage_prefix(cls, account_id: str, key_id: str) -> str:
@@ -288,6 +308,7 @@ class Store:
     def __init__(self, client: Any, hot: Multiplexed | None = None) -> None:
         self.client = client
         self._hot = hot
+        self._names: dict[KeyRef, HotNames] = {}
         self._admit = client.register_script(lua_source("admit"))
         self._settle = client.register_script(lua_source("settle"))
         self._usage = client.register_script(lua_source("usage"))
@@ -366,6 +387,14 @@ class Store:
 
     # -- hot path -------------------------------------------------------------------------
 
+    def _hot_names(self, ref: KeyRef) -> HotNames:
+        names = self._names.get(ref)
+        if names is None:
+            if len(self._names) >= _MAX_CACHED_NAMES:
+                self._names.clear()
+            names = self._names[ref] = Names.hot(ref)
+        return names
+
     async def lookup(self, secret_hash: str) -> KeyRef | None:
         value = await self._hot_call("GET", Names.secret(secret_hash))
         if value is None:
@@ -375,36 +404,36 @@ class Store:
 
     async def admit(self, ref: KeyRef, secret_hash: str, request_id: str, est_tokens: int,
                     est_cost: int) -> Decision:
-        keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
-                Names.reservation(ref.account_id, request_id)]
+        names = self._hot_names(ref)
+        keys = [names.key, names.account, names.reservation_prefix + request_id]
         args = [secret_hash, est_tokens, est_cost, RESERVATION_TTL_SECONDS]
         raw = await self._evalsha(self._admit, keys, args)
-        n = [int(v) for v in raw[:8]]
+        n = [v if type(v) is int else int(v) for v in raw[:8]]  # ints from hiredis already
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
                         _text(raw[9]))
 
     async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                      completion_tokens: int, cost: int, count_usage: bool = True) -> bool:
-        keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
-                Names.reservation(ref.account_id, request_id),
-                Names.usage_prefix(ref.account_id, ref.key_id)]
+        names = self._hot_names(ref)
+        keys = [names.key, names.account, names.reservation_prefix + request_id,
+                names.usage_prefix]
         args = [prompt_tokens, completion_tokens, cost, 1 if count_usage else 0]
         return bool(await self._evalsha(self._settle, keys, args))
 
     def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                        completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
-        """The settlement, queued on the hot connection when this returns (written when the
-        running callback yields to the loop), so that no cancellation of the caller can
-        stop it; None when there is no connected hot connection (then use settle()). Read
-        the outcome with settled()."""
+        """The settlement, written to the hot connection before this returns, so that no
+        cancellation of the caller can stop it and whatever the caller does next reaches
+        Redis after it; None when there is no connected hot connection (then use
+        settle()). Read the outcome with settled()."""
         protocol = self._hot.connected() if self._hot is not None else None
         if protocol is None:
             return None
-        keys = (Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id),
-                Names.reservation(ref.account_id, request_id),
-                Names.usage_prefix(ref.account_id, ref.key_id))
+        names = self._hot_names(ref)
+        keys = (names.key, names.account, names.reservation_prefix + request_id,
+                names.usage_prefix)
         return protocol.request(_pack(("EVALSHA", self._settle.sha, 4, *keys, prompt_tokens,
-                                       completion_tokens, cost, 1)))
+                                       completion_tokens, cost, 1)), now=True)
 
     @staticmethod
     def settled(reply: asyncio.Future[Any]) -> bool:
@@ -723,6 +752,9 @@ def _cluster_client(url: str, scheme: str, options: dict[str, Any]) -> Any:
     return RedisCluster(startup_nodes=startup, **kwargs)
 
 
+_MAX_CACHED_NAMES = 100_000
+
+
 class _Unsent(Exception):
     """The command was never written: Redis certainly did not run it."""
 
@@ -745,9 +777,10 @@ class _RespProtocol(asyncio.Protocol):
         self._outbox: list[bytes] = []
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def request(self, command: bytes) -> asyncio.Future[Any]:
+    def request(self, command: bytes, now: bool = False) -> asyncio.Future[Any]:
         """Queues `command`, to be written as soon as the running callback yields to the
-        loop; its reply (or error) completes the returned future."""
+        loop (with `now`: before this returns, with whatever was queued before it); its
+        reply (or error) completes the returned future."""
         if self.transport is None or self.lost:
             raise _Unsent("not connected")
         loop = self.loop
@@ -761,6 +794,8 @@ class _RespProtocol(asyncio.Protocol):
         self._outbox.append(command)
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._check_deadline)
+        if now:
+            self._flush()
         return waiter
 
     def _flush(self) -> None:
