@@ -1,9 +1,12 @@
 -- Admission: authenticate, roll the budget period over, check RPM/TPM buckets,
 -- budget and credits, then reserve the estimate. All or nothing, one round trip.
+-- Each redis.call costs microseconds of its own: the key record is read once and written
+-- once, and the reservation is one SET with its expiry.
 --
 -- KEYS[1] = key record hash        gw:{acct:<id>}:key:<key_id>
 -- KEYS[2] = account record hash    gw:{acct:<id>}:account
--- KEYS[3] = reservation hash       gw:{acct:<id>}:res:<request_id>
+-- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>
+--           a string "<tokens> <budget> <credits> <period>", read back by settle.lua
 -- ARGV[1] = SHA-256 of the presented secret (hex)
 -- ARGV[2] = estimated tokens (prompt estimate + completion reservation)
 -- ARGV[3] = estimated cost, integer micro-USD
@@ -16,7 +19,8 @@
 
 local WINDOW = 60000000 -- token buckets refill completely in one minute (microseconds)
 
-local function fmt(x) return string.format('%.0f', x) end
+-- Numbers go to redis.call as they are: Redis writes integers below 1e17 exactly, which
+-- covers microsecond timestamps and micro-USD (string.format costs ~1 us a call here).
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
   'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at')
@@ -54,10 +58,17 @@ end
 local spent = tonumber(rec[12])
 local resets_at = tonumber(rec[13])
 local duration = tonumber(rec[11]) * 1000000
+local rolled = false
 if now >= resets_at then
   resets_at = resets_at + (math.floor((now - resets_at) / duration) + 1) * duration
   spent = 0
-  redis.call('HSET', KEYS[1], 'spent', 0, 'resets_at', fmt(resets_at))
+  rolled = true
+end
+
+-- A refusal still records the rollover; an admission writes it with the rest.
+local function refuse(code, retry)
+  if rolled then redis.call('HSET', KEYS[1], 'spent', 0, 'resets_at', resets_at) end
+  return reply(code, rpm_tat, tpm_tat, retry)
 end
 
 -- The estimate is debited from spent even without a budget limit: should its settlement
@@ -65,20 +76,20 @@ end
 local reserve_budget = est_cost
 if rec[10] ~= '' then
   local left = tonumber(rec[10]) - spent
-  if left <= 0 then return reply(6, rpm_tat, tpm_tat, resets_at - now) end
+  if left <= 0 then return refuse(6, resets_at - now) end
   reserve_budget = math.min(est_cost, left)
 end
 
 local reserve_credits = 0
 if key_type == 'credit' then
   local balance = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
-  if balance <= 0 then return reply(7, rpm_tat, tpm_tat, -1) end
+  if balance <= 0 then return refuse(7, -1) end
   reserve_credits = math.min(est_cost, balance)
 end
 
 local new_rpm_tat = rpm_tat + rpm_interval
 if new_rpm_tat - WINDOW > now + 1e-3 then
-  return reply(4, rpm_tat, tpm_tat, new_rpm_tat - WINDOW - now)
+  return refuse(4, new_rpm_tat - WINDOW - now)
 end
 
 -- A request larger than the whole bucket is admitted once the bucket is full and leaves
@@ -87,13 +98,13 @@ local new_tpm_tat = tpm_tat + est_tokens * tpm_interval
 if new_tpm_tat - WINDOW > now + 1e-3 and tpm_tat > now then
   local wait = new_tpm_tat - WINDOW - now
   if est_tokens * tpm_interval > WINDOW then wait = tpm_tat - now end
-  return reply(5, rpm_tat, tpm_tat, wait)
+  return refuse(5, wait)
 end
 
-redis.call('HSET', KEYS[1], 'rpm_tat', fmt(new_rpm_tat), 'tpm_tat', fmt(new_tpm_tat))
-if reserve_budget > 0 then redis.call('HINCRBY', KEYS[1], 'spent', reserve_budget) end
+redis.call('HSET', KEYS[1], 'rpm_tat', new_rpm_tat, 'tpm_tat', new_tpm_tat,
+  'spent', spent + reserve_budget, 'resets_at', resets_at)
 if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
-redis.call('HSET', KEYS[3], 'tokens', est_tokens, 'budget', reserve_budget,
-  'credits', reserve_credits, 'period', fmt(resets_at))
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+local reservation = string.format('%.0f %.0f %.0f %.0f', est_tokens, reserve_budget,
+  reserve_credits, resets_at)
+redis.call('SET', KEYS[3], reservation, 'EX', ARGV[4])
 return reply(0, new_rpm_tat, new_tpm_tat, 0)
