@@ -194,6 +194,18 @@ class JsonUsage:
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
+def _event_ends(data: bytes) -> list[int]:
+    """Where each complete event in `data` ends (just after its blank line)."""
+    if b"\r" in data:
+        return [match.end() for match in _EVENT_END.finditer(data)]
+    ends = []  # the usual "\n\n" only: bytes.find is ten times faster than the regex
+    index = data.find(b"\n\n")
+    while index >= 0:
+        ends.append(index + 2)
+        index = data.find(b"\n\n", index + 2)
+    return ends
+
+
 class SseUsage:
     """Incremental SSE reader: finds the usage chunk, counts streamed completion text, and
     optionally removes the usage chunk it injected. Holds at most one partial event."""
@@ -222,9 +234,9 @@ class SseUsage:
             chunk, self._pending, self._skipping = chunk[cut:], b"", False
         data = self._pending + chunk
         position = 0
-        for match in _EVENT_END.finditer(data):
-            event = data[position : match.end()]
-            position = match.end()
+        for end in _event_ends(data):
+            event = data[position:end]
+            position = end
             if not self._inspect(event):
                 out.append(event)
         self._pending = data[position:]
