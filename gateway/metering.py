@@ -234,9 +234,9 @@ class SseUsage:
             chunk, self._pending, self._skipping = chunk[cut:], b"", False
         data = self._pending + chunk
         position = 0
-        for end in _event_ends(data):
-            event = data[position:end]
-            position = end
+        for stop in _event_ends(data):
+            event = data[position:stop]
+            position = stop
             if not self._inspect(event):
                 out.append(event)
         self._pending = data[position:]
