@@ -72,6 +72,9 @@ def test_keys_create_without_account_uses_default(redis_url: str,
     (["keys", "deactivate", "nope"], "no key with id"),
     (["accounts", "add-credits", "nope", "5"], "no account with id"),
     (["accounts", "add-credits", "nope", "-5"], "invalid amount"),
+    (["serve", "--upstream", "ftp://inference:8000"], "must be http:// or https://"),
+    (["serve", "--upstream", "http://"], "has no host"),
+    (["serve", "--upstream", "http://localhost:99999"], "--upstream: Port out of range"),
 ])
 def test_bad_input_is_one_clear_line(redis_url: str, capsys: pytest.CaptureFixture[str],
                                      argv: list[str], message: str) -> None:
