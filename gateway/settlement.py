@@ -107,12 +107,8 @@ class SettlementQueue:
                     raise
                 await self.settle(item)  # loads the script (after a flush or a failover)
                 return
-        except StoreCommandError as exc:
-            self._give_up(item, exc)
-            return
-        except StoreUnavailable:
-            self.metrics.child(self.metrics.store_errors, "settle").inc()
-            self.submit(item)
+        except StoreUnavailable as exc:
+            self._failed(item, exc)
             return
         except asyncio.CancelledError:
             self.submit(item)  # Redis may have run it: a replay is then a no-op
@@ -125,14 +121,17 @@ class SettlementQueue:
             applied = await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
                                               item.completion_tokens, item.cost,
                                               item.count_usage)
-        except StoreCommandError as exc:
-            self._give_up(item, exc)
-            return
-        except StoreUnavailable:
-            self.metrics.child(self.metrics.store_errors, "settle").inc()
-            self.submit(item)
+        except StoreUnavailable as exc:
+            self._failed(item, exc)
             return
         self._record(item, "settled", applied)
+
+    def _failed(self, item: Settlement, exc: StoreUnavailable) -> None:
+        if isinstance(exc, StoreCommandError):
+            self._give_up(item, exc)
+            return
+        self.metrics.child(self.metrics.store_errors, "settle").inc()
+        self.submit(item)
 
     async def _write(self, item: Settlement) -> bool:
         return await self.store.settle(item.ref, item.request_id, item.prompt_tokens,

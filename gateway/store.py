@@ -353,12 +353,8 @@ class Store:
             return await self._call(self.client.execute_command(*command))
         try:
             return await self._hot.call(*command)
-        except _Unsent as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        except (TimeoutError, OSError) as exc:
-            raise StoreAmbiguous(type(exc).__name__) from exc
-        except hiredis.ReplyError as exc:
-            raise _reply_error(str(exc)) from exc
+        except (_Unsent, TimeoutError, OSError, hiredis.ReplyError) as exc:
+            raise _hot_error(exc) from exc
 
     async def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         hot = self._hot
@@ -374,12 +370,8 @@ class Store:
             # After SCRIPT FLUSH or a failover: load once, then run (the script was not run).
             await hot.call("SCRIPT", "LOAD", script.script)
             return await hot.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except _Unsent as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        except (TimeoutError, OSError) as exc:
-            raise StoreAmbiguous(type(exc).__name__) from exc
-        except hiredis.ReplyError as exc:
-            raise _reply_error(str(exc)) from exc
+        except (_Unsent, TimeoutError, OSError, hiredis.ReplyError) as exc:
+            raise _hot_error(exc) from exc
 
     async def now_us(self) -> int:
         seconds, micros = await self._call(self.client.time())
@@ -441,10 +433,8 @@ class Store:
         (a NOSCRIPT reply is StoreUnavailable: settle() loads the script and retries)."""
         try:
             return bool(reply.result())
-        except (TimeoutError, OSError) as exc:
-            raise StoreAmbiguous(type(exc).__name__) from exc
-        except hiredis.ReplyError as exc:
-            raise _reply_error(str(exc)) from exc
+        except (TimeoutError, OSError, hiredis.ReplyError) as exc:
+            raise _hot_error(exc) from exc
 
     async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
@@ -757,6 +747,15 @@ _MAX_CACHED_NAMES = 100_000
 
 class _Unsent(Exception):
     """The command was never written: Redis certainly did not run it."""
+
+
+def _hot_error(exc: Exception) -> StoreUnavailable:
+    """The store's error for a failure on the hot connection."""
+    if isinstance(exc, _Unsent):
+        return StoreUnavailable(str(exc))
+    if isinstance(exc, hiredis.ReplyError):
+        return _reply_error(str(exc))
+    return StoreAmbiguous(type(exc).__name__)  # written, then no answer: it may have run
 
 
 class _RespProtocol(asyncio.Protocol):
