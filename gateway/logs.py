@@ -8,6 +8,7 @@ drown the log. Lines never carry a secret: the key is logged by its id only.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,7 +17,6 @@ from typing import Any
 import orjson
 
 from gateway.errors import ConfigError
-from gateway.ids import new_id
 from gateway.types import Headers, Message, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -59,7 +59,7 @@ def request_id_from(headers: Headers) -> str:
             if 0 < len(value) <= MAX_REQUEST_ID_LENGTH and all(0x21 <= b <= 0x7E for b in value):
                 return value.decode("ascii")
             break
-    return new_id()
+    return os.urandom(16).hex()
 
 
 @dataclass(slots=True)

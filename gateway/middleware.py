@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable
 
@@ -20,7 +21,6 @@ from gateway.errors import (
     StoreUnavailable,
     send_rejection,
 )
-from gateway.ids import new_id
 from gateway.logs import REQUEST_ID_HEADER, RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
@@ -342,7 +342,7 @@ class GatewayMiddleware:
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement).
-        reservation_id = new_id()
+        reservation_id = os.urandom(16).hex()
         estimate = prompt_estimate + completion_estimate
         cost = price.cost_micro(prompt_estimate, completion_estimate) if price else 0
         started = time.perf_counter()
