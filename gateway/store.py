@@ -799,8 +799,10 @@ class _RespProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        if outbox and self.transport is not None and not self.lost:
-            self.transport.write(b"".join(outbox))
+        transport = self.transport
+        # A closing transport refuses writes (uvloop raises); its waiters fail on connection_lost.
+        if outbox and transport is not None and not self.lost and not transport.is_closing():
+            transport.write(b"".join(outbox))
 
     def _check_deadline(self) -> None:
         self._watchdog = None
