@@ -186,10 +186,12 @@ class _Exchange:
             await self.settle()  # read-your-writes: spend lands before the last byte
             await self.downstream(last)
             return
-        # Read-your-writes without waiting a round trip: the settlement was written to Redis
-        # before the client can see the last byte, so its next question to any replica
-        # reaches Redis after the spend.
+        # Read-your-writes without waiting a round trip: one turn of the loop writes the
+        # settlement (with the others queued in this turn: one system call for all) before
+        # the client can see the last byte, so its next question to any replica reaches
+        # Redis after the spend.
         try:
+            await asyncio.sleep(0)
             await self.downstream(last)
         finally:
             await answer

@@ -414,10 +414,10 @@ class Store:
 
     def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                        completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
-        """The settlement, written to the hot connection before this returns, so that no
-        cancellation of the caller can stop it and whatever the caller does next reaches
-        Redis after it; None when there is no connected hot connection (then use
-        settle()). Read the outcome with settled()."""
+        """The settlement, queued on the hot connection before this returns, so that no
+        cancellation of the caller can stop it; it is written when the caller next yields
+        to the loop, before anything the caller writes after that. None when there is no
+        connected hot connection (then use settle()). Read the outcome with settled()."""
         protocol = self._hot.connected() if self._hot is not None else None
         if protocol is None:
             return None
@@ -425,7 +425,7 @@ class Store:
         keys = (names.key, names.account, names.reservation_prefix + request_id,
                 names.usage_prefix)
         return protocol.request(_pack(("EVALSHA", self._settle.sha, 4, *keys, prompt_tokens,
-                                       completion_tokens, cost, 1)), now=True)
+                                       completion_tokens, cost, 1)))
 
     @staticmethod
     def settled(reply: asyncio.Future[Any]) -> bool:
@@ -776,10 +776,10 @@ class _RespProtocol(asyncio.Protocol):
         self._outbox: list[bytes] = []
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def request(self, command: bytes, now: bool = False) -> asyncio.Future[Any]:
+    def request(self, command: bytes) -> asyncio.Future[Any]:
         """Queues `command`, to be written as soon as the running callback yields to the
-        loop (with `now`: before this returns, with whatever was queued before it); its
-        reply (or error) completes the returned future."""
+        loop, with every other command queued meanwhile; its reply (or error) completes
+        the returned future."""
         if self.transport is None or self.lost:
             raise _Unsent("not connected")
         loop = self.loop
@@ -793,8 +793,6 @@ class _RespProtocol(asyncio.Protocol):
         self._outbox.append(command)
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._check_deadline)
-        if now:
-            self._flush()
         return waiter
 
     def _flush(self) -> None:
