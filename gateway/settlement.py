@@ -68,10 +68,10 @@ class SettlementQueue:
         """Queues the settlement on the hot connection, when there is one, before this
         returns: it is written when the caller next yields to the loop (so anything the
         caller writes after that reaches Redis after it), and cancelling the caller cannot
-        stop it. Returns the wait for Redis's answer (or the hand-over to the
-        retry queue), which raises nothing but CancelledError; if that wait is cancelled
-        the settlement is replayed (a no-op if it had applied). None when there is no hot
-        connection: use settle_shielded()."""
+        stop it. Returns the wait for Redis's answer (or the hand-over to the retry queue),
+        which must be awaited and raises nothing but CancelledError; if that wait is
+        cancelled the settlement is replayed (a no-op if it had applied). None when there
+        is no hot connection: use settle_shielded()."""
         if not item.count_usage:
             return None
         reply = self.store.settle_started(item.ref, item.request_id, item.prompt_tokens,
