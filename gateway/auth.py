@@ -26,15 +26,11 @@ class KeyResolver:
 
     def cached(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
         """authenticate()'s answer when the cache has it, without a coroutine: the hot path."""
-        if authorization is None:
-            return None
-        secret_hash = self._hashes.get(authorization)
+        secret_hash = self._hashes.get(authorization) if authorization is not None else None
         if secret_hash is None:
             return None
-        hit = self._cache.get(secret_hash)
-        if hit is None or hit[1] <= time.monotonic():
-            return None
-        return secret_hash, hit[0]
+        ref = self._fresh(secret_hash)
+        return None if ref is None else (secret_hash, ref)
 
     async def authenticate(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
         """(secret hash, key) for an `Authorization: Bearer sk_live_...` header, or None
@@ -53,16 +49,19 @@ class KeyResolver:
         return None if ref is None else (secret_hash, ref)
 
     async def resolve(self, secret_hash: str) -> KeyRef | None:
-        now = time.monotonic()
-        hit = self._cache.get(secret_hash)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        ref = self._fresh(secret_hash)
+        if ref is not None:
+            return ref
         ref = await self._store.lookup(secret_hash)
         if ref is not None:
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
-            self._cache[secret_hash] = (ref, now + self._ttl)
+            self._cache[secret_hash] = (ref, time.monotonic() + self._ttl)
         return ref
+
+    def _fresh(self, secret_hash: str) -> KeyRef | None:
+        hit = self._cache.get(secret_hash)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
     def forget(self, secret_hash: str) -> None:
         self._cache.pop(secret_hash, None)

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.auth import KeyResolver, consumption_secret_hash, header
+from gateway.auth import KeyResolver, header
 from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
 from gateway.management import Management, Verifier
 from gateway.metrics import exposition
@@ -74,13 +74,9 @@ class Endpoints:
         if scope["method"] != "GET":
             await _method_not_allowed(send)
             return
-        secret_hash = consumption_secret_hash(header(scope["headers"], b"authorization"))
-        if secret_hash is None:
-            await send_rejection(send, invalid_key())
-            return
         try:
-            ref = await self.resolver.resolve(secret_hash)
-            usage = None if ref is None else await self.store.key_usage(ref, secret_hash)
+            found = await self.resolver.authenticate(header(scope["headers"], b"authorization"))
+            usage = None if found is None else await self.store.key_usage(found[1], found[0])
         except StoreUnavailable:
             await send_rejection(send, Rejected(
                 502, "usage_unavailable", "Usage data is temporarily unavailable.", "api_error"))

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
 
 import orjson
 
@@ -181,9 +180,13 @@ class _Exchange:
             await self.downstream(last)
             return
         self.finished = True
-        answer = self._begin_settle()
+        if self.settled:  # a stream settled at its usage chunk
+            await self.downstream(last)
+            return
+        item = self._settlement()
+        answer = self.gateway.settlements.begin(item)
         if answer is None:
-            await self.settle()  # read-your-writes: spend lands before the last byte
+            await self.gateway.settlements.settle_detached(item)  # spend lands first
             await self.downstream(last)
             return
         # Read-your-writes without waiting a round trip: one turn of the loop writes the
@@ -221,16 +224,6 @@ class _Exchange:
         self.record.cost_micro = cost
         return Settlement(self.ref, self.request_id, prompt, completion, cost,
                           self.decision.plan)
-
-    def _begin_settle(self) -> Awaitable[None] | None:
-        """The settlement written to Redis now (see SettlementQueue.begin), or None."""
-        if self.settled:
-            return _nothing()
-        item = self._settlement()
-        answer = self.gateway.settlements.begin(item)
-        if answer is None:
-            self.settled = False  # settle() takes it from here
-        return answer
 
     async def settle(self) -> None:
         """Settles exactly once; cancelling the request (a client disconnect, a shutdown
@@ -422,10 +415,6 @@ class GatewayMiddleware:
     async def aclose(self) -> None:
         await self.drain()
         await self.store.close()
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _canonical(path: str) -> bool:

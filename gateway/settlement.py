@@ -88,8 +88,13 @@ class SettlementQueue:
         answer = self.begin(item)
         if answer is not None:
             await answer
-            return
-        task = asyncio.ensure_future(self.settle(item))  # no hot connection: a task instead
+        else:
+            await self.settle_detached(item)
+
+    async def settle_detached(self, item: Settlement) -> None:
+        """settle() in a task of its own, which cancelling the caller does not cancel: for
+        when begin() cannot be used (no hot connection)."""
+        task = asyncio.ensure_future(self.settle(item))
         self._track(task)
         await asyncio.shield(task)
 

@@ -360,7 +360,7 @@ class Store:
         hot = self._hot
         if hot is None:
             return await self._call(script(keys=keys, args=args))
-        # One frame between the caller and the socket: this runs twice per request.
+        # One frame between the caller and the socket: every admission runs this.
         try:
             try:
                 return await hot.call("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -400,17 +400,19 @@ class Store:
         keys = [names.key, names.account, names.reservation_prefix + request_id]
         args = [secret_hash, est_tokens, est_cost, RESERVATION_TTL_SECONDS]
         raw = await self._evalsha(self._admit, keys, args)
-        n = [v if type(v) is int else int(v) for v in raw[:8]]  # ints from hiredis already
+        n = [int(v) for v in raw[:8]]
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
                         _text(raw[9]))
 
     async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                      completion_tokens: int, cost: int, count_usage: bool = True) -> bool:
-        names = self._hot_names(ref)
-        keys = [names.key, names.account, names.reservation_prefix + request_id,
-                names.usage_prefix]
         args = [prompt_tokens, completion_tokens, cost, 1 if count_usage else 0]
-        return bool(await self._evalsha(self._settle, keys, args))
+        return bool(await self._evalsha(self._settle, self._settle_keys(ref, request_id), args))
+
+    def _settle_keys(self, ref: KeyRef, request_id: str) -> list[str]:
+        names = self._hot_names(ref)
+        return [names.key, names.account, names.reservation_prefix + request_id,
+                names.usage_prefix]
 
     def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                        completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
@@ -421,10 +423,8 @@ class Store:
         protocol = self._hot.connected() if self._hot is not None else None
         if protocol is None:
             return None
-        names = self._hot_names(ref)
-        keys = (names.key, names.account, names.reservation_prefix + request_id,
-                names.usage_prefix)
-        return protocol.request(_pack(("EVALSHA", self._settle.sha, 4, *keys, prompt_tokens,
+        return protocol.request(_pack(("EVALSHA", self._settle.sha, 4,
+                                       *self._settle_keys(ref, request_id), prompt_tokens,
                                        completion_tokens, cost, 1)))
 
     @staticmethod
