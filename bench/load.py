@@ -25,6 +25,10 @@ class Tally:
     non_2xx: int = 0
     total_ns: list[int] = field(default_factory=list)
     first_byte_ns: list[int] = field(default_factory=list)
+    # Streams whose events carry the upstream's send time (bench.upstream with a chunk
+    # delay): per event, arrival minus sending; per stream, its slowest event.
+    event_lag_ns: list[int] = field(default_factory=list)
+    slowest_event_ns: list[int] = field(default_factory=list)
 
 
 def build_request(host: str, port: int, path: str, body: bytes,
@@ -35,9 +39,24 @@ def build_request(host: str, port: int, path: str, body: bytes,
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+_SENT = b'"bench_sent_ns":'
+
+
+def _sent_ns(chunk: bytes) -> int | None:
+    at = chunk.find(_SENT)
+    if at < 0:
+        return None
+    start = at + len(_SENT)
+    end = start
+    while chunk[end:end + 1].isdigit():
+        end += 1
+    return int(chunk[start:end])
+
+
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    request: bytes) -> tuple[int, int, int]:
-    """Sends one request, reads the whole response; returns (status, first byte, end) ns."""
+                    request: bytes, lags: list[int]) -> tuple[int, int, int]:
+    """Sends one request, reads the whole response; returns (status, first byte, end) ns.
+    The relay lag of each event that carries its send time is appended to `lags`."""
     started = time.perf_counter_ns()
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
@@ -58,7 +77,10 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             if size == 0:
                 await reader.readuntil(b"\r\n")
                 break
-            await reader.readexactly(size + 2)
+            chunk = await reader.readexactly(size + 2)
+            sent = _sent_ns(chunk)
+            if sent is not None:
+                lags.append(time.monotonic_ns() - sent)
             if not first:
                 first = time.perf_counter_ns()
     elif length > 0:
@@ -75,8 +97,9 @@ async def _client(host: str, port: int, request: bytes, tally: Tally, deadline: 
     try:
         while time.monotonic() < deadline and budget[0] > 0:
             budget[0] -= 1
+            lags: list[int] = []
             try:
-                status, first, total = await _exchange(reader, writer, request)
+                status, first, total = await _exchange(reader, writer, request, lags)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 tally.errors += 1
                 writer.close()
@@ -87,6 +110,9 @@ async def _client(host: str, port: int, request: bytes, tally: Tally, deadline: 
                 tally.non_2xx += 1
             tally.total_ns.append(total)
             tally.first_byte_ns.append(first)
+            if lags:
+                tally.event_lag_ns.extend(lags)
+                tally.slowest_event_ns.append(max(lags))
     finally:
         writer.close()
 
@@ -116,6 +142,8 @@ async def run(host: str, port: int, request: bytes, connections: int, duration: 
         "p99_ms": percentile(tally.total_ns, 99),
         "first_byte_p50_ms": percentile(tally.first_byte_ns, 50),
         "first_byte_p99_ms": percentile(tally.first_byte_ns, 99),
+        "event_lag_p50_ms": percentile(tally.event_lag_ns, 50),
+        "slowest_event_lag_p50_ms": percentile(tally.slowest_event_ns, 50),
     }
 
 

@@ -295,7 +295,7 @@ def environment(load: Load, size_name: str, argv: list[str]) -> dict[str, Any]:
 
 def measure(bench: Bench, profile_seconds: int) -> dict[str, Any]:
     results: dict[str, Any] = {"round_trips": {}, "throughput": {}, "sequential": {},
-                               "scaling": []}
+                               "scaling": [], "stream_chunk_delay_ms": STREAM_CHUNK_DELAY_MS}
     step = report.Progress()
     for kind in BODIES:
         step(f"Redis round trips, {kind}")

@@ -4,8 +4,12 @@ and not the mock's.
 It answers every POST with a canned completion carrying `usage` (JSON), or, when the body
 asks for `"stream": true`, with chunked SSE events (a usage event only when the body sets
 `stream_options.include_usage`, as real servers do). A request header
-`x-bench-chunk-delay-ms: N` spaces the SSE events N ms apart, which is how the benchmark
-sees whether anything between client and upstream buffers a stream.
+`x-bench-chunk-delay-ms: N` spaces the token events N ms apart, which is how the benchmark
+sees whether anything between client and upstream buffers a stream: each of those events
+carries `"bench_sent_ns"`, the upstream's CLOCK_MONOTONIC when it was written, so the load
+generator (same machine, same clock) reads how long each event took to arrive. The usage
+event and `[DONE]` leave with the last token, as a real server sends them: a delay before
+them would make a stream longer whenever the gateway asks for usage the client did not.
 
 `python -m bench.upstream --port N` serves it on 127.0.0.1 until terminated.
 """
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import time
 
 import orjson
 
@@ -54,6 +59,15 @@ _SSE_WORDS = [_event({"id": "cmpl-bench", "object": "chat.completion.chunk", "cr
                                                            "delta": {"content": "token "},
                                                            "finish_reason": None}]})
               for _ in range(WORDS)]
+
+
+def _stamped_word() -> bytes:
+    return _event({"id": "cmpl-bench", "object": "chat.completion.chunk", "created": 0,
+                   "model": "bench-model", "bench_sent_ns": time.monotonic_ns(),
+                   "choices": [{"index": 0, "delta": {"content": "token "},
+                                "finish_reason": None}]})
+
+
 _SSE_USAGE = _event({"id": "cmpl-bench", "object": "chat.completion.chunk", "created": 0,
                      "model": "bench-model", "choices": [], "usage": _USAGE})
 _SSE_END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
@@ -125,15 +139,16 @@ class _Connection(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.write(_COMPLETION)
                 continue
-            parts = [_SSE_HEAD + _SSE_WORDS[0], *_SSE_WORDS[1:]]
-            if usage:
-                parts.append(_SSE_USAGE)
-            parts.append(_SSE_END)
-            for index, part in enumerate(parts):
+            for index in range(WORDS):
                 if self.transport is None:
                     return
                 if index:
                     await asyncio.sleep(delay)
+                part = _stamped_word()
+                if index == 0:
+                    part = _SSE_HEAD + part
+                if index == WORDS - 1:
+                    part += (_SSE_USAGE if usage else b"") + _SSE_END
                 self.transport.write(part)
         self.queue = None
         self.writer = None

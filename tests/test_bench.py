@@ -47,6 +47,10 @@ def test_every_run_is_measured_and_clean(result: dict[str, object]) -> None:
     # The upstream spaced its events apart: the first arrived before the whole stream ended.
     stream = sequential["gateway1.streamed"]
     assert stream["first_byte_p50_ms"] < stream["p50_ms"]
+    # Each of those events carried its send time, through the gateway as directly.
+    for target in ("upstream", "gateway1"):
+        run = sequential[f"{target}.streamed"]
+        assert 0 < run["event_lag_p50_ms"] <= run["slowest_event_lag_p50_ms"] < run["p50_ms"]
 
 
 def test_a_metered_request_costs_one_redis_call_before_and_one_after(
