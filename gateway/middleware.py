@@ -167,35 +167,38 @@ class _Exchange:
     async def _body(self, message: Message) -> None:
         chunk: bytes = message.get("body", b"")
         more = bool(message.get("more_body", False))
+        settle_now = False
         if self.sse is not None:
             chunk = self.sse.feed(chunk)
             if not more:
                 chunk += self.sse.flush()
-            if self.sse.final:
-                await self.settle()  # before the client can see the end of the stream
+            settle_now = self.sse.final  # the usage chunk: before the client sees the end
         elif self.json is not None:
             self.json.feed(chunk)
-        last = {"type": "http.response.body", "body": chunk, "more_body": more}
-        if more:
-            await self.downstream(last)
-            return
-        self.finished = True
-        if self.settled:  # a stream settled at its usage chunk
-            await self.downstream(last)
-            return
+        out = {"type": "http.response.body", "body": chunk, "more_body": more}
+        if not more:
+            self.finished = True
+            settle_now = True
+        if settle_now and not self.settled:
+            await self._send_settling(out)
+        else:
+            await self.downstream(out)
+
+    async def _send_settling(self, message: Message) -> None:
+        """Settles and sends `message`, which lets the client see the end of the answer."""
         item = self._settlement()
         answer = self.gateway.settlements.begin(item)
         if answer is None:
             await self.gateway.settlements.settle_detached(item)  # spend lands first
-            await self.downstream(last)
+            await self.downstream(message)
             return
         # Read-your-writes without waiting a round trip: one turn of the loop writes the
         # settlement (with the others queued in this turn: one system call for all) before
-        # the client can see the last byte, so its next question to any replica reaches
+        # the client can see the message, so its next question to any replica reaches
         # Redis after the spend.
         try:
             await asyncio.sleep(0)
-            await self.downstream(last)
+            await self.downstream(message)
         finally:
             await answer
 

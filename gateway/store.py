@@ -367,8 +367,11 @@ class Store:
             except hiredis.ReplyError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
-            # After SCRIPT FLUSH or a failover: load once, then run (the script was not run).
-            await hot.call("SCRIPT", "LOAD", script.script)
+            # After SCRIPT FLUSH or a failover (the script was not run): load every script
+            # of the hot path, so the settlement queued after this admission finds its own
+            # and lands before the client sees the response, then run.
+            for loading in {script, self._admit, self._settle}:
+                await hot.call("SCRIPT", "LOAD", loading.script)
             return await hot.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except (_Unsent, TimeoutError, OSError, hiredis.ReplyError) as exc:
             raise _hot_error(exc) from exc

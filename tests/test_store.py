@@ -23,6 +23,10 @@ async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
     decision = await store.admit(ref, hash_secret(secret),
                                  "r1", 10, 5)
     assert decision.code == 0
+    # The admission loaded the settlement's script too: it will not miss it after the
+    # client has seen the response (read-your-writes across replicas).
+    assert await store.client.script_exists(store._settle.sha) == [True]
+    await store.client.script_flush()  # flushed between admission and settlement
     assert await store.settle(ref, "r1", 3, 4, 5) is True
     assert await store.settle(ref, "r1", 3, 4, 5) is False  # idempotent per request id
     await store.close()

@@ -6,13 +6,15 @@ import asyncio
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
 
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.store import Names, Store, connect
-from tests.burst import CHAT, CHAT_COST
+from tests.burst import CHAT
 from tests.conftest import bearer, gateway, new_key, serving, stream_then_leave
 
 STREAM = {"model": "m", "stream": True, "max_tokens": 12,
@@ -153,28 +155,51 @@ async def test_an_oversized_event_does_not_stop_usage_parsing(
             20, 500)
 
 
+async def whole_stream_at_once(scope, receive, send):  # type: ignore[no-untyped-def]
+    """An upstream whose last token, usage event and [DONE] arrive in one piece, as they do
+    from a real server through the upstream client: the end and the usage come together."""
+    while (await receive()).get("more_body"):
+        pass
+    token = {"choices": [{"index": 0, "delta": {"content": "w "}}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 3}}
+    data = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in (token, token, token, usage))
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": data + b"data: [DONE]\n\n"})
+
+
+@pytest.mark.parametrize("body,upstream", [
+    (CHAT, MockUpstream(max_words=3)),
+    (STREAM, MockUpstream(max_words=3)),
+    ({**STREAM, "stream_options": {"include_usage": True}}, MockUpstream(max_words=3)),
+    (STREAM, whole_stream_at_once),
+], ids=["json", "stream", "stream-with-usage", "stream-in-one-piece"])
 async def test_spend_is_visible_to_the_next_request_on_another_replica(
-        redis_url: str, settings: Settings) -> None:
-    """The settlement is written to Redis before the client can see the last byte (without
-    waiting its round trip): a usage question sent to another replica right after the
-    response, over another connection, already sees the spend; also right after the
-    scripts were flushed."""
+        redis_url: str, settings: Settings, body: dict[str, object], upstream: ASGIApp) -> None:
+    """The settlement is written to Redis before the client can see the end of the answer
+    (without waiting its round trip): a usage question sent to another replica right after
+    it, over another connection, already sees the spend; also right after the scripts were
+    flushed."""
     first, second = connect(redis_url, 5.0), connect(redis_url, 5.0)
+    # The upstream answers 3 words, fewer than max_tokens: until the settlement lands,
+    # `spent` still holds the admission's larger estimate.
+    prompt = 10 if body is CHAT else 20
+    cost = settings.default_price.cost_micro(prompt, 3)
     try:
         secret, _, _ = await new_key(first, settings, rpm=1000, tpm=1_000_000)
-        replica_a = gateway(MockUpstream(), first, settings, Metrics.create(CollectorRegistry()))
+        replica_a = gateway(upstream, first, settings, Metrics.create(CollectorRegistry()))
         replica_b = gateway(MockUpstream(), second, settings,
                             Metrics.create(CollectorRegistry()))
         async with serving(replica_a) as base_a, serving(replica_b) as base_b, \
                 aiohttp.ClientSession() as session:
             for done in range(1, 41):
-                if done == 20:  # after SCRIPT FLUSH, the settlement reloads its script inline
+                if done == 20:  # after SCRIPT FLUSH, the admission reloads the scripts
                     await first.client.script_flush()
-                async with session.post(f"{base_a}/v1/chat/completions", json=CHAT,
+                async with session.post(f"{base_a}/v1/chat/completions", json=body,
                                         headers=bearer(secret)) as response:
                     assert response.status == 200
                     await response.read()
-                assert await spent_micro(session, base_b, secret) == done * CHAT_COST
+                assert await spent_micro(session, base_b, secret) == done * cost
     finally:
         await first.close()
         await second.close()
