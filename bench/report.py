@@ -49,6 +49,12 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         costs[f"middleware_added_cpu_ms.{kind}"] = (_cpu(wrapped, "middleware")
                                                     - _cpu(mock, "mock"))
         costs[f"loadgen_cpu_ms.serve.{kind}"] = serve["loadgen_cpu_ms_per_request"]
+    serve_cpu = costs["serve_gateway_cpu_ms.non_streamed"]
+    for name, label in (("bare", "bare_uvicorn"), ("naive", "naive_composition")):
+        run = t.get(f"{name}.non_streamed")
+        if run is not None:
+            costs[f"{label}_cpu_ms.non_streamed"] = _cpu(run, name)
+            ratios[f"serve_cpu_over_{label}.non_streamed"] = _ratio(serve_cpu, _cpu(run, name))
     added = {
         "non_streamed_p50_ms": seq["gateway1.non_streamed"]["p50_ms"]
         - seq["upstream.non_streamed"]["p50_ms"],

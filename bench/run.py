@@ -37,6 +37,9 @@ from bench.redisstats import Monitor, delta, snapshot
 RESULTS = Path(__file__).resolve().parent / "results"
 PATH = "/v1/chat/completions"
 STREAM_CHUNK_DELAY_MS = 2
+# Measured beside the gateway so that its cost reads the same on any machine (bench/apps.py):
+# uvicorn answering a canned body, and redis-py + aiohttp composed the obvious way.
+YARDSTICKS = ("bare", "naive")
 _MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
              {"role": "user", "content": "Say something about load testing in one line."}]
 BODIES = {
@@ -191,8 +194,10 @@ class Bench:
                 py, "-m", "gateway", "serve", "--upstream", upstream, "--redis", url,
                 "--config", str(config), "--port", str(port), "--workers", str(workers),
                 "--log-level", "warning"], port, env, self.workdir / f"gateway{workers}.log")
+        env["BENCH_UPSTREAM"] = upstream
         for name, factory in (("mock", "bench.apps:mock"),
-                              ("middleware", "bench.apps:gateway_mock")):
+                              ("middleware", "bench.apps:gateway_mock"),
+                              ("bare", "bench.apps:bare"), ("naive", "bench.apps:naive")):
             port = free_port()
             self.services[name] = Service(name, [
                 py, "-m", "uvicorn", factory, "--factory", "--port", str(port),
@@ -207,7 +212,7 @@ class Bench:
             service.ready()
 
     def _secret_for(self, target: str) -> str | None:
-        return None if target in ("upstream", "mock") else self.secret
+        return None if target in ("upstream", "mock", *YARDSTICKS) else self.secret
 
     # -- measurements ---------------------------------------------------------------------
 
@@ -225,7 +230,8 @@ class Bench:
         redis_after = snapshot(self.redis)
         requests = max(1, result["requests"])
         # The processes this run goes through; the idle ones only tick their timers.
-        involved = [target, "upstream"] if target.startswith("gateway") else [target]
+        involved = ([target, "upstream"] if target.startswith("gateway") or target == "naive"
+                    else [target])
         result["cpu_ms_per_request"] = {
             name: (self.services[name].cpu() - cpu_before[name]) * 1000 / requests
             for name in involved}
@@ -304,6 +310,10 @@ def measure(bench: Bench, profile_seconds: int) -> dict[str, Any]:
         for target in ("upstream", "gateway1", "mock", "middleware"):
             step(f"throughput {target} {kind}")
             results["throughput"][f"{target}.{kind}"] = bench.throughput(target, kind)
+    for target in YARDSTICKS:
+        step(f"throughput {target} non_streamed")
+        results["throughput"][f"{target}.non_streamed"] = bench.throughput(
+            target, "non_streamed")
     for target in ("upstream", "gateway1"):
         step(f"one connection, {target}")
         results["sequential"][f"{target}.non_streamed"] = bench.sequential(

@@ -39,6 +39,10 @@ def test_every_run_is_measured_and_clean(result: dict[str, object]) -> None:
             assert run["requests"] > 0
             assert run["non_2xx"] == 0 and run["errors"] == 0
             assert run["cpu_ms_per_request"][target] > 0
+    for yardstick in ("bare", "naive"):  # measured beside the gateway, non-streamed only
+        run = throughput[f"{yardstick}.non_streamed"]
+        assert run["requests"] > 0 and run["non_2xx"] == 0 and run["errors"] == 0
+        assert run["cpu_ms_per_request"][yardstick] > 0
     sequential = result["sequential"]
     assert isinstance(sequential, dict)
     for target in ("upstream", "gateway1"):
