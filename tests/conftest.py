@@ -28,7 +28,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.settings import Settings
 from gateway.store import Store, connect
-from gateway.types import ASGIApp
+from gateway.types import ASGIApp, Scope
 
 
 def free_port() -> int:
@@ -194,6 +194,18 @@ async def stream_then_leave(session: Any, url: str, body: dict[str, Any],
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+def post_scope(path: str, secret: str, body: bytes) -> Scope:
+    """The ASGI scope of `POST path` with a JSON body and a consumption key, for tests that
+    drive the gateway's receive and send themselves."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+            "server": ("gw", 80),
+            "headers": [(b"authorization", f"Bearer {secret}".encode()),
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}
 
 
 os.environ.pop("GATEWAY_REDIS_URL", None)

@@ -8,10 +8,12 @@ from typing import Any
 import httpx
 
 from gateway.embedded import embedded_store
+from gateway.keys import hash_secret
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Price, Settings
-from gateway.store import Store, connect
+from gateway.store import KeyRef, Names, Store, connect
+from gateway.timefmt import iso_from_us
 from tests.conftest import bearer, client_for, gateway, new_key
 
 
@@ -120,6 +122,30 @@ async def test_spend_equals_reported_usage_times_price(store: Store, metrics: Me
     assert round(usage["budget"]["spent"] * 1_000_000) == expected
 
 
+def test_cost_is_rounded_up_to_the_micro_dollar() -> None:
+    # The tests above compute the expected spend with cost_micro itself: pin its rounding.
+    price = Price(1_300_000, 2_700_000)  # $1.30 in, $2.70 out per million tokens
+    assert price.cost_micro(10, 16) == 57  # 13 + 43.2 micro-USD
+    assert price.cost_micro(1, 0) == 2  # 1.3
+    assert price.cost_micro(0, 1) == 3  # 2.7
+    assert price.cost_micro(0, 0) == 0
+    assert price.cost_micro(1_000_000, 1_000_000) == 4_000_000  # exact: not rounded
+
+
+async def test_credits_are_charged_the_actual_usage_not_the_reservation(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, account = await new_key(store, settings, credit=True)
+    await store.add_credits(account, 1_000_000)
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=chat(max_tokens=100),
+                                     headers=bearer(secret))
+        assert response.json()["usage"] == {"prompt_tokens": 10, "completion_tokens": 16,
+                                             "total_tokens": 26}
+        usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+    # admission reserved 10 + 100 tokens (155 micro-USD); the upstream used 10 + 16 (29)
+    assert round(usage["credits"]["balance"] * 1_000_000) == 1_000_000 - 29
+
+
 async def test_credits_are_shared_by_the_keys_of_one_account(
         store: Store, settings: Settings, metrics: Metrics) -> None:
     first, _, account = await new_key(store, settings, credit=True, name="a")
@@ -163,6 +189,59 @@ async def test_budget_rolls_over_after_its_duration(store: Store, metrics: Metri
         now = (await client.get("/v1/usage", headers=bearer(secret))).json()["budget"]
     assert round(now["spent"] * 1_000_000) == settings.default_price.cost_micro(10, 8)
     assert now["resets_at"] > before["resets_at"]
+
+
+HOUR_US = 3_600_000_000
+
+
+async def end_the_period(store: Store, account_id: str, key_id: str) -> int:
+    """Makes the key's budget period have ended 2.5 periods (of an hour) ago with its budget
+    spent; returns when the current period ends: whole periods on from that anchor."""
+    anchor = await store.now_us() - 2 * HOUR_US - HOUR_US // 2
+    await store.client.hset(Names.key(account_id, key_id),
+                            mapping={"spent": 999_999, "resets_at": anchor})
+    return anchor + 3 * HOUR_US
+
+
+async def test_admission_rolls_an_ended_period_over_from_its_anchor(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, account_id = await new_key(store, settings, budget_usd="1",
+                                               budget_duration="1h")
+    resets_at = await end_the_period(store, account_id, key_id)
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=chat(),
+                                     headers=bearer(secret))
+    assert response.status_code == 200
+    key = await store.get_key(key_id)
+    assert key.resets_at_us == resets_at  # not an hour from now: periods do not drift
+    assert key.spent == settings.default_price.cost_micro(10, 8)
+
+
+async def test_usage_reports_an_ended_period_rolled_over(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, account_id = await new_key(store, settings, budget_usd="1",
+                                               budget_duration="1h")
+    resets_at = await end_the_period(store, account_id, key_id)
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        budget = (await client.get("/v1/usage", headers=bearer(secret))).json()["budget"]
+    assert budget["spent"] == 0
+    assert budget["resets_at"] == iso_from_us(resets_at)
+    assert (await store.get_key(key_id)).resets_at_us == resets_at
+
+
+async def test_a_settlement_after_a_rollover_leaves_the_new_period_alone(
+        store: Store, settings: Settings) -> None:
+    secret, key_id, account_id = await new_key(store, settings, budget_usd="1")
+    ref = KeyRef(account_id, key_id)
+    assert (await store.admit(ref, hash_secret(secret), "old", 100, 500)).code == 0
+    # The period ends while "old" is in flight; "new" is admitted in the next period.
+    await store.client.hset(Names.key(account_id, key_id), "resets_at",
+                            await store.now_us() - 1)
+    assert (await store.admit(ref, hash_secret(secret), "new", 100, 300)).code == 0
+    assert await store.settle(ref, "old", 10, 10, 40) is True
+    key = await store.get_key(key_id)
+    assert key.spent == 300  # only the new period's own reservation: no refund of "old"
+    assert key.total_spent == 40
 
 
 async def test_embedded_store_is_independent_per_instance() -> None:

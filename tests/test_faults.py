@@ -113,7 +113,9 @@ async def test_a_stalled_redis_times_out_fast_and_a_lost_admission_is_released(
         os.kill(server.process.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            response = await chat(client, secret)
+            # A bound of our own: without the store's timeout this would hang the suite.
+            async with asyncio.timeout(5):
+                response = await chat(client, secret)
             assert time.monotonic() - started < 1.0
             assert response.status_code == 503
         finally:
@@ -212,3 +214,28 @@ async def test_shutdown_drain_writes_queued_settlements(
     assert sample(registry, "gateway_settlements_total", outcome="retried") == 1
     assert sample(registry, "gateway_settlements_total", outcome="failed") == 0
 
+
+async def test_a_settlement_whose_wait_is_cancelled_is_replayed(
+        server: RedisServer, fault_store: Store, registry: CollectorRegistry) -> None:
+    """A request cancelled (a shutdown deadline) while it waits for its settlement's answer
+    hands the settlement to the retry queue: Redis may never have run it."""
+    secret, key_id, account_id = await new_key(fault_store, Settings())
+    ref = KeyRef(account_id, key_id)
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", 50, 100)).code == 0
+    queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)  # no answer can come
+    try:
+        answer = queue.begin(Settlement(ref, "r", 10, 8, CHAT_COST, "standard"))
+        assert answer is not None
+        waiting = asyncio.ensure_future(answer)
+        await asyncio.sleep(0)  # one turn: the wait has started
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert len(queue) == 1
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    await queue.drain(5.0)
+    assert len(queue) == 0
+    assert (await fault_store.get_key(key_id)).spent == CHAT_COST

@@ -9,7 +9,8 @@ from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.conftest import bearer, client_for, gateway, new_key
+from gateway.types import Message, Receive, Scope, Send
+from tests.conftest import bearer, client_for, gateway, new_key, post_scope
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 
@@ -66,3 +67,54 @@ async def test_bad_bodies_are_rejected_before_the_upstream(store: Store, setting
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "request_too_large"
     assert upstream.requests == 0
+
+
+
+async def test_usage_is_the_response_usage_object_not_an_earlier_usage_string(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "usage"},
+                               "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        assert response.status_code == 200
+        usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
+    # the reported 10 + 1 tokens, not the estimate of 10 + 8
+    assert round(usage["budget"]["spent"] * 1e6) == settings.default_price.cost_micro(10, 1)
+
+
+async def test_a_client_gone_before_any_answer_is_billed_its_prompt(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, _ = await new_key(store, settings)
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        while (await receive())["type"] != "http.disconnect":
+            pass  # still working on the prompt when the client leaves
+
+    body = orjson.dumps(CHAT)
+    inbound: list[Message] = [{"type": "http.request", "body": body, "more_body": False},
+                              {"type": "http.disconnect"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return inbound.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    app = gateway(upstream, store, settings, metrics)
+    await app(post_scope("/v1/chat/completions", secret, body), receive, send)
+    assert sent == []  # no answer was started
+    # the upstream read the prompt (10 tokens): it is billed, the completion is not
+    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(10, 0)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import orjson
+import pytest
 
+import gateway.auth as auth_module
+from gateway.auth import KeyResolver
 from gateway.errors import StoreUnavailable
+from gateway.keys import hash_secret
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
@@ -34,6 +39,23 @@ async def test_deactivated_key_is_403_at_once_even_when_cached(
         again = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
         assert again.status_code == 200
     assert upstream.requests == 2
+
+
+async def test_cached_key_lookups_expire_after_auth_cache_seconds(
+        store: Store, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission re-checks a cached key every time (above); the cache itself must still
+    forget a secret whose mapping is gone once auth_cache_seconds have passed."""
+    secret, _, _ = await new_key(store, settings)
+    clock = SimpleNamespace(monotonic=lambda: 1000.0)
+    monkeypatch.setattr(auth_module, "time", clock)  # this module's clock only
+    resolver = KeyResolver(store, ttl_seconds=5.0)
+    secret_hash = hash_secret(secret)
+    assert await resolver.resolve(secret_hash) is not None
+    await store.client.delete(Names.secret(secret_hash))
+    clock.monotonic = lambda: 1004.9
+    assert await resolver.resolve(secret_hash) is not None  # still cached
+    clock.monotonic = lambda: 1005.1
+    assert await resolver.resolve(secret_hash) is None
 
 
 async def test_expired_subscription_is_403_but_usage_still_answers(

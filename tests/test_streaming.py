@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 import orjson
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
@@ -14,8 +15,16 @@ from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.store import Names, Store, connect
+from gateway.types import Message
 from tests.burst import CHAT
-from tests.conftest import bearer, gateway, new_key, serving, stream_then_leave
+from tests.conftest import (
+    bearer,
+    gateway,
+    new_key,
+    post_scope,
+    serving,
+    stream_then_leave,
+)
 
 STREAM = {"model": "m", "stream": True, "max_tokens": 12,
           "messages": [{"role": "user", "content": "y" * 80}]}
@@ -203,3 +212,47 @@ async def test_spend_is_visible_to_the_next_request_on_another_replica(
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.parametrize("body,upstream", [
+    (CHAT, MockUpstream(max_words=3)),
+    (STREAM, MockUpstream(max_words=3)),
+    (STREAM, whole_stream_at_once),
+], ids=["json", "stream", "stream-in-one-piece"])
+async def test_spend_is_in_redis_when_the_end_of_the_answer_leaves(
+        redis_url: str, settings: Settings, metrics: Metrics, body: dict[str, object],
+        upstream: ASGIApp) -> None:
+    """At the moment the gateway hands the server the end of the answer, the settlement is
+    already written to Redis, not just queued: a blocking read made right then (as another
+    process, e.g. a replica, could make it) sees the spend. The replica test above runs
+    everything in one event loop, which writes the queued settlement before the next
+    request can be read anyway, so it cannot tell the two apart."""
+    store = connect(redis_url, 5.0)
+    observer = redis.Redis.from_url(redis_url)  # blocking: the event loop does not turn
+    try:
+        secret, key_id, account_id = await new_key(store, settings, rpm=1000, tpm=1_000_000)
+        record = Names.key(account_id, key_id)
+        prompt = 10 if body is CHAT else 20
+        assert int(observer.hget(record, "spent") or 0) == 0
+        seen: list[int] = []
+        request = orjson.dumps(body)
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": request, "more_body": False}
+            await asyncio.Event().wait()  # the client stays until the answer ends
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                seen.append(int(observer.hget(record, "spent") or 0))
+
+        scope = post_scope("/v1/chat/completions", secret, request)
+        await gateway(upstream, store, settings, metrics)(scope, receive, send)
+        assert seen == [settings.default_price.cost_micro(prompt, 3)]
+    finally:
+        observer.close()
+        await store.close()
