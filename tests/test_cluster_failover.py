@@ -1,0 +1,104 @@
+"""A Redis Cluster with replicas losing a master: by hand-over, and by a crash.
+
+Each test starts its own 3-master, 3-replica cluster (the failover changes its shape). The
+gateway must answer 503 while the account's slot has no master, never 500, come back by
+itself once a replica is promoted, and bill exactly the requests it answered 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.middleware import GatewayMiddleware
+from gateway.mock_upstream import MockUpstream
+from gateway.settings import Settings
+from gateway.store import Names, connect
+from tests.burst import CHAT, CHAT_COST
+from tests.cluster import RedisCluster
+from tests.conftest import bearer, client_for, gateway, new_key
+
+
+@pytest.fixture
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("failover"), replicas=1,
+                           node_timeout_ms=1000)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def _until_recovered(client: httpx.AsyncClient, secret: str,
+                           seconds: float = 30.0) -> list[int]:
+    """Chat requests until three in a row succeed; every status on the way."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and statuses[-3:] != [200, 200, 200]:
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+        statuses.append(response.status_code)
+        if response.status_code != 200:
+            assert response.json()["error"]["code"] == "limiter_unavailable"
+            await asyncio.sleep(0.05)
+    return statuses
+
+
+async def _billed(app: GatewayMiddleware, store: Any, key_id: str) -> int:
+    await app.settlements.drain(10.0)  # settlements queued during the outage land now
+    return int((await store.get_key(key_id)).spent)
+
+
+async def test_a_handed_over_master_loses_nothing(
+        replicated: RedisCluster, settings: Settings, metrics: Metrics) -> None:
+    store = connect(replicated.url, 0.5)
+    try:
+        secret, key_id, account_id = await new_key(store, settings, rpm=1000, tpm=1_000_000)
+        record = Names.key(account_id, key_id)
+        app = gateway(MockUpstream(), store, settings, metrics)
+        async with client_for(app) as client:
+            before = await _until_recovered(client, secret)
+            master = replicated.master_of(record)
+            replica = replicated.replica_of(master)
+            replicated.cli(replica, "CLUSTER", "FAILOVER")
+            deadline = time.monotonic() + 15
+            while replicated.master_of(record) != replica:
+                assert time.monotonic() < deadline, "the replica was not promoted"
+                await asyncio.sleep(0.05)
+            # The new master has no scripts (they are not replicated): NOSCRIPT, reload.
+            after = await _until_recovered(client, secret)
+        assert after[-3:] == [200, 200, 200] and set(before + after) <= {200, 503}
+        assert await _billed(app, store, key_id) == (before + after).count(200) * CHAT_COST
+    finally:
+        await store.close()
+
+
+async def test_a_crashed_master_is_503_until_its_replica_takes_over(
+        replicated: RedisCluster, settings: Settings, metrics: Metrics) -> None:
+    store = connect(replicated.url, 0.5)
+    try:
+        secret, key_id, account_id = await new_key(store, settings, rpm=1000, tpm=1_000_000)
+        record = Names.key(account_id, key_id)
+        app = gateway(MockUpstream(), store, settings, metrics)
+        async with client_for(app) as client:
+            before = await _until_recovered(client, secret)
+            master = replicated.master_of(record)
+            # Replication is asynchronous: let the replica have every acknowledged write,
+            # so what is measured is the gateway, not Redis's own window of loss.
+            assert replicated.cli(master, "WAIT", "1", "5000").strip() == "1"
+            replicated.kill(master)
+            started = time.monotonic()
+            during = await _until_recovered(client, secret)
+            recovered_in = time.monotonic() - started
+        assert 503 in during, "the outage was never seen"
+        assert set(during) <= {200, 503}, during
+        assert during[-3:] == [200, 200, 200] and recovered_in < 30
+        assert await _billed(app, store, key_id) == (before + during).count(200) * CHAT_COST
+    finally:
+        await store.close()
