@@ -14,8 +14,9 @@ from gateway.errors import StoreUnavailable
 from gateway.keys import hash_secret
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
+from gateway.ratelimit import RPM_EXHAUSTED, rejection
 from gateway.settings import Settings
-from gateway.store import Names, Store, connect
+from gateway.store import Decision, Names, Store, connect
 from tests.conftest import bearer, client_for, gateway, new_key
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -240,3 +241,15 @@ async def test_absurd_reservations_are_400_and_n_multiplies_the_reservation(
         assert first.status_code == 200
         assert int(first.headers["x-ratelimit-remaining-tokens"]) == 0
     assert upstream.requests == 1
+
+
+@pytest.mark.parametrize("wait_us,header", [
+    (1, b"1"), (999_999, b"1"), (1_000_000, b"1"), (1_000_001, b"2"), (29_500_000, b"30"),
+    (0, b"1"),  # never 0: a client that retries at once would only be refused again
+])
+def test_retry_after_rounds_the_wait_up_to_whole_seconds(wait_us: int, header: bytes) -> None:
+    decision = Decision(RPM_EXHAUSTED, 60, 0, 1_000_000, 1000, 900, 0, wait_us, "standard",
+                        "plan")
+    refused = rejection(decision)
+    assert refused.status == 429
+    assert dict(refused.headers)[b"retry-after"] == header
