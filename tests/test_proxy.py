@@ -79,6 +79,24 @@ async def test_forwarding_replaces_auth_and_drops_hop_by_hop(
     assert round(usage["budget"]["spent"] * 1e6) == settings.default_price.cost_micro(3, 4)
 
 
+async def test_the_clients_key_never_reaches_the_upstream(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    """With no upstream key configured, the upstream sees no Authorization at all: the
+    client's sk_live_ key is the gateway's to check, never the upstream's to see."""
+    secret, _, _ = await new_key(store, settings)
+    async with serving(EchoUpstream()) as upstream:
+        proxy = UpstreamProxy(upstream)
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT,
+                                         headers={**bearer(secret), "Proxy-Authorization": "x"})
+        await proxy.close()
+    assert response.status_code == 200
+    echoed = response.json()
+    assert "authorization" not in echoed["headers"]
+    assert "proxy-authorization" not in echoed["headers"]
+    assert secret not in response.text
+
+
 async def test_upstream_down_is_502_and_not_billed(store: Store, settings: Settings,
                                                     metrics: Metrics) -> None:
     secret, _, _ = await new_key(store, settings)
