@@ -121,6 +121,23 @@ class RedisCluster:
         return next(int(f[1].split("@")[0].rpartition(":")[2]) for f in nodes
                     if "slave" in f[2] and f[3] == master_id)
 
+    def wait_for_replicas(self, port: int, seconds: float = 15) -> None:
+        """Until every replica of the master at `port` has acknowledged all it has written.
+        (WAIT would not do: it waits for the writes of its own connection only.)"""
+        info = dict(line.split(":", 1) for line in
+                    self.cli(port, "INFO", "replication").split() if ":" in line)
+        target = int(info["master_repl_offset"])
+
+        def caught_up() -> bool:
+            info = dict(line.split(":", 1) for line in
+                        self.cli(port, "INFO", "replication").split() if ":" in line)
+            offsets = [int(dict(kv.split("=") for kv in value.split(","))["offset"])
+                       for name, value in info.items() if name.startswith("slave")
+                       and name[5:].isdigit()]
+            return bool(offsets) and min(offsets) >= target
+
+        self._wait(caught_up, seconds)
+
     def kill(self, port: int) -> None:
         """SIGKILL: a crash, with no chance to hand anything over."""
         process = self.processes[self.ports.index(port)]
