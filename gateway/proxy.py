@@ -69,7 +69,7 @@ class UpstreamProxy:
             return
         async with response:
             await send({"type": "http.response.start", "status": response.status,
-                        "headers": [h for h in response.headers if h[0] not in _DROP_RESPONSE]})
+                        "headers": _end_to_end(response.headers, _DROP_RESPONSE)})
             try:
                 if response.content_type == b"text/event-stream":
                     await _stream_until_disconnect(response, receive, send)
@@ -101,14 +101,18 @@ def _proxied(method: str, path: str) -> bool:
 
 
 def _forwarded_headers(headers: Headers) -> Headers:
-    dropped = _DROP_REQUEST
-    for name, value in headers:
-        if name == b"connection":
-            # Headers the client named in `Connection:` are hop-by-hop too (RFC 9110 7.6.1).
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    forwarded = [h for h in headers if h[0] not in dropped]
+    forwarded = _end_to_end(headers, _DROP_REQUEST)
     forwarded.append(_IDENTITY)
     return forwarded
+
+
+def _end_to_end(headers: Headers, dropped: frozenset[bytes]) -> Headers:
+    """`headers` without the hop-by-hop ones: `dropped`, and those the peer named in its
+    `Connection:` header (RFC 9110 7.6.1), in requests and responses alike."""
+    for name, value in headers:
+        if name == b"connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [h for h in headers if h[0] not in dropped]
 
 
 async def _request_body(receive: Receive) -> bytes | None:
