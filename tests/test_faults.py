@@ -23,7 +23,7 @@ from gateway.middleware import GatewayMiddleware
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue
-from gateway.store import KeyRef, Store, connect
+from gateway.store import KeyRef, Names, Store, connect
 from tests.burst import CHAT, CHAT_COST
 from tests.conftest import RedisServer, bearer, client_for, new_key
 
@@ -239,3 +239,36 @@ async def test_a_settlement_whose_wait_is_cancelled_is_replayed(
     await queue.drain(5.0)
     assert len(queue) == 0
     assert (await fault_store.get_key(key_id)).spent == CHAT_COST
+
+
+async def test_shutdown_drain_waits_for_settlements_in_flight(
+        fault_store: Store, registry: CollectorRegistry) -> None:
+    secret, key_id, account_id = await new_key(fault_store, Settings())
+    ref = KeyRef(account_id, key_id)
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", 50, 100)).code == 0
+    queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
+    settling = asyncio.ensure_future(
+        queue.settle_shielded(Settlement(ref, "r", 10, 8, CHAT_COST, "standard")))
+    await asyncio.sleep(0)  # one turn: the settlement is written, its answer not yet read
+    assert sample(registry, "gateway_settlements_total", outcome="settled") == 0
+    await queue.drain(5.0)
+    # drain() returned: the answer has arrived, so closing the store now loses nothing
+    assert sample(registry, "gateway_settlements_total", outcome="settled") == 1
+    await settling
+    assert (await fault_store.get_key(key_id)).spent == CHAT_COST
+
+
+async def test_a_settlement_redis_refuses_is_given_up_and_counted_failed(
+        fault_store: Store, registry: CollectorRegistry) -> None:
+    secret, key_id, account_id = await new_key(fault_store, Settings())
+    ref = KeyRef(account_id, key_id)
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", 50, 100)).code == 0
+    # The key record replaced by a string: settle.lua's HGET fails with WRONGTYPE, which no
+    # retry can fix.
+    await fault_store.client.set(Names.key(account_id, key_id), "corrupt")
+    queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
+    await queue.settle(Settlement(ref, "r", 10, 8, CHAT_COST, "standard"))
+    assert len(queue) == 0  # not retried: it would block the settlements behind it
+    assert sample(registry, "gateway_settlements_total", outcome="failed") == 1
+    assert sample(registry, "gateway_store_errors_total", op="settle") == 1
+    assert sample(registry, "gateway_settlements_total", outcome="settled") == 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,11 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.keys import hash_secret, new_management_secret
+from gateway.management import usage_row
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
-from gateway.store import Names, Store
+from gateway.store import KeyRecord, KeyRef, Names, Store, connect
 from gateway.usage_windows import aggregate
 from tests.conftest import bearer, client_for, new_key
 from tests.openapi_check import check
@@ -173,6 +176,65 @@ async def test_usage_is_limited_to_12_per_12_hours(store: Store, settings: Setti
         assert (await client.get("/api/keys", headers=bearer(mk))).status_code == 200
 
 
+async def test_a_store_outage_is_502_for_usage_and_503_for_keys(
+        tmp_path: Path, settings: Settings, metrics: Metrics) -> None:
+    dead = connect(f"unix://{tmp_path}/no-redis.sock", timeout_seconds=0.2)
+    token = new_management_secret()
+    try:
+        async with client_for(gw(dead, settings, metrics)) as client:
+            usage = await client.get("/api/usage", headers=bearer(token))
+            keys = await client.get("/api/keys", headers=bearer(token))
+    finally:
+        await dead.close()
+    check(usage)
+    assert usage.status_code == 502 and usage.json()["error"]["code"] == "usage_unavailable"
+    check(keys)
+    assert keys.status_code == 503 and keys.json()["error"]["code"] == "store_unavailable"
+
+
+async def test_the_authorization_scheme_is_case_insensitive(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, account = await new_key(store, settings)
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        for scheme in ("bearer", "BEARER"):
+            chat = await client.post("/v1/chat/completions", json=CHAT,
+                                     headers={"Authorization": f"{scheme} {secret}"})
+            assert chat.status_code == 200, scheme
+            keys = await client.get("/api/keys", headers={"Authorization": f"{scheme} {mk}"})
+            assert keys.status_code == 200, scheme
+
+
+async def test_openapi_document_is_get_only(store: Store, settings: Settings,
+                                            metrics: Metrics) -> None:
+    async with client_for(gw(store, settings, metrics)) as client:
+        posted = await client.post("/openapi.json", json={})
+        got = await client.get("/openapi.json")
+    assert posted.status_code == 405 and posted.headers["allow"] == "GET"
+    assert got.status_code == 200
+
+
+async def test_dashboard_sessions_of_one_account_share_one_allowance(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    _, _, account = await new_key(store, settings)
+    sessions = {f"sess-{i}": account for i in range(13)}
+    async with client_for(gw(store, settings, metrics, verifier=sessions.get)) as client:
+        # Every login is a new token; the allowance is the account's, not the token's.
+        statuses = [(await get(client, "/api/usage", token)).status_code
+                    for token in sessions]
+    assert statuses == [200] * 12 + [429]
+
+
+def test_a_subscription_is_expired_from_its_expiry_instant() -> None:
+    expires = 1_700_000_000_000_000
+    record = KeyRecord(id=str(uuid.uuid4()), account_id="a", name="n", key_type="subscription",
+                       plan="pro", active=True, created_at_us=0, expires_at_us=expires,
+                       rpm=1, tpm=1, budget_limit=None, budget_duration=86400, spent=0,
+                       resets_at_us=0, total_spent=0)
+    assert usage_row(record, {}, expires - 1)["subscription"]["status"] == "active"
+    assert usage_row(record, {}, expires)["subscription"]["status"] == "expired"
+
+
 async def test_authentication(store: Store, settings: Settings, metrics: Metrics) -> None:
     secret, _, account = await new_key(store, settings)
     mk = await mgmt_secret(store, account)
@@ -214,6 +276,22 @@ async def test_pluggable_session_verifier(store: Store, settings: Settings,
         broken = await client.get("/api/keys", headers=bearer("sess-broken"))
     assert broken.status_code == 503
     assert broken.json()["error"]["code"] == "auth_unavailable"
+
+
+async def test_a_failing_verifier_never_logs_the_session_token(
+        store: Store, settings: Settings, metrics: Metrics,
+        caplog: pytest.LogCaptureFixture) -> None:
+    token = "sess-" + "S3cr3t" * 6
+
+    def verify(presented: str) -> str | None:
+        raise RuntimeError("login service down")
+
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    async with client_for(gw(store, settings, metrics, verifier=verify)) as client:
+        response = await client.get("/api/keys", headers=bearer(token))
+    assert response.status_code == 503
+    assert "login service down" in caplog.text  # the failure is logged, with its cause
+    assert token not in caplog.text and token not in response.text
 
 
 async def test_accounts_are_isolated_on_every_endpoint(store: Store, settings: Settings,
@@ -273,6 +351,9 @@ async def test_create_patch_and_rotate(store: Store, settings: Settings,
             assert stale.status_code == 401, path
         assert (await client.post("/v1/chat/completions", json=CHAT,
                                   headers=bearer(new))).status_code == 200
+        # The old secret no longer names the key at all: its index entry is gone.
+        assert await store.lookup(hash_secret(old)) is None
+        assert await store.lookup(hash_secret(new)) == KeyRef(account, key_id)
 
         patched = await client.patch(f"/api/keys/{key_id}", headers=auth,
                                      json={"isActive": False, "name": "svc-2"})
@@ -308,6 +389,8 @@ async def test_create_patch_and_rotate(store: Store, settings: Settings,
     ({"name": "x", "credit": True, "budget": -1}, "budget"),
     ({"name": "x", "credit": True, "budget": "ten"}, "budget"),
     ({"name": "x", "credit": True, "budget": 1e300}, "budget"),
+    ({"name": "x", "credit": True, "budget": 1_000_000_001}, "budget"),
+    ({"name": "x" * 201, "credit": True}, "name"),
     ({"name": "x", "credit": True, "budget_duration": "monthly"}, "budget_duration"),
     ({"name": "x", "credit": True, "budget_duration": "99999d"}, "budget_duration"),
     ({"name": "x", "plan": "pro", "expires_at": "tomorrow"}, "expires_at"),
@@ -446,3 +529,23 @@ async def test_plan_keys_and_raised_limits_are_the_operators(store: Store) -> No
     assert plan.json()["error"]["code"] == "plan_keys_not_allowed"
     assert fast.status_code == 400 and "rpm" in fast.json()["error"]["message"]
     assert ok.status_code == 201 and ok.json()["rate_limits"]["rpm"] == 10
+
+
+async def test_credit_limits_are_capped_at_the_entitlement_inclusive(store: Store) -> None:
+    settings = Settings()
+    account = await store.create_account("capped")
+    secret = new_management_secret()
+    await store.create_mgmt_key(account.id, hash_secret(secret))
+    app = GatewayMiddleware(MockUpstream(), settings=settings, store=store,
+                            metrics=Metrics.create(CollectorRegistry()))
+    rpm, tpm = settings.credit_rpm, settings.credit_tpm
+    async with client_for(app) as client:
+        greedy = await client.post("/api/keys", json={"name": "t", "credit": True,
+                                                      "tpm": tpm + 1}, headers=bearer(secret))
+        exact = await client.post("/api/keys", json={"name": "e", "credit": True, "rpm": rpm,
+                                                     "tpm": tpm}, headers=bearer(secret))
+    check(greedy)
+    assert greedy.status_code == 400 and "tpm" in greedy.json()["error"]["message"]
+    check(exact)
+    assert exact.status_code == 201
+    assert exact.json()["rate_limits"] == {"rpm": rpm, "tpm": tpm}

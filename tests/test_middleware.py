@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import orjson
 import pytest
 
@@ -118,3 +120,91 @@ async def test_a_client_gone_before_any_answer_is_billed_its_prompt(
     assert sent == []  # no answer was started
     # the upstream read the prompt (10 tokens): it is billed, the completion is not
     assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(10, 0)
+
+
+async def test_a_body_over_the_limit_is_413_without_a_content_length(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    upstream = MockUpstream()
+    small = Settings(max_body_bytes=1000)
+    big = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "y" * 2000}]})
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 100):  # no Content-Length: Transfer-Encoding: chunked
+            yield big[start:start + 100]
+
+    async with client_for(gateway(upstream, store, small, metrics)) as client:
+        response = await client.post("/v1/chat/completions", content=chunked(),
+                                     headers=bearer(secret))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert upstream.requests == 0
+
+
+async def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    upstream = MockUpstream()
+    small = Settings(max_body_bytes=1000)
+    scope = post_scope("/v1/chat/completions", secret, b"")
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+    scope["headers"].append((b"content-length", b"%d" % (10 * 1024**3)))
+    reads = 0
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        nonlocal reads
+        reads += 1  # a client announcing 10 GiB must not be read from at all
+        return {"type": "http.request", "body": b"{" * 100, "more_body": True}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await gateway(upstream, store, small, metrics)(scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert reads == 0
+    assert upstream.requests == 0
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "PATCH"])
+async def test_metered_paths_accept_post_only(store: Store, settings: Settings,
+                                              metrics: Metrics, method: str) -> None:
+    secret, _, _ = await new_key(store, settings)
+    upstream = MockUpstream()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            response = await client.request(method, path, headers=bearer(secret))
+            assert response.status_code == 405, path
+            assert response.headers["allow"] == "POST"
+    assert upstream.requests == 0
+
+
+async def test_the_configured_default_max_tokens_sizes_the_reservation(
+        store: Store, metrics: Metrics) -> None:
+    settings = Settings(default_max_tokens=100)
+    secret, _, _ = await new_key(store, settings)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}]}  # no max_tokens
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+    assert response.status_code == 200
+    # A full 3333-token bucket less the reservation: 10 prompt + the default 100 completion
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(3333 - 110)
+
+
+@pytest.mark.parametrize("status", [400, 422, 500])
+async def test_an_upstream_refusal_is_not_billed(store: Store, settings: Settings,
+                                                 metrics: Metrics, status: int) -> None:
+    secret, key_id, _ = await new_key(store, settings)
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body",
+                    "body": b'{"error": {"message": "bad request", "type": "invalid"}}'})
+
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+    assert response.status_code == status
+    assert (await store.get_key(key_id)).spent == 0

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from gateway.auth import header
 from gateway.cli import main
 from gateway.errors import ConfigError
+from gateway.keys import hash_secret
 from gateway.logs import (
     JsonFormatter,
     RequestRecord,
@@ -28,7 +29,8 @@ from gateway.logs import (
 from gateway.metrics import MULTIPROC_ENV, Metrics, exposition, multiprocess_dir
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
-from gateway.store import Store, connect
+from gateway.settlement import Settlement, SettlementQueue
+from gateway.store import KeyRef, Store, connect
 from gateway.types import Receive, Scope, Send
 from tests.conftest import RedisServer, bearer, client_for, gateway, new_key
 
@@ -74,6 +76,39 @@ async def test_metrics_endpoint_serves_this_gateways_registry(
     assert sample(text, "gateway_fail_open_requests_total") == 0
     for secret_value in (secret, key_id, account_id, "z" * 40):
         assert secret_value not in text
+
+
+async def test_each_request_is_counted_once_by_its_outcome(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings, rpm=1)
+    async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
+        statuses = [(await client.post("/v1/chat/completions", json=CHAT,
+                                       headers=bearer(secret))).status_code for _ in range(3)]
+        text = (await client.get("/metrics")).text
+    assert statuses == [200, 429, 429]
+    assert sample(text, "gateway_requests_total", decision="allowed", reason="ok",
+                  plan="standard") == 1
+    assert sample(text, "gateway_requests_total", decision="rejected",
+                  reason="rate_limit_exceeded", plan="standard") == 2
+
+
+async def test_a_replayed_settlement_counts_its_tokens_and_spend_once(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    # A retry after a lost reply replays a settlement Redis had applied: settle.lua makes
+    # the replay a no-op, and the metrics must not count it again either.
+    secret, key_id, account_id = await new_key(store, settings)
+    ref = KeyRef(account_id, key_id)
+    assert (await store.admit(ref, hash_secret(secret), "r", 50, 100)).code == 0
+    queue = SettlementQueue(store, metrics)
+    item = Settlement(ref, "r", 10, 8, 17, "standard")
+    await queue.settle(item)
+    await queue.settle(item)
+    text = exposition(metrics.registry)[0].decode()
+    assert sample(text, "gateway_settlements_total", outcome="settled") == 2
+    assert sample(text, "gateway_tokens_total", kind="prompt", plan="standard") == 10
+    assert sample(text, "gateway_tokens_total", kind="completion", plan="standard") == 8
+    assert sample(text, "gateway_spend_usd_total", plan="standard") == pytest.approx(17e-6)
+    assert (await store.get_key(key_id)).spent == 17
 
 
 def _bump_script(allowed: int, plan: str) -> str:
@@ -174,6 +209,7 @@ async def test_readyz_loads_missing_scripts(store: Store, settings: Settings,
         response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "redis": True, "scripts": True}
+    assert response.headers["cache-control"] == "no-store"  # a probe must see it live
     assert await store.client.script_exists(*shas) == [True, True, True]
 
 
@@ -227,9 +263,11 @@ class Recording:
     def __init__(self) -> None:
         self.inner = MockUpstream()
         self.ids: list[bytes | None] = []
+        self.id_headers: list[int] = []  # how many X-Request-Id headers each request had
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.ids.append(header(scope["headers"], b"x-request-id"))
+        self.id_headers.append(sum(k == b"x-request-id" for k, _ in scope["headers"]))
         await self.inner(scope, receive, send)
 
 
@@ -244,12 +282,13 @@ async def test_request_id_is_returned_and_forwarded(store: Store, settings: Sett
                                       headers={**bearer(secret), "X-Request-Id": "bad id"})
         rejected = await client.post("/v1/chat/completions", json=CHAT,
                                      headers={"X-Request-Id": "client-id-2"})
-        other = await client.get("/not-v1")
+        other = await client.get("/not-v1", headers={"X-Request-Id": "bad id"})
     assert chosen.headers["x-request-id"] == "client-id-1"
     assert len(generated.headers["x-request-id"]) == 32
     assert rejected.status_code == 401 and rejected.headers["x-request-id"] == "client-id-2"
     assert upstream.ids == [b"client-id-1", generated.headers["x-request-id"].encode(),
                             other.headers["x-request-id"].encode()]
+    assert upstream.id_headers == [1, 1, 1]  # the client's invalid one is replaced, not added
 
 
 class Barrier:

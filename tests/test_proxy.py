@@ -21,7 +21,7 @@ from gateway.mock_upstream import MockUpstream
 from gateway.proxy import UpstreamProxy
 from gateway.settings import Settings
 from gateway.store import Names, Store
-from gateway.types import Receive, Scope, Send
+from gateway.types import Message, Receive, Scope, Send
 from tests.conftest import (
     RedisServer,
     bearer,
@@ -260,3 +260,91 @@ async def test_headers_named_in_connection_are_not_forwarded(
         await proxy.close()
     echoed = response.json()["headers"]
     assert "x-hop" not in echoed and echoed["x-end"] == "keep me"
+
+
+class HopByHopUpstream(EchoUpstream):
+    """Answers with hop-by-hop headers that describe its own connection only."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_hop_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [
+                    *message["headers"], (b"keep-alive", b"timeout=5, max=100"),
+                    (b"proxy-authenticate", b"Basic realm=upstream"),
+                    (b"upgrade", b"h2c"), (b"trailer", b"x-checksum"),
+                    (b"x-ratelimit-remaining-requests", b"999999"),
+                    (b"x-ratelimit-limit-tokens", b"1")]}
+            await send(message)
+
+        await super().__call__(scope, receive, with_hop_headers)
+
+
+async def test_hop_by_hop_and_rate_headers_of_the_upstream_stay_there(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    async with serving(HopByHopUpstream()) as upstream:
+        proxy = UpstreamProxy(upstream)
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT,
+                                         headers=bearer(secret))
+        await proxy.close()
+    assert response.status_code == 200
+    assert response.headers["x-upstream"] == "yes"  # end-to-end headers are forwarded
+    for name in ("keep-alive", "proxy-authenticate", "upgrade", "trailer", "connection"):
+        assert name not in response.headers, name
+    # The rate headers the client sees are the gateway's, each once.
+    assert response.headers.get_list("x-ratelimit-remaining-requests") == ["59"]
+    assert response.headers.get_list("x-ratelimit-limit-tokens") == ["3333"]
+
+
+async def test_only_the_model_list_routes_are_forwarded_by_get(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, _, _ = await new_key(store, settings)
+    seen: list[str] = []
+
+    class Recorder(EchoUpstream):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append(scope["path"])
+            await super().__call__(scope, receive, send)
+
+    async with serving(Recorder()) as upstream:
+        proxy = UpstreamProxy(upstream)
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            statuses = {path: (await client.get(path, headers=bearer(secret))).status_code
+                        for path in ("/v1/models", "/v1/models/m", "/v1/models-admin",
+                                     "/v1/modelsx/y", "/v1/files")}
+        await proxy.close()
+    assert statuses == {"/v1/models": 200, "/v1/models/m": 200, "/v1/models-admin": 404,
+                        "/v1/modelsx/y": 404, "/v1/files": 404}
+    assert seen == ["/v1/models", "/v1/models/m"]
+
+
+async def test_response_headers_named_in_the_upstreams_connection_are_not_forwarded(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    """RFC 9110 7.6.1: a proxy removes the headers its peer named in `Connection:`, in
+    responses as in requests (above)."""
+    secret, _, _ = await new_key(store, settings)
+    body = orjson.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"connection: keep-alive, x-hop\r\nx-hop: upstream-internal\r\n"
+                     b"x-end: kept\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = UpstreamProxy(f"http://127.0.0.1:{port}")
+    try:
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            response = await client.post("/v1/chat/completions", json=CHAT,
+                                         headers=bearer(secret))
+    finally:
+        await proxy.close()
+        server.close()
+        await server.wait_closed()
+    assert response.status_code == 200
+    assert response.headers["x-end"] == "kept"
+    assert "x-hop" not in response.headers

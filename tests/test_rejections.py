@@ -120,6 +120,23 @@ async def test_other_v1_paths_need_a_key_and_count_one_request(
     assert usage.json()["budget"]["spent"] == 0
 
 
+async def test_a_rotated_secret_is_dropped_from_the_lookup_cache(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, account_id = await new_key(store, settings)
+    cached = Settings(api_plan_keys=True, auth_cache_seconds=3600)
+    app = gateway(MockUpstream(), store, cached, metrics)
+    authorization = f"Bearer {secret}".encode()
+    async with client_for(app) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT,
+                                  headers=bearer(secret))).status_code == 200
+        assert app.resolver.cached(authorization) is not None
+        await store.rotate_key(account_id, key_id, hash_secret("sk_live_" + "N" * 40))
+        stale = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+    assert stale.status_code == 401
+    # The admission said the secret names no key: it is not trusted from the cache again.
+    assert app.resolver.cached(authorization) is None
+
+
 async def test_usage_is_404_when_the_record_is_gone(store: Store, settings: Settings,
                                                     metrics: Metrics) -> None:
     secret, key_id, account_id = await new_key(store, settings)

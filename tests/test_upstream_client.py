@@ -861,3 +861,12 @@ async def test_response_is_an_async_context_manager() -> None:
         assert len(client._idle) == 1
         assert await get(client) == b"connection 0"
     assert server.accepted == 1
+
+
+async def test_a_target_with_control_characters_is_refused_before_sending() -> None:
+    async with Server(keep_answering) as server, client_for(server.url) as client:
+        for target in ("/v1/models\r\nx-injected: 1", "/v1/models\nx: 1", "/a b", "/a\x00"):
+            with pytest.raises(ValueError, match="quoted"):
+                await client.request("GET", target, [], b"")
+        assert await get(client) == b"connection 0"  # the one request that was valid
+    assert len(server.requests) == 1
