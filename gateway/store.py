@@ -20,8 +20,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import hiredis
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import (
@@ -281,11 +288,21 @@ _TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "
                       "NOSCRIPT")
 
 
+# redis-py turns those replies into these classes and drops the prefix from the message.
+_TRANSIENT_ERRORS = (ClusterDownError, TryAgainError, ReadOnlyError, NoScriptError)
+
+
 def _reply_error(message: str) -> StoreUnavailable:
     text = f"Redis error: {message[:80]}"
     if message.startswith(_TRANSIENT_REPLIES):
         return StoreUnavailable(text)
     return StoreCommandError(text)
+
+
+def _response_error(exc: ResponseError) -> StoreUnavailable:
+    if isinstance(exc, _TRANSIENT_ERRORS):
+        return StoreUnavailable(f"Redis error: {type(exc).__name__}: {str(exc)[:80]}")
+    return _reply_error(str(exc))
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -321,7 +338,7 @@ class Store:
         try:
             return await awaitable
         except ResponseError as exc:
-            raise _reply_error(str(exc)) from exc
+            raise _response_error(exc) from exc
         except (TimeoutError, RedisError, OSError) as exc:
             message = type(exc).__name__ + _tls_reason(exc)
             if _maybe_applied(exc):

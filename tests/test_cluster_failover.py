@@ -8,18 +8,20 @@ itself once a replica is promoted, and bill exactly the requests it answered 200
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
+from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
-from gateway.store import Names, connect
+from gateway.store import Names, Store, connect
 from tests.burst import CHAT, CHAT_COST
 from tests.cluster import RedisCluster
 from tests.conftest import bearer, client_for, gateway, new_key
@@ -50,56 +52,70 @@ async def _until_recovered(client: httpx.AsyncClient, secret: str,
     return statuses
 
 
-async def _billed(app: GatewayMiddleware, store: Any, key_id: str) -> int:
-    await app.settlements.drain(10.0)  # settlements queued during the outage land now
-    return int((await store.get_key(key_id)).spent)
+@dataclass
+class Served:
+    app: GatewayMiddleware
+    client: httpx.AsyncClient
+    store: Store
+    secret: str
+    key_id: str
+    record: str  # the key's record: its slot names the master that matters
+
+    async def billed(self) -> int:
+        await self.app.settlements.drain(10.0)  # settlements queued in the outage land now
+        deadline = time.monotonic() + 10
+        while True:  # every node reports the cluster up a moment apart
+            try:
+                return int((await self.store.get_key(self.key_id)).spent)
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the cluster never came back"
+                await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def serving_a_key(cluster: RedisCluster, settings: Settings,
+                        metrics: Metrics) -> AsyncIterator[Served]:
+    store = connect(cluster.url, 0.5)
+    try:
+        secret, key_id, account_id = await new_key(store, settings, rpm=1000, tpm=1_000_000)
+        app = gateway(MockUpstream(), store, settings, metrics)
+        async with client_for(app) as client:
+            yield Served(app, client, store, secret, key_id, Names.key(account_id, key_id))
+    finally:
+        await store.close()
 
 
 async def test_a_handed_over_master_loses_nothing(
         replicated: RedisCluster, settings: Settings, metrics: Metrics) -> None:
-    store = connect(replicated.url, 0.5)
-    try:
-        secret, key_id, account_id = await new_key(store, settings, rpm=1000, tpm=1_000_000)
-        record = Names.key(account_id, key_id)
-        app = gateway(MockUpstream(), store, settings, metrics)
-        async with client_for(app) as client:
-            before = await _until_recovered(client, secret)
-            master = replicated.master_of(record)
-            replica = replicated.replica_of(master)
-            replicated.cli(replica, "CLUSTER", "FAILOVER")
-            deadline = time.monotonic() + 15
-            while replicated.master_of(record) != replica:
-                assert time.monotonic() < deadline, "the replica was not promoted"
-                await asyncio.sleep(0.05)
-            # The new master has no scripts (they are not replicated): NOSCRIPT, reload.
-            after = await _until_recovered(client, secret)
+    async with serving_a_key(replicated, settings, metrics) as served:
+        before = await _until_recovered(served.client, served.secret)
+        master = replicated.master_of(served.record)
+        replica = replicated.replica_of(master)
+        replicated.cli(replica, "CLUSTER", "FAILOVER")
+        deadline = time.monotonic() + 15
+        while replicated.master_of(served.record) != replica:
+            assert time.monotonic() < deadline, "the replica was not promoted"
+            await asyncio.sleep(0.05)
+        # The new master has no scripts (they are not replicated): NOSCRIPT, reload.
+        after = await _until_recovered(served.client, served.secret)
         assert after[-3:] == [200, 200, 200] and set(before + after) <= {200, 503}
-        assert await _billed(app, store, key_id) == (before + after).count(200) * CHAT_COST
-    finally:
-        await store.close()
+        assert await served.billed() == (before + after).count(200) * CHAT_COST
 
 
 async def test_a_crashed_master_is_503_until_its_replica_takes_over(
         replicated: RedisCluster, settings: Settings, metrics: Metrics) -> None:
-    store = connect(replicated.url, 0.5)
-    try:
-        secret, key_id, account_id = await new_key(store, settings, rpm=1000, tpm=1_000_000)
-        record = Names.key(account_id, key_id)
-        app = gateway(MockUpstream(), store, settings, metrics)
-        async with client_for(app) as client:
-            before = await _until_recovered(client, secret)
-            master = replicated.master_of(record)
-            # Replication is asynchronous: let the replica have every acknowledged write,
-            # so what is measured is the gateway, not Redis's own window of loss (without
-            # this, under load, the promoted replica can lack the key: a 401 then).
-            replicated.wait_for_replicas(master)
-            replicated.kill(master)
-            started = time.monotonic()
-            during = await _until_recovered(client, secret)
-            recovered_in = time.monotonic() - started
+    async with serving_a_key(replicated, settings, metrics) as served:
+        before = await _until_recovered(served.client, served.secret)
+        master = replicated.master_of(served.record)
+        # Replication is asynchronous: let the replica have every acknowledged write,
+        # so what is measured is the gateway, not Redis's own window of loss (without
+        # this, under load, the promoted replica can lack the key: a 401 then).
+        replicated.wait_for_replicas(master)
+        replicated.kill(master)
+        started = time.monotonic()
+        during = await _until_recovered(served.client, served.secret)
+        recovered_in = time.monotonic() - started
         assert 503 in during, "the outage was never seen"
         assert set(during) <= {200, 503}, during
         assert during[-3:] == [200, 200, 200] and recovered_in < 30
-        assert await _billed(app, store, key_id) == (before + during).count(200) * CHAT_COST
-    finally:
-        await store.close()
+        assert await served.billed() == (before + during).count(200) * CHAT_COST

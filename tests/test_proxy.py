@@ -56,6 +56,17 @@ class EchoUpstream:
         await send({"type": "http.response.body", "body": data})
 
 
+class Recorder(EchoUpstream):
+    """EchoUpstream that also records every path it served."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.seen.append(scope["path"])
+        await super().__call__(scope, receive, send)
+
+
 async def test_forwarding_replaces_auth_and_drops_hop_by_hop(
         store: Store, settings: Settings, metrics: Metrics) -> None:
     secret, _, _ = await new_key(store, settings)
@@ -214,14 +225,8 @@ def test_gateway_serve_as_a_user_runs_it(redis_server: RedisServer, redis_url: s
 async def test_only_metered_v1_paths_reach_the_upstream(store: Store, settings: Settings,
                                                         metrics: Metrics) -> None:
     secret, _, _ = await new_key(store, settings)
-    seen: list[str] = []
-
-    class Recorder(EchoUpstream):
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            seen.append(scope["path"])
-            await super().__call__(scope, receive, send)
-
-    async with serving(Recorder()) as upstream:
+    recorder = Recorder()
+    async with serving(recorder) as upstream:
         proxy = UpstreamProxy(upstream, api_key="upstream-secret")
         async with client_for(gateway(proxy, store, settings, metrics)) as client:
             for path in ("/invocations", "/score", "/health", "/foo/bar?x=1"):
@@ -244,7 +249,7 @@ async def test_only_metered_v1_paths_reach_the_upstream(store: Store, settings: 
             ok = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
             assert ok.status_code == 200
         await proxy.close()
-    assert seen == ["/v1/chat/completions"]
+    assert recorder.seen == ["/v1/chat/completions"]
 
 
 async def test_headers_named_in_connection_are_not_forwarded(
@@ -300,14 +305,8 @@ async def test_hop_by_hop_and_rate_headers_of_the_upstream_stay_there(
 async def test_only_the_model_list_routes_are_forwarded_by_get(
         store: Store, settings: Settings, metrics: Metrics) -> None:
     secret, _, _ = await new_key(store, settings)
-    seen: list[str] = []
-
-    class Recorder(EchoUpstream):
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            seen.append(scope["path"])
-            await super().__call__(scope, receive, send)
-
-    async with serving(Recorder()) as upstream:
+    recorder = Recorder()
+    async with serving(recorder) as upstream:
         proxy = UpstreamProxy(upstream)
         async with client_for(gateway(proxy, store, settings, metrics)) as client:
             statuses = {path: (await client.get(path, headers=bearer(secret))).status_code
@@ -316,7 +315,7 @@ async def test_only_the_model_list_routes_are_forwarded_by_get(
         await proxy.close()
     assert statuses == {"/v1/models": 200, "/v1/models/m": 200, "/v1/models-admin": 404,
                         "/v1/modelsx/y": 404, "/v1/files": 404}
-    assert seen == ["/v1/models", "/v1/models/m"]
+    assert recorder.seen == ["/v1/models", "/v1/models/m"]
 
 
 async def test_response_headers_named_in_the_upstreams_connection_are_not_forwarded(

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.keys import hash_secret
 from gateway.settings import Settings
 from gateway.store import connect
-from tests.conftest import new_key
+from tests.conftest import RedisServer, free_port, new_key
 
 
 async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
@@ -67,3 +68,28 @@ def test_scripts_load_from_a_source_checkout_too(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(store_module.resources, "files", no_package)
     assert store_module.lua_source("admit") == installed
+
+
+async def test_transient_replies_are_unavailable_not_refused(tmp_path: Path) -> None:
+    """redis-py turns READONLY, CLUSTERDOWN, TRYAGAIN and NOSCRIPT replies into classes of
+    their own and drops the prefix: they must still read as transient (a settlement that
+    meets one is retried, not given up), while a genuine command error is not."""
+    server = RedisServer(tmp_path)
+    server.start()
+    store = connect(server.url, timeout_seconds=5.0)
+    try:
+        await store.create_account("before")
+        # A replica of a master that does not exist: reachable, but refuses writes,
+        # as the old master does for a moment after a failover.
+        await store.client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        with pytest.raises(StoreUnavailable) as refused:
+            await store.create_account("during")
+        assert not isinstance(refused.value, StoreCommandError)
+        assert "ReadOnlyError" in str(refused.value)
+        await store.client.execute_command("REPLICAOF", "NO", "ONE")
+        await store.client.set("plain", "text")
+        with pytest.raises(StoreCommandError):  # WRONGTYPE: retrying cannot help
+            await store._call(store.client.hget("plain", "field"))
+    finally:
+        await store.close()
+        server.stop()
