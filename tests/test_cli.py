@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
 from gateway.cli import main
+from gateway.proxy import UpstreamProxy
+from gateway.serving import create_app
+from gateway.store import Store, connect
+from tests.conftest import free_port
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -89,6 +96,9 @@ def test_redis_down_is_one_clear_line(tmp_path: object,
     code, _, err = run(capsys, "keys", "list", "--redis", f"unix://{tmp_path}/none.sock")
     assert code == 1
     assert err.startswith("gateway: error: cannot reach Redis") and err.count("\n") == 1
+    code, _, err = run(capsys, "keys", "list", "--redis", f"redis://127.0.0.1:{free_port()}/0")
+    assert code == 1 and err.startswith("gateway: error: cannot reach Redis")
+    assert "ssl_ca_certs" not in err  # the TLS hint is for rediss:// URLs only
 
 
 def test_no_redis_configured_and_bad_config(tmp_path: object,
@@ -134,3 +144,96 @@ def test_huge_credit_amounts_are_refused(redis_url: str,
     code, _, err = run(capsys, "accounts", "add-credits", account, "9300000000000",
                        "--redis", redis_url)
     assert code == 1 and "maximum" in err
+
+
+SERVE_ENV = ("GATEWAY_UPSTREAM", "GATEWAY_UPSTREAM_API_KEY", "GATEWAY_REDIS_URL",
+             "GATEWAY_CONFIG", "GATEWAY_LOG_LEVEL", "GATEWAY_LOG_FORMAT", "GATEWAY_FAIL_MODE")
+
+
+def test_serve_hands_its_options_to_the_worker_apps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for name in SERVE_ENV:
+        monkeypatch.setenv(name, "")  # _serve sets them; monkeypatch restores them after
+    config = tmp_path / "gateway.toml"
+    config.write_text('fail_mode = "open"\nlog_level = "warning"\nlog_format = "text"\n')
+    runs: list[dict[str, Any]] = []
+
+    def fake_run(app: str, **kwargs: Any) -> None:  # what a worker builds, without serving
+        built = create_app()
+        runs.append({"app": app, **kwargs, "built": built})
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    code, _, err = run(capsys, "serve", "--upstream", "http://127.0.0.1:9", "--redis",
+                       "redis://127.0.0.1:1/0", "--config", str(config),
+                       "--upstream-api-key", "sk-upstream", "--log-level", "debug",
+                       "--log-format", "json", "--port", "8099")
+    assert (code, err) == (0, "")
+    [started] = runs
+    assert (started["app"], started["factory"], started["port"], started["workers"]) == (
+        "gateway.serving:create_app", True, 8099, 1)
+    assert started["log_level"] == "debug"  # the flag wins over the file
+    built = started["built"]
+    assert built.settings.fail_mode == "open"  # the workers read the same config file
+    assert built.settings.redis_url == "redis://127.0.0.1:1/0"
+    assert (built.settings.log_level, built.settings.log_format) == ("debug", "json")
+    assert isinstance(built.app, UpstreamProxy)
+    assert built.app._auth == (b"authorization", b"Bearer sk-upstream")
+
+
+def test_serve_refuses_zero_workers_before_starting(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("started"))
+    code, _, err = run(capsys, "serve", "--upstream", "http://127.0.0.1:9", "--redis",
+                       "redis://127.0.0.1:1/0", "--workers", "0")
+    assert code == 1
+    assert err == "gateway: error: --workers must be at least 1\n"
+
+
+def test_text_output_and_listing_one_account(redis_url: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    ids = []
+    for name in ("first", "second"):
+        code, out, _ = run(capsys, "accounts", "create", "--name", name, "--redis", redis_url,
+                           "--json")
+        ids.append(json.loads(out)["id"])
+    code, out, _ = run(capsys, "keys", "create", "--account", ids[0], "--name", "prod",
+                       "--plan", "pro", "--expires-in", "1d", "--json", "--redis", redis_url)
+    plan_key = json.loads(out)
+    run(capsys, "keys", "create", "--account", ids[1], "--name", "other", "--credit",
+        "--redis", redis_url)
+    code, out, _ = run(capsys, "keys", "list", "--account", ids[0], "--json",
+                       "--redis", redis_url)
+    assert [k["id"] for k in json.loads(out)] == [plan_key["id"]]
+    code, out, _ = run(capsys, "keys", "deactivate", plan_key["id"], "--redis", redis_url)
+    lines = out.splitlines()
+    assert lines[0] == f"{plan_key['id']}  prod  subscription (pro)  [deactivated]"
+    assert lines[1].startswith("  rpm 200, tpm 13333, budget unlimited per 30d, spent $0.000000")
+    assert lines[2] == f"  expires {plan_key['expires_at']}"
+    code, _, err = run(capsys, "accounts", "add-credits", ids[0], "0", "--redis", redis_url)
+    assert (code, err) == (1, "gateway: error: the amount of credits must be positive\n")
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gateway.cli.Settings.load", interrupted)
+    assert run(capsys, "plans") == (130, "", "")
+
+
+def test_commands_give_redis_at_least_two_seconds(redis_url: str,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    timeouts: list[float] = []
+
+    def recording(url: str, timeout: float) -> Store:
+        timeouts.append(timeout)
+        return connect(url, timeout)
+
+    monkeypatch.setattr("gateway.cli.connect", recording)
+    for configured in ("0.1", "5"):
+        monkeypatch.setenv("GATEWAY_REDIS_TIMEOUT", configured)
+        assert run(capsys, "accounts", "list", "--redis", redis_url)[0] == 0
+    assert timeouts == [2.0, 5.0]  # an admin command may wait longer than admission does

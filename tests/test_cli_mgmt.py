@@ -37,3 +37,5 @@ def test_mgmt_keys_lifecycle(redis_url: str, capsys: pytest.CaptureFixture[str])
     assert code == 1 and "no management key" in err
     code, _, err = run(capsys, "mgmt-keys", "create", "--account", "nope", *r)
     assert code == 1 and "no account" in err
+    code, out, err = run(capsys, "mgmt-keys", "list", "--account", "nope", *r)
+    assert (code, out) == (1, "") and "no account" in err

@@ -14,7 +14,18 @@ from gateway.errors import StoreUnavailable
 from gateway.keys import hash_secret
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
-from gateway.ratelimit import RPM_EXHAUSTED, rejection
+from gateway.ratelimit import (
+    BUDGET_EXHAUSTED,
+    CREDITS_EXHAUSTED,
+    DEACTIVATED,
+    EXPIRED,
+    RPM_EXHAUSTED,
+    TPM_EXHAUSTED,
+    UNKNOWN_KEY,
+    format_reset,
+    rate_headers,
+    rejection,
+)
 from gateway.settings import Settings
 from gateway.store import Decision, Names, Store, connect
 from tests.conftest import bearer, client_for, gateway, new_key
@@ -270,3 +281,49 @@ def test_retry_after_rounds_the_wait_up_to_whole_seconds(wait_us: int, header: b
     refused = rejection(decision)
     assert refused.status == 429
     assert dict(refused.headers)[b"retry-after"] == header
+
+
+@pytest.mark.parametrize("micros,text", [
+    (-5, "0ms"), (0, "0ms"), (1, "1ms"), (999_000, "999ms"), (999_001, "1s"),
+    (1_000_000, "1s"), (1_500_000, "1.5s"), (1_234_567, "1.235s"), (59_999_000, "59.999s"),
+    (60_000_000, "1m0s"), (360_000_000, "6m0s"), (3_600_000_000, "1h0m0s"),
+    (3_723_000_000, "1h2m3s"), (3_723_500_000, "1h2m3.5s"),
+])
+def test_reset_is_formatted_like_openai_and_rounded_up(micros: int, text: str) -> None:
+    assert format_reset(micros) == text
+
+
+def test_rate_headers_report_each_bucket_separately() -> None:
+    decision = Decision(0, 60, 59, 1_000_000, 3333, 3000, 18_000_000, -1, "standard", "plan")
+    assert rate_headers(decision) == [
+        (b"x-ratelimit-limit-requests", b"60"),
+        (b"x-ratelimit-remaining-requests", b"59"),
+        (b"x-ratelimit-reset-requests", b"1s"),
+        (b"x-ratelimit-limit-tokens", b"3333"),
+        (b"x-ratelimit-remaining-tokens", b"3000"),
+        (b"x-ratelimit-reset-tokens", b"18s"),
+    ]
+
+
+@pytest.mark.parametrize("code,status,error_code,error_type,message", [
+    (UNKNOWN_KEY, 401, "invalid_api_key", "invalid_request_error", "Invalid API key."),
+    (DEACTIVATED, 403, "key_deactivated", "permission_error", "deactivated"),
+    (EXPIRED, 403, "subscription_expired", "permission_error", "expired"),
+    (RPM_EXHAUSTED, 429, "rate_limit_exceeded", "requests", "60 requests per minute"),
+    (TPM_EXHAUSTED, 429, "rate_limit_exceeded", "tokens", "3333 tokens per minute"),
+    (BUDGET_EXHAUSTED, 429, "budget_exceeded", "insufficient_quota", "budget"),
+    (CREDITS_EXHAUSTED, 429, "insufficient_credits", "insufficient_quota", "credit balance"),
+])
+def test_each_refusal_has_its_status_code_type_and_message(
+        code: int, status: int, error_code: str, error_type: str, message: str) -> None:
+    decision = Decision(code, 60, 0, 1_000_000, 3333, 0, 18_000_000, 2_000_000, "standard",
+                        "plan")
+    refused = rejection(decision)
+    assert (refused.status, refused.code, refused.error_type) == (status, error_code, error_type)
+    assert message in refused.message
+    headers = dict(refused.headers)
+    if status == 429:
+        assert headers[b"retry-after"] == b"2"
+        assert headers[b"x-ratelimit-limit-tokens"] == b"3333"
+    else:
+        assert b"retry-after" not in headers
