@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 import tomllib
@@ -85,6 +87,26 @@ def _price(raw: Any, what: str) -> Price:
                  usd_to_micro(raw["output"], f"{what}.output"))
 
 
+def _table(value: object, what: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{what}] must be a table, got {value!r}")
+    return value
+
+
+def _seconds(value: object, what: str, zero_allowed: bool) -> float:
+    """A duration in seconds from TOML or the environment (a number, or text of one)."""
+    seconds = math.nan
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # not a number: refused below
+            seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_allowed):
+        bound = "at least 0" if zero_allowed else "above 0"
+        raise ConfigError(f"{what} must be a number of seconds {bound}, got {value!r}")
+    return seconds
+
+
 def _flag(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what} must be true or false, got {value!r}")
@@ -144,7 +166,7 @@ class Settings:
         if fail_mode not in ("closed", "open"):
             raise ConfigError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
         plans = dict(DEFAULT_PLANS)
-        for slug, raw in (data.get("plans") or {}).items():
+        for slug, raw in _table(data.get("plans"), "plans").items():
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"[plans.{slug}] must be a table")
             base = plans.get(slug)
@@ -155,19 +177,20 @@ class Settings:
                 rpm=check_rate(raw.get("rpm", base.rpm if base else None), f"plans.{slug}.rpm"),
                 tpm=check_rate(raw.get("tpm", base.tpm if base else None), f"plans.{slug}.tpm"),
             )
-        credit = data.get("credit") or {}
-        pricing = data.get("pricing") or {}
+        credit = _table(data.get("credit"), "credit")
+        pricing = _table(data.get("pricing"), "pricing")
         default_price = (_price(pricing["default"], "pricing.default") if "default" in pricing
                          else Price(500_000, 1_500_000))
         models = {name: _price(raw, f"pricing.models.{name}")
-                  for name, raw in (pricing.get("models") or {}).items()}
+                  for name, raw in _table(pricing.get("models"), "pricing.models").items()}
         max_body = data.get("max_body_bytes", 10 * 1024 * 1024)
         default_max_tokens = data.get("default_max_tokens", 1024)
         for name, value in (("max_body_bytes", max_body),
                             ("default_max_tokens", default_max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        timeout = float(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25))
+        timeout = _seconds(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25),
+                           "redis_timeout", zero_allowed=False)
         log_level = check_level(str(env.get("GATEWAY_LOG_LEVEL") or data.get("log_level", "info")))
         log_format = check_format(
             str(env.get("GATEWAY_LOG_FORMAT") or data.get("log_format", "json")))
@@ -181,7 +204,8 @@ class Settings:
             credit_tpm=check_rate(credit.get("tpm", 3333), "credit.tpm"),
             default_price=default_price,
             model_prices=models,
-            auth_cache_seconds=float(data.get("auth_cache_seconds", 5.0)),
+            auth_cache_seconds=_seconds(data.get("auth_cache_seconds", 5.0),
+                                        "auth_cache_seconds", zero_allowed=True),
             api_plan_keys=_flag(data.get("api_plan_keys", False), "api_plan_keys"),
             redis_timeout_seconds=timeout,
             log_level=log_level,
