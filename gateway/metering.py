@@ -1,94 +1,37 @@
-"""Token estimates before forwarding, and actual usage read from responses.
+"""Actual usage read from responses: JSON bodies and server-sent event streams.
 
-Estimates are deliberately simple (characters / 4); the settlement corrects them with the
-upstream's reported usage, so they only size the reservation.
+Every usage shape the supported upstreams send is read here: OpenAI's `prompt_tokens` /
+`completion_tokens` (with `prompt_tokens_details.cached_tokens`), the Responses API's
+`input_tokens` / `output_tokens` and the Anthropic Messages API's, whose cache reads are
+counted apart. The model the upstream reports is read too: it decides the price.
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+from gateway.routes import Kind
+from gateway.sse import SseEvents
+
 _USAGE_KEY = b'"usage"'
-_MAX_SSE_EVENT = 1024 * 1024
-
-
-def _text_chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        total = 0
-        for item in value:
-            if isinstance(item, int):
-                total += 4  # a pre-tokenized prompt: one token per id
-            elif isinstance(item, dict):
-                total += _text_chars(item.get("text"))
-            else:
-                total += _text_chars(item)
-        return total
-    return 0
-
-
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    chars = 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, dict):
-                chars += _text_chars(message.get("content"))
-    chars += _text_chars(body.get("prompt"))
-    chars += _text_chars(body.get("input"))
-    return max(1, -(-chars // 4))
-
-
-MAX_COMPLETION_TOKENS = 10_000_000
-MAX_CHOICES = 128
-
-
-class InvalidEstimate(ValueError):
-    """A request field makes the reservation meaningless; the message names the field."""
-
-
-def _bounded(body: dict[str, Any], field: str, low: int, high: int) -> int | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidEstimate(f"{field} must be an integer between {low} and {high}")
-    return value
-
-
-def completion_reservation(body: dict[str, Any], path: str, default_max_tokens: int) -> int:
-    """Completion tokens to reserve: max_tokens (or the default) for every choice asked for."""
-    if path == "/v1/embeddings":
-        return 0
-    per_choice = default_max_tokens
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = _bounded(body, field, 0, MAX_COMPLETION_TOKENS)
-        if value is not None:
-            per_choice = value
-    choices = max(_bounded(body, "n", 1, MAX_CHOICES) or 1,
-                  _bounded(body, "best_of", 1, MAX_CHOICES) or 1)
-    return per_choice * choices
-
-
-def prepare_stream(body: dict[str, Any]) -> bool:
-    """Ask a streaming upstream for its usage chunk. True when we injected the request,
-    in which case the chunk is ours and is removed before the client sees it."""
-    if body.get("stream") is not True:
-        return False
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return False
-    body["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                              "include_usage": True}
-    return True
-
-
+_MODEL_KEY = b'"model"'
 MAX_REPORTED_TOKENS = 100_000_000
+_WHOLE_PARSE_BYTES = 256 * 1024  # bodies up to this are parsed whole: exact and cheap
+_HEAD_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt: int
+    completion: int
+    cached: int = 0  # of the prompt tokens, those served from a prompt cache
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt + other.prompt, self.completion + other.completion,
+                     self.cached + other.cached)
 
 
 def _count(value: Any) -> int | None:
@@ -97,20 +40,40 @@ def _count(value: Any) -> int | None:
     return value if 0 <= value <= MAX_REPORTED_TOKENS else None
 
 
-def _usage_numbers(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) from an OpenAI `usage` object; None when it is not believable,
-    so the admission-time estimate stands instead."""
+def _cached(usage: dict[str, Any]) -> int:
+    for details in ("prompt_tokens_details", "input_tokens_details"):
+        inner = usage.get(details)
+        if isinstance(inner, dict):
+            return _count(inner.get("cached_tokens")) or 0
+    return 0
+
+
+def read_usage(usage: Any) -> Usage | None:
+    """A usage object in any of the supported shapes; None when it is not believable, so
+    the admission-time bound stands instead."""
     if not isinstance(usage, dict):
         return None
-    prompt = _count(usage.get("prompt_tokens"))
-    if prompt is None:
-        return None
-    if "completion_tokens" in usage:
-        completion = _count(usage["completion_tokens"])
-    else:
-        total = _count(usage.get("total_tokens", prompt))
-        completion = None if total is None or total < prompt else total - prompt
-    return None if completion is None else (prompt, completion)
+    if "prompt_tokens" in usage:
+        prompt = _count(usage["prompt_tokens"])
+        if prompt is None:
+            return None
+        if "completion_tokens" in usage:
+            completion = _count(usage["completion_tokens"])
+        else:  # embeddings, score: a total that is all prompt
+            total = _count(usage.get("total_tokens", prompt))
+            completion = None if total is None or total < prompt else total - prompt
+        return None if completion is None else Usage(prompt, completion, _cached(usage))
+    if "input_tokens" in usage:
+        prompt = _count(usage["input_tokens"])
+        completion = _count(usage.get("output_tokens", 0))
+        if prompt is None or completion is None:
+            return None
+        # Anthropic counts cache reads and writes apart from input_tokens.
+        reads = _count(usage.get("cache_read_input_tokens")) or 0
+        writes = _count(usage.get("cache_creation_input_tokens")) or 0
+        return Usage(prompt + reads + writes, completion, reads or _cached(usage))
+    total = _count(usage.get("total_tokens"))  # vLLM's rerank reports a total only
+    return None if total is None else Usage(total, 0)
 
 
 def _matching_brace(data: bytes, start: int) -> int:
@@ -138,7 +101,7 @@ def _matching_brace(data: bytes, start: int) -> int:
 _BRACE_TRIES = 4
 
 
-def _usage_object(body: bytes, start: int) -> Any:
+def _object_at(body: bytes, start: int) -> Any:
     """The JSON object that opens at `start`. Usage objects are small and nest little, so
     letting orjson try each closing brace in turn beats scanning bytes in Python."""
     end = start
@@ -159,110 +122,150 @@ def _usage_object(body: bytes, start: int) -> Any:
         return None
 
 
-def usage_from_json(body: bytes) -> tuple[int, int] | None:
-    """The `usage` object of a JSON response, read from the last occurrence of the key
+def usage_from_json(body: bytes) -> Usage | None:
+    """The `usage` object of a JSON body, read from the last occurrence of the key
     (OpenAI-compatible servers put it at the end) without parsing the whole body."""
     index = body.rfind(_USAGE_KEY)
     while index >= 0:
         start = body.find(b"{", index + len(_USAGE_KEY))
         colon = body.find(b":", index + len(_USAGE_KEY))
         if start > 0 and colon > 0 and body[colon + 1 : start].strip() == b"":
-            return _usage_numbers(_usage_object(body, start))
+            return read_usage(_object_at(body, start))
         index = body.rfind(_USAGE_KEY, 0, index)
     return None
 
 
-class JsonUsage:
-    """Collects a JSON response body (bounded) to read its usage at the end."""
+def model_from_json(body: bytes) -> str | None:
+    """The first `"model": "..."` of a body too large to parse whole."""
+    index = body.find(_MODEL_KEY)
+    while index >= 0:
+        colon = body.find(b":", index + len(_MODEL_KEY))
+        quote = body.find(b'"', colon + 1) if colon > 0 else -1
+        if quote > 0 and body[index + len(_MODEL_KEY) : colon].strip() == b"" \
+                and body[colon + 1 : quote].strip() == b"":
+            end = body.find(b'"', quote + 1)
+            if end > 0:
+                try:
+                    value = orjson.loads(body[quote : end + 1])
+                except orjson.JSONDecodeError:
+                    return None
+                return value if isinstance(value, str) else None
+        index = body.find(_MODEL_KEY, index + 1)
+    return None
 
-    def __init__(self, limit: int) -> None:
+
+def _served_model(doc: dict[str, Any]) -> str | None:
+    model = doc.get("model")
+    if isinstance(model, str):
+        return model
+    inner = doc.get("response")  # a Responses API event wraps the response
+    if isinstance(inner, dict) and isinstance(inner.get("model"), str):
+        return str(inner["model"])
+    return None
+
+
+class JsonUsage:
+    """Collects a JSON response body (its head and a bounded tail) to read its usage and
+    model at the end."""
+
+    def __init__(self, limit: int = _WHOLE_PARSE_BYTES) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
+        self._head = b""
+        self._dropped = False
 
     def feed(self, chunk: bytes) -> None:
+        if len(self._head) < _HEAD_BYTES:
+            self._head += chunk[: _HEAD_BYTES - len(self._head)]
         self._chunks.append(chunk)
         self._size += len(chunk)
         # Keep only the tail once over the limit: the usage object sits at the end.
         while self._size > self._limit and len(self._chunks) > 1:
             self._size -= len(self._chunks.pop(0))
+            self._dropped = True
 
-    def usage(self) -> tuple[int, int] | None:
-        return usage_from_json(b"".join(self._chunks))
+    def result(self) -> tuple[Usage | None, str | None]:
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        if not self._dropped:
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                doc = None
+            if isinstance(doc, dict):
+                usage = doc.get("usage")
+                if usage is None and isinstance(doc.get("response"), dict):
+                    usage = doc["response"].get("usage")
+                return read_usage(usage), _served_model(doc)
+        usage = usage_from_json(body)
+        if usage is None:
+            usage = usage_from_json(self._head)  # llama.cpp's embeddings put it first
+        return usage, model_from_json(self._head)
 
 
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
-
-
-def _event_ends(data: bytes) -> list[int]:
-    """Where each complete event in `data` ends (just after its blank line)."""
-    if b"\r" in data:
-        return [match.end() for match in _EVENT_END.finditer(data)]
-    ends = []  # the usual "\n\n" only: bytes.find is ten times faster than the regex
-    index = data.find(b"\n\n")
-    while index >= 0:
-        ends.append(index + 2)
-        index = data.find(b"\n\n", index + 2)
-    return ends
+_BOILERPLATE = frozenset({"id", "object", "created", "model", "system_fingerprint", "choices",
+                          "usage", "service_tier"})
+_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed",
+                         "message_stop"})
 
 
 class SseUsage:
-    """Incremental SSE reader: finds the usage chunk, counts streamed completion text, and
-    optionally removes the usage chunk it injected. Holds at most one partial event."""
+    """Incremental SSE reader: sums the usage blocks of a stream, reads the served model,
+    counts the streamed text, and strips the usage it injected. Holds at most one partial
+    event (see SseEvents).
 
-    def __init__(self, strip_usage: bool) -> None:
+    llama.cpp sends a usage block per choice and per prompt (summed here); vLLM and OpenAI
+    send one final block; vLLM's `continuous_usage_stats` blocks ride on chunks that still
+    carry choices and are cumulative (the latest is kept, never summed)."""
+
+    def __init__(self, kind: Kind, strip_usage: bool) -> None:
+        self._kind = kind
         self._strip = strip_usage
-        self._pending = b""
-        self._skipping = False
-        self.skipped = False  # an event was too large to read: usage may have been missed
-        self.found: tuple[int, int] | None = None  # the latest usage seen (may be running)
-        self.final = False  # the usage chunk proper (no choices) has been seen
+        self._events = SseEvents(self._inspect)
+        self._finals: Usage | None = None  # the sum of the final usage blocks
+        self._running: Usage | None = None  # the latest cumulative block
+        self._prompt: int | None = None  # known early (Anthropic's message_start)
+        self.model: str | None = None
+        self.ended = False  # the stream's own end marker ([DONE], response.completed...)
         self.streamed_chars = 0
         self.streamed_chunks = 0
 
+    @property
+    def skipped(self) -> bool:
+        return self._events.skipped
+
     def feed(self, chunk: bytes) -> bytes:
         """Returns the bytes to forward now."""
-        out: list[bytes] = []
-        if self._skipping:
-            # Inside an event too large to parse: pass it through up to its end.
-            end = _EVENT_END.search(self._pending[-3:] + chunk)
-            if end is None:
-                self._pending = chunk[-3:]
-                return chunk
-            cut = max(0, end.end() - len(self._pending[-3:]))
-            out.append(chunk[:cut])
-            chunk, self._pending, self._skipping = chunk[cut:], b"", False
-        data = self._pending + chunk
-        position = 0
-        for stop in _event_ends(data):
-            event = data[position:stop]
-            position = stop
-            if not self._inspect(event):
-                out.append(event)
-        self._pending = data[position:]
-        if len(self._pending) > _MAX_SSE_EVENT:
-            # Never buffer without bound: forward this event unparsed and resume after it.
-            out.append(self._pending)
-            self._pending = self._pending[-3:]
-            self._skipping = self.skipped = True
-        return b"".join(out)
+        return self._events.feed(chunk)
 
     def flush(self) -> bytes:
-        pending, self._pending = self._pending, b""
-        if self._skipping:
-            self._skipping = False
-            return b""  # already forwarded
-        if pending and self._inspect(pending):
-            return b""
-        return pending
+        return self._events.flush()
 
-    def _inspect(self, event: bytes) -> bool:
-        """Reads one event; True when it is the injected usage chunk to drop."""
+    def usage(self) -> Usage | None:
+        if self._finals is not None:
+            return self._finals
+        running = self._running
+        if running is not None and self._prompt is not None and running.prompt == 0:
+            return Usage(self._prompt, running.completion, running.cached)
+        return running
+
+    def known_prompt(self) -> int | None:
+        """The server's own prompt count, when the stream has told it so far."""
+        found = self.usage()
+        return found.prompt if found is not None and found.prompt else self._prompt
+
+    def _inspect(self, event: bytes) -> bytes | None:
+        """Reads one event; returns what to forward instead (b"" drops it), or None to
+        forward it unchanged."""
+        replaced = None
         for line in event.splitlines():
             if not line.startswith(b"data:"):
                 continue
             payload = line[5:].strip()
-            if not payload or payload == b"[DONE]":
+            if payload == b"[DONE]":
+                self.ended = True
+                continue
+            if not payload or payload[:1] != b"{":
                 continue
             try:
                 obj = orjson.loads(payload)
@@ -270,28 +273,95 @@ class SseUsage:
                 continue
             if not isinstance(obj, dict):
                 continue
-            usage = _usage_numbers(obj.get("usage"))
+            model = obj.get("model")
+            if isinstance(model, str):
+                self.model = model
+            kind = obj.get("type")
+            if isinstance(kind, str):
+                self._typed_event(kind, obj)
+                continue
+            choices = obj.get("choices")
+            usage = read_usage(obj.get("usage"))
             if usage is not None:
-                self.found = usage
-                # Running usage (vLLM's continuous_usage_stats) rides on chunks that still
-                # carry choices; only the chunk without choices is the final count.
-                self.final = self.final or not obj.get("choices")
-            self._count_text(obj.get("choices"))
-            if usage is not None and self._strip and not obj.get("choices"):
-                return True
-        return False
+                if choices:
+                    self._running = usage
+                else:
+                    self._finals = usage if self._finals is None else self._finals + usage
+                    if self._strip:
+                        replaced = self._without_usage(obj)
+            if isinstance(choices, list):
+                self._count_choices(choices)
+        return replaced
 
-    def _count_text(self, choices: Any) -> None:
-        if not isinstance(choices, list):
-            return
+    def _without_usage(self, obj: dict[str, Any]) -> bytes:
+        """The injected usage chunk as a client that did not ask sees it: gone, unless it
+        carries something else (llama.cpp's `timings`), which is kept."""
+        if all(key in _BOILERPLATE for key in obj):
+            return b""
+        del obj["usage"]
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _typed_event(self, kind: str, obj: dict[str, Any]) -> None:
+        """Responses API and Anthropic Messages events."""
+        if kind in _END_EVENTS:
+            self.ended = True
+        if kind.startswith("response."):
+            inner = obj.get("response")
+            if isinstance(inner, dict):
+                if isinstance(inner.get("model"), str):
+                    self.model = inner["model"]
+                usage = read_usage(inner.get("usage"))
+                if usage is not None:
+                    self._finals = usage
+            delta = obj.get("delta")
+            if kind.endswith(".delta") and isinstance(delta, str):
+                self._text(delta)
+        elif kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                if isinstance(message.get("model"), str):
+                    self.model = message["model"]
+                usage = read_usage(message.get("usage"))
+                if usage is not None:
+                    self._prompt = usage.prompt
+                    self._running = usage
+        elif kind == "message_delta":
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                completion = _count(usage.get("output_tokens"))
+                if completion is not None:
+                    previous = self._running or Usage(self._prompt or 0, 0)
+                    self._running = Usage(previous.prompt, completion, previous.cached)
+        elif kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                for field in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(field), str):
+                        self._text(delta[field])
+
+    def _count_choices(self, choices: list[Any]) -> None:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if isinstance(text, str) and text:
-                self.streamed_chars += len(text)
-                self.streamed_chunks += 1
+            if isinstance(delta, dict):
+                for field in ("content", "reasoning_content"):
+                    text = delta.get(field)
+                    if isinstance(text, str) and text:
+                        self._text(text)
+                calls = delta.get("tool_calls")
+                if isinstance(calls, list):
+                    for call in calls:
+                        function = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(function, dict):
+                            self._text(str(function.get("arguments") or ""))
+            elif isinstance(choice.get("text"), str) and choice["text"]:
+                self._text(choice["text"])
+
+    def _text(self, text: str) -> None:
+        if text:
+            self.streamed_chars += len(text)
+            self.streamed_chunks += 1
 
     def streamed_tokens(self) -> int:
         # Servers usually send one token per chunk; characters / 4 covers those that batch.

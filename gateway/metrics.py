@@ -45,6 +45,7 @@ class Metrics:
     store_errors: Counter
     settlements: Counter
     fail_open: Counter
+    over_bound: Counter
     registry: CollectorRegistry
     _children: dict[tuple[Counter, tuple[str, ...]], Counter] = field(default_factory=dict)
 
@@ -79,6 +80,9 @@ class Metrics:
             fail_open=Counter("gateway_fail_open_requests_total",
                               "Requests forwarded unenforced while the store was down",
                               registry=registry),
+            over_bound=Counter("gateway_usage_over_bound_total",
+                               "Responses whose reported completion tokens exceeded the bound "
+                               "forwarded (billed at the bound)", registry=registry),
             registry=registry,
         )
 

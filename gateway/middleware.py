@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 import time
+from typing import Any
 
 import orjson
 
-from gateway import metering
 from gateway.auth import KeyResolver, header
+from gateway.bounds import Bound, InvalidRequest, analyse
 from gateway.embedded import embedded_store
 from gateway.endpoints import Endpoints
 from gateway.errors import (
@@ -20,18 +21,20 @@ from gateway.errors import (
     StoreUnavailable,
     send_rejection,
 )
-from gateway.logs import REQUEST_ID_HEADER, RequestRecord, log_request
+from gateway.exchange import Exchange, Metered
+from gateway.logs import RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
-from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rate_headers, rejection
-from gateway.settings import Price, Settings
+from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
+from gateway.routes import Kind, Route, invocation_kind, is_public
+from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue, release
-from gateway.store import Decision, KeyRef, Store, connect
-from gateway.types import ASGIApp, Headers, Message, Receive, Scope, Send
+from gateway.store import Ask, Decision, Store, connect
+from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway")
 
-_JSON_TAIL_BYTES = 256 * 1024
+_NOTHING = Ask(0, 0, 1, 0, 0, 0)  # what a keyed request that is not inference reserves
 
 
 class _ClientGone(Exception):
@@ -67,175 +70,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-class _Exchange:
-    """One admitted request: decorates the response and settles exactly once."""
-
-    def __init__(self, gateway: GatewayMiddleware, send: Send, ref: KeyRef, request_id: str,
-                 decision: Decision, prompt_estimate: int, completion_estimate: int,
-                 price: Price | None, strip_usage: bool, record: RequestRecord) -> None:
-        self.gateway = gateway
-        self.record = record
-        self.downstream = send
-        self.client_receive: Receive | None = None
-        self.body: bytes | None = None
-        self.gone = False  # the client disconnected
-        self._gone_event: asyncio.Event | None = None  # made only when someone waits for it
-        self.watcher: asyncio.Task[None] | None = None
-        self.ref = ref
-        self.request_id = request_id
-        self.decision = decision
-        self.prompt_estimate = prompt_estimate
-        self.completion_estimate = completion_estimate
-        self.price = price
-        self.strip_usage = strip_usage
-        self.status = 0
-        self.started = False
-        self.finished = False
-        self.settled = False
-        self.sse: metering.SseUsage | None = None
-        self.json: metering.JsonUsage | None = None
-
-    def own_receive(self, body: bytes, receive: Receive) -> Receive:
-        """After replaying the body, the exchange is the only reader of the client's
-        `receive`, so it can notice a disconnect whatever the app does."""
-        self.body = body
-        self.client_receive = receive
-        return self.receive
-
-    async def receive(self) -> Message:
-        if self.body is not None:
-            body, self.body = self.body, None
-            return {"type": "http.request", "body": body, "more_body": False}
-        self._watch()
-        if not self.gone:
-            if self._gone_event is None:
-                self._gone_event = asyncio.Event()
-            await self._gone_event.wait()
-        return {"type": "http.disconnect"}
-
-    def _watch(self) -> None:
-        if self.watcher is None and self.client_receive is not None:
-            self.watcher = asyncio.ensure_future(self._wait_for_disconnect(self.client_receive))
-
-    async def _wait_for_disconnect(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self._gone_event is not None:
-            self._gone_event.set()
-
-    def stop_watching(self) -> None:
-        if self.watcher is not None:
-            self.watcher.cancel()
-
-    async def send(self, message: Message) -> None:
-        if self.gone:
-            raise ClientDisconnected
-        if message["type"] == "http.response.start":
-            await self._start(message)
-        elif message["type"] == "http.response.body":
-            await self._body(message)
-        else:
-            await self.downstream(message)
-
-    async def _start(self, message: Message) -> None:
-        self.started = True
-        self.status = self.record.status = int(message["status"])
-        headers: Headers = []
-        for name, value in message.get("headers", []):
-            lowered = name.lower()
-            if lowered == REQUEST_ID_HEADER:
-                continue  # ours replaces it
-            if lowered == b"content-type" and self.price is not None:
-                if value.startswith(b"text/event-stream"):
-                    self.sse = metering.SseUsage(self.strip_usage)
-                    self._watch()
-                elif b"json" in value:
-                    self.json = metering.JsonUsage(_JSON_TAIL_BYTES)
-            elif lowered == b"content-length" and self.strip_usage:
-                continue  # the body may shrink by the usage chunk we remove
-            elif lowered.startswith(b"x-ratelimit-"):
-                continue
-            headers.append((name, value))
-        if self.sse is None and self.strip_usage:
-            original = message.get("headers", [])
-            headers.extend(h for h in original if h[0].lower() == b"content-length")
-        headers.extend(rate_headers(self.decision))
-        headers.append((REQUEST_ID_HEADER, self.record.request_id.encode()))
-        await self.downstream({**message, "headers": headers})
-
-    async def _body(self, message: Message) -> None:
-        chunk: bytes = message.get("body", b"")
-        more = bool(message.get("more_body", False))
-        settle_now = False
-        if self.sse is not None:
-            chunk = self.sse.feed(chunk)
-            if not more:
-                chunk += self.sse.flush()
-            settle_now = self.sse.final  # the usage chunk: before the client sees the end
-        elif self.json is not None:
-            self.json.feed(chunk)
-        out = {"type": "http.response.body", "body": chunk, "more_body": more}
-        if not more:
-            self.finished = True
-            settle_now = True
-        if settle_now and not self.settled:
-            await self._send_settling(out)
-        else:
-            await self.downstream(out)
-
-    async def _send_settling(self, message: Message) -> None:
-        """Settles and sends `message`, which lets the client see the end of the answer."""
-        item = self._settlement()
-        answer = self.gateway.settlements.begin(item)
-        if answer is None:
-            await self.gateway.settlements.settle_detached(item)  # spend lands first
-            await self.downstream(message)
-            return
-        # Read-your-writes without waiting a round trip: one turn of the loop writes the
-        # settlement (with the others queued in this turn: one system call for all) before
-        # the client can see the message, so its next question to any replica reaches
-        # Redis after the spend.
-        try:
-            await asyncio.sleep(0)
-            await self.downstream(message)
-        finally:
-            await answer
-
-    def usage(self) -> tuple[int, int]:
-        if self.price is None:
-            return 0, 0
-        if self.sse is not None and self.sse.found is not None:
-            return self.sse.found
-        if self.json is not None and self.finished:
-            found = self.json.usage()
-            if found is not None:
-                return found
-        if self.status >= 400:
-            return 0, 0  # the upstream refused or failed: no work to bill
-        if not self.started:
-            return self.prompt_estimate, 0  # gone before any answer: the prompt was sent
-        if self.sse is not None and not (self.finished and self.sse.skipped):
-            return self.prompt_estimate, self.sse.streamed_tokens()
-        return self.prompt_estimate, self.completion_estimate  # no usage reported
-
-    def _settlement(self) -> Settlement:
-        self.settled = True
-        prompt, completion = self.usage()
-        cost = self.price.cost_micro(prompt, completion) if self.price else 0
-        self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
-        self.record.cost_micro = cost
-        return Settlement(self.ref, self.request_id, prompt, completion, cost,
-                          self.decision.plan)
-
-    async def settle(self) -> None:
-        """Settles exactly once; cancelling the request (a client disconnect, a shutdown
-        deadline) cannot cancel the settlement half-way (see settle_shielded)."""
-        if self.settled:
-            return
-        await self.gateway.settlements.settle_shielded(self._settlement())
-
-
 class GatewayMiddleware:
     def __init__(self, app: ASGIApp, *, settings: Settings | None = None,
                  store: Store | None = None, metrics: Metrics | None = None,
@@ -258,8 +92,11 @@ class GatewayMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                receive = self._closing_on_shutdown(receive)
-            await self.app(scope, receive, send)
+                await self.app(scope, self._closing_on_shutdown(receive), send)
+            elif scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         path: str = scope["path"]
         record = RequestRecord.start(scope)
@@ -268,7 +105,9 @@ class GatewayMiddleware:
             handler = self.endpoints.route(path)
             if handler is not None:
                 await handler(scope, receive, send)
-            elif path.startswith("/v1/"):
+            elif is_public(path, self.settings.public_paths):
+                await self.app(record.outbound_scope(scope), receive, send)
+            else:
                 try:
                     await self._metered(scope, receive, send, raw_send, record)
                 except Rejected as rejected:
@@ -276,8 +115,6 @@ class GatewayMiddleware:
                     await send_rejection(send, rejected)
                 except _ClientGone:
                     return
-            else:
-                await self.app(record.outbound_scope(scope), receive, send)
         finally:
             log_request(record)
 
@@ -287,16 +124,17 @@ class GatewayMiddleware:
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send, raw_send: Send,
                        record: RequestRecord) -> None:
-        """`send` records the response for the log line; `raw_send` is the server's own,
-        for the exchange, which records the response itself (one header pass, not two)."""
+        """Every path but the public ones needs a key; inference routes are metered.
+        `send` records the response for the log line; `raw_send` is the server's own, for
+        the exchange, which records the response itself (one header pass, not two)."""
         path: str = scope["path"]
-        metered = path in metering.METERED_PATHS
-        if not metered and not _canonical(path):
+        route = self.settings.routes.get(path)
+        if route is None and not _canonical(path):
             # The upstream would resolve `/v1/./chat/completions` to a metered route that
             # the gateway would meter as some other path: refuse rather than guess.
             raise self._reject(Rejected(400, "invalid_request",
                                         "Request path must be in canonical form."))
-        if metered and scope["method"] != "POST":
+        if route is not None and scope["method"] != "POST":
             raise self._reject(Rejected(405, "method_not_allowed",
                                         f"{path} accepts POST only.",
                                         headers=[(b"allow", b"POST")]))
@@ -312,45 +150,27 @@ class GatewayMiddleware:
         secret_hash, ref = found
         record.key_id = ref.key_id
 
-        price: Price | None = None
-        prompt_estimate = completion_estimate = 0
-        strip_usage = False
         body = b""
-        if metered:
+        ask, metered, bound = _NOTHING, None, None
+        if route is not None:
             body = await self._read_limited(scope, receive)
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                payload = None
-            if not isinstance(payload, dict):
-                raise self._reject(_not_json())
-            price = self.settings.price_for(payload.get("model"))
-            prompt_estimate = metering.estimate_prompt_tokens(payload)
-            try:
-                completion_estimate = metering.completion_reservation(
-                    payload, scope["path"], self.settings.default_max_tokens)
-            except metering.InvalidEstimate as exc:
-                raise self._reject(Rejected(400, "invalid_request", str(exc))) from None
-            strip_usage = metering.prepare_stream(payload)
-            if strip_usage:
-                body = orjson.dumps(payload)
-            scope = record.outbound_scope(scope, len(body))
-        else:
-            scope = record.outbound_scope(scope)
+            ask, metered, bound = self._bound(route, scope, body)
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement).
         reservation_id = os.urandom(16).hex()
-        estimate = prompt_estimate + completion_estimate
-        cost = price.cost_micro(prompt_estimate, completion_estimate) if price else 0
         started = time.perf_counter()
         try:
-            decision = await self.store.admit(ref, secret_hash, reservation_id, estimate, cost)
+            decision = await self.store.admit(ref, secret_hash, reservation_id, ask)
         except StoreUnavailable as exc:
             if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
                 self.settlements.submit(release(ref, reservation_id))
-            if price is not None:  # fail open forwards the body we already read
+            if metered is not None:  # fail open forwards the body we already read
+                body = body if bound is None else bound.forwarded_body(body, ask.per_sequence)
+                scope = record.outbound_scope(scope, len(body))
                 receive = _replay(body, receive)
+            else:
+                scope = record.outbound_scope(scope)
             await self._store_down(scope, receive, send, record)
             return
         record.admission_seconds = time.perf_counter() - started
@@ -365,9 +185,19 @@ class GatewayMiddleware:
         self.metrics.child(self.metrics.requests, "allowed", "ok", record.plan).inc()
         record.decision, record.reason = "allowed", "ok"
 
-        exchange = _Exchange(self, raw_send, ref, reservation_id, decision, prompt_estimate,
-                             completion_estimate, price, strip_usage, record)
-        if price is not None:
+        if metered is not None:
+            if bound is not None:
+                body = bound.forwarded_body(body, decision.per_sequence)
+                if decision.per_sequence != ask.per_sequence:
+                    metered = Metered(metered.kind, metered.prompt_bound,
+                                      decision.per_sequence * bound.sequences,
+                                      metered.strip_usage, metered.requested_model,
+                                      metered.request_micro)
+            scope = record.outbound_scope(scope, len(body))
+        else:
+            scope = record.outbound_scope(scope)
+        exchange = Exchange(self, raw_send, ref, reservation_id, decision, metered, record)
+        if metered is not None:
             receive = exchange.own_receive(body, receive)
         forwarded = time.perf_counter()
         try:
@@ -378,6 +208,73 @@ class GatewayMiddleware:
             exchange.stop_watching()
             self.metrics.upstream_seconds.observe(time.perf_counter() - forwarded)
             await exchange.settle()
+
+    def _bound(self, route: Route, scope: Scope,
+               body: bytes) -> tuple[Ask, Metered, Bound | None]:
+        """What a request on an inference route reserves; 400 for a body whose price
+        cannot be read."""
+        settings = self.settings
+        payload: dict[str, Any] | None = None
+        content_type = header(scope["headers"], b"content-type") or b""
+        if route.kind is not Kind.AUDIO or b"json" in content_type.lower():
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise self._reject(_not_json())
+            payload = parsed
+        kind = route.kind
+        if kind is Kind.INVOCATIONS and payload is not None:
+            kind = invocation_kind(payload)
+        model = payload.get("model") if payload is not None else None
+        if model is not None and not isinstance(model, str):
+            raise self._reject(Rejected(400, "invalid_request", "model must be a string"))
+        if (model is not None and settings.unknown_models == "reject"
+                and model not in settings.model_prices):
+            raise self._reject(Rejected(400, "model_not_allowed",
+                                        "The model is not offered by this gateway."))
+        try:
+            bound = analyse(route, kind, body, payload, settings.max_output_for(model),
+                            settings.media_part_tokens)
+        except InvalidRequest as exc:
+            raise self._reject(Rejected(400, "invalid_request", str(exc))) from None
+        price = settings.reservation_price(bound.model)
+        extra = route.request_micro
+        ask = Ask(bound.prompt_tokens, bound.per_sequence, bound.sequences,
+                  price.cost_micro(bound.prompt_tokens, bound.completion_tokens) + extra,
+                  price.prompt_micro(bound.prompt_tokens) + extra, price.output,
+                  settings.on_insufficient == "clamp")
+        metered = Metered(kind, bound.prompt_tokens, bound.completion_tokens,
+                          bound.inject_usage, bound.model, route.request_micro)
+        return ask, metered, bound if payload is not None else None
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket cannot be metered: it reaches the app only on a route that allows it,
+        and only with a valid key that admission lets through."""
+        route = self.settings.routes.get(scope["path"])
+        if route is not None and route.websocket:
+            found: tuple[str, Any] | None = None
+            decision: Decision | None = None
+            with contextlib.suppress(StoreUnavailable):
+                found = await self.resolver.authenticate(
+                    header(scope["headers"], b"authorization"))
+            if found is not None:
+                secret_hash, ref = found
+                reservation_id = os.urandom(16).hex()
+                with contextlib.suppress(StoreUnavailable):
+                    decision = await self.store.admit(ref, secret_hash, reservation_id,
+                                                      _NOTHING)
+                if decision is not None and decision.code == ADMITTED:
+                    try:
+                        await self.app(scope, receive, send)
+                    finally:
+                        await self.settlements.settle_shielded(
+                            Settlement(ref, reservation_id, 0, 0, 0, decision.plan))
+                    return
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008})
 
     async def _read_limited(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.settings.max_body_bytes

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Collection
 from urllib.parse import quote
 
 from gateway.errors import error_body, send_json
-from gateway.metering import METERED_PATHS
+from gateway.routes import DEFAULT_ROUTES
 from gateway.types import Headers, Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, UpstreamError, UpstreamResponse
 
@@ -27,9 +28,12 @@ _IDENTITY = (b"accept-encoding", b"identity")  # usage is read from the body
 
 class UpstreamProxy:
     def __init__(self, upstream: str, api_key: str | None = None,
-                 connect_timeout: float = 5.0) -> None:
-        """Raises ValueError for an upstream URL that is not http(s)://host[:port][/path]."""
+                 connect_timeout: float = 5.0,
+                 routes: Collection[str] = frozenset(DEFAULT_ROUTES)) -> None:
+        """Raises ValueError for an upstream URL that is not http(s)://host[:port][/path].
+        `routes`: the inference paths the gateway meters, the only POSTs forwarded."""
         self._client = UpstreamClient(upstream, connect_timeout=connect_timeout)
+        self._routes = frozenset(routes)
         self._auth = (b"authorization", f"Bearer {api_key}".encode("latin-1")) \
             if api_key else None
 
@@ -43,12 +47,13 @@ class UpstreamProxy:
         if scope["type"] != "http":
             return
         method: str = scope["method"]
-        if not _proxied(method, scope["path"]):
+        if not self._proxied(method, scope["path"]):
             # Only what the gateway meters reaches the upstream (and its key): the metered
             # POST routes and the model list. Anything else could be inference unbilled.
             await send_json(send, 404, error_body(
-                "Not found: the gateway forwards POST /v1/chat/completions, /v1/completions, "
-                "/v1/embeddings and GET /v1/models.", "invalid_request_error", "not_found"))
+                "Not found: the gateway forwards POST to its inference routes (such as "
+                "/v1/chat/completions) and GET /v1/models.", "invalid_request_error",
+                "not_found"))
             return
         body = await _request_body(receive)
         if body is None:
@@ -78,6 +83,11 @@ class UpstreamProxy:
             except UpstreamError:
                 return  # upstream broke mid-body: end without completing the response
 
+    def _proxied(self, method: str, path: str) -> bool:
+        if path in self._routes:
+            return method == "POST"
+        return method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/"))
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -94,10 +104,6 @@ def _quoted(path: str) -> str:
     return quote(path)
 
 
-def _proxied(method: str, path: str) -> bool:
-    if path in METERED_PATHS:
-        return method == "POST"
-    return method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/"))
 
 
 def _forwarded_headers(headers: Headers) -> Headers:

@@ -12,5 +12,6 @@ from gateway.settings import Settings
 def create_app() -> GatewayMiddleware:
     settings = Settings.load()
     upstream = UpstreamProxy(os.environ["GATEWAY_UPSTREAM"],
-                             os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None)
+                             os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None,
+                             routes=settings.routes)
     return GatewayMiddleware(upstream, settings=settings)

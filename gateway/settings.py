@@ -8,16 +8,19 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gateway.errors import ConfigError
 from gateway.logs import check_format, check_level
+from gateway.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_RATE = 100_000_000
+MAX_OUTPUT_TOKENS = 10_000_000
+DEFAULT_REQUEST_PRICE = 6_000  # micro-USD per audio request when pricing names none
 MAX_USD = 1_000_000_000  # micro-USD stay exact in Lua's doubles far beyond this
 
 
@@ -70,21 +73,41 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens, held as micro-USD per million tokens (exact integers)."""
+    """USD per million tokens, held as micro-USD per million tokens (exact integers).
+    Cached prompt tokens cost `cached_input` when set, else the input price."""
 
     input: int
     output: int
+    cached_input: int | None = None
 
-    def cost_micro(self, prompt_tokens: int, completion_tokens: int) -> int:
+    def cost_micro(self, prompt_tokens: int, completion_tokens: int,
+                   cached_tokens: int = 0) -> int:
+        cached = min(cached_tokens, prompt_tokens) if self.cached_input is not None else 0
+        total = ((prompt_tokens - cached) * self.input + completion_tokens * self.output
+                 + cached * (self.cached_input or 0))
         # Ceiling: a fraction of a micro-dollar is billed, never given away.
-        return -(-(prompt_tokens * self.input + completion_tokens * self.output) // 1_000_000)
+        return -(-total // 1_000_000)
+
+    def prompt_micro(self, prompt_tokens: int) -> int:
+        return -(-(prompt_tokens * self.input) // 1_000_000)
+
+
+def highest(prices: list[Price]) -> Price:
+    """A price at least as high as each of `prices` on every kind of token."""
+    # No cached price: cached tokens then cost the highest input price, the most of all.
+    return Price(max(p.input for p in prices), max(p.output for p in prices))
+
+
+_MODEL_FIELDS = frozenset({"input", "output", "cached_input", "max_output_tokens"})
 
 
 def _price(raw: Any, what: str) -> Price:
     if not isinstance(raw, Mapping) or "input" not in raw or "output" not in raw:
         raise ConfigError(f"{what} needs input and output prices (USD per million tokens)")
+    cached = raw.get("cached_input")
     return Price(usd_to_micro(raw["input"], f"{what}.input"),
-                 usd_to_micro(raw["output"], f"{what}.output"))
+                 usd_to_micro(raw["output"], f"{what}.output"),
+                 None if cached is None else usd_to_micro(cached, f"{what}.cached_input"))
 
 
 def _table(value: object, what: str) -> Mapping[str, Any]:
@@ -107,6 +130,53 @@ def _seconds(value: object, what: str, zero_allowed: bool) -> float:
     return seconds
 
 
+def _positive(value: object, what: str, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ConfigError(f"{what} must be an integer between 1 and {maximum}, got {value!r}")
+    return value
+
+
+def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} must be {' or '.join(repr(c) for c in choices)}, "
+                          f"got {value!r}")
+    return str(value)
+
+
+def routes_with_prices(routes: dict[str, Route], per_request: int) -> dict[str, Route]:
+    """Audio routes carry no token usage: they cost `per_request` unless a route says."""
+    return {path: replace(route, request_micro=per_request) if route.kind is Kind.AUDIO
+            else route for path, route in routes.items()}
+
+
+_ROUTE_FIELDS = frozenset({"kind", "request_usd", "websocket"})
+
+
+def routes_from_config(table: Mapping[str, Any], per_request: int) -> dict[str, Route]:
+    """The default routes, with `[routes."/path"]` tables added or overriding them."""
+    routes = routes_with_prices(default_routes(), per_request)
+    kinds = ", ".join(k.value for k in Kind)
+    for path, raw in table.items():
+        what = f"routes.{path!r}"
+        if not path.startswith("/") or not isinstance(raw, Mapping):
+            raise ConfigError(f"[{what}] must be a table named by a path starting with /")
+        unknown = set(raw) - _ROUTE_FIELDS
+        if unknown:
+            raise ConfigError(f"{what} has unknown field(s) {', '.join(sorted(unknown))}; "
+                              f"valid: {', '.join(sorted(_ROUTE_FIELDS))}")
+        base = routes.get(path)
+        try:
+            kind = Kind(raw.get("kind", base.kind if base else None))
+        except ValueError:
+            raise ConfigError(f"{what}.kind must be one of {kinds}, "
+                              f"got {raw.get('kind')!r}") from None
+        price = (usd_to_micro(raw["request_usd"], f"{what}.request_usd")
+                 if "request_usd" in raw else per_request if kind is Kind.AUDIO else 0)
+        routes[path] = Route(path, kind, price,
+                             _flag(raw.get("websocket", False), f"{what}.websocket"))
+    return routes
+
+
 def _flag(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what} must be true or false, got {value!r}")
@@ -124,7 +194,14 @@ class Settings:
     redis_url: str | None = None
     fail_mode: str = "closed"
     max_body_bytes: int = 10 * 1024 * 1024
-    default_max_tokens: int = 1024
+    max_output_tokens: int = 1024  # a sequence's bound when the request names none, and its cap
+    model_max_output: dict[str, int] = field(default_factory=dict)
+    on_insufficient: str = "clamp"  # or "reject": refuse what the budget cannot pay in full
+    unknown_models: str = "highest"  # or "reject": 400 for a model pricing does not name
+    media_part_tokens: int = 4096  # the prompt bound of one image, audio or video part
+    routes: dict[str, Route] = field(default_factory=lambda: routes_with_prices(
+        default_routes(), DEFAULT_REQUEST_PRICE))
+    public_paths: tuple[str, ...] = DEFAULT_PUBLIC_PATHS
     plans: dict[str, Plan] = field(default_factory=lambda: dict(DEFAULT_PLANS))
     credit_rpm: int = 60
     credit_tpm: int = 3333
@@ -135,11 +212,32 @@ class Settings:
     redis_timeout_seconds: float = 0.25
     log_level: str = "info"
     log_format: str = "json"
+    highest_price: Price = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "highest_price",
+                           highest([self.default_price, *self.model_prices.values()]))
 
     def price_for(self, model: object) -> Price:
+        """The price of what was served: the model the upstream reports (the default price
+        for one pricing does not name)."""
         if isinstance(model, str):
             return self.model_prices.get(model, self.default_price)
         return self.default_price
+
+    def reservation_price(self, model: str | None) -> Price:
+        """The price reserved at admission: the named model's, or the highest configured
+        when the request names none or an unknown one (the upstream then picks)."""
+        if model is not None:
+            price = self.model_prices.get(model)
+            if price is not None:
+                return price
+        return self.highest_price
+
+    def max_output_for(self, model: str | None) -> int:
+        if model is None:
+            return self.max_output_tokens
+        return self.model_max_output.get(model, self.max_output_tokens)
 
     @classmethod
     def load(cls, config_path: str | None = None, env: Mapping[str, str] | None = None,
@@ -181,14 +279,41 @@ class Settings:
         pricing = _table(data.get("pricing"), "pricing")
         default_price = (_price(pricing["default"], "pricing.default") if "default" in pricing
                          else Price(500_000, 1_500_000))
+        model_tables = _table(pricing.get("models"), "pricing.models")
         models = {name: _price(raw, f"pricing.models.{name}")
-                  for name, raw in _table(pricing.get("models"), "pricing.models").items()}
-        max_body = data.get("max_body_bytes", 10 * 1024 * 1024)
-        default_max_tokens = data.get("default_max_tokens", 1024)
-        for name, value in (("max_body_bytes", max_body),
-                            ("default_max_tokens", default_max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                  for name, raw in model_tables.items()}
+        model_max_output = {}
+        for name, raw in model_tables.items():
+            unknown = set(raw) - _MODEL_FIELDS
+            if unknown:
+                raise ConfigError(f"pricing.models.{name} has unknown field(s) "
+                                  f"{', '.join(sorted(unknown))}; valid: "
+                                  f"{', '.join(sorted(_MODEL_FIELDS))}")
+            if "max_output_tokens" in raw:
+                model_max_output[name] = _positive(
+                    raw["max_output_tokens"], f"pricing.models.{name}.max_output_tokens",
+                    MAX_OUTPUT_TOKENS)
+        if "max_output_tokens" in data and "default_max_tokens" in data:
+            raise ConfigError("set max_output_tokens only (default_max_tokens is its old name)")
+        max_output = _positive(data.get("max_output_tokens", data.get("default_max_tokens", 1024)),
+                               "max_output_tokens" if "default_max_tokens" not in data
+                               else "default_max_tokens", MAX_OUTPUT_TOKENS)
+        max_body = _positive(data.get("max_body_bytes", 10 * 1024 * 1024), "max_body_bytes",
+                             2**40)
+        media_tokens = _positive(data.get("media_part_tokens", 4096), "media_part_tokens",
+                                 MAX_OUTPUT_TOKENS)
+        unknown_models = _choice(pricing.get("unknown_models", "highest"),
+                                 "pricing.unknown_models", ("highest", "reject"))
+        on_insufficient = _choice(env.get("GATEWAY_ON_INSUFFICIENT")
+                                  or data.get("on_insufficient", "clamp"),
+                                  "on_insufficient", ("clamp", "reject"))
+        per_request = usd_to_micro(pricing.get("per_request", "0.006"), "pricing.per_request")
+        routes = routes_from_config(_table(data.get("routes"), "routes"), per_request)
+        public = data.get("public_paths", list(DEFAULT_PUBLIC_PATHS))
+        if not isinstance(public, list) or not all(isinstance(p, str) and p.startswith("/")
+                                                   for p in public):
+            raise ConfigError(f"public_paths must be a list of paths starting with /, "
+                              f"got {public!r}")
         timeout = _seconds(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25),
                            "redis_timeout", zero_allowed=False)
         log_level = check_level(str(env.get("GATEWAY_LOG_LEVEL") or data.get("log_level", "info")))
@@ -198,7 +323,13 @@ class Settings:
             redis_url=redis_url,
             fail_mode=fail_mode,
             max_body_bytes=max_body,
-            default_max_tokens=default_max_tokens,
+            max_output_tokens=max_output,
+            model_max_output=model_max_output,
+            on_insufficient=on_insufficient,
+            unknown_models=unknown_models,
+            media_part_tokens=media_tokens,
+            routes=routes,
+            public_paths=tuple(public),
             plans=plans,
             credit_rpm=check_rate(credit.get("rpm", 60), "credit.rpm"),
             credit_tpm=check_rate(credit.get("tpm", 3333), "credit.tpm"),

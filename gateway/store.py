@@ -159,6 +159,24 @@ class KeyRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Ask:
+    """What one admission reserves: an upper bound of the request's tokens and its cost."""
+
+    prompt_tokens: int
+    per_sequence: int  # completion tokens one sequence may generate
+    sequences: int
+    cost: int  # micro-USD of the whole bound
+    prompt_cost: int  # micro-USD of the prompt alone
+    output_price: int  # micro-USD per million completion tokens
+    clamp: bool = True  # lower the bound to what can be paid, rather than refuse
+
+    @classmethod
+    def flat(cls, tokens: int, cost: int) -> Ask:
+        """A reservation of `tokens` prompt tokens costing `cost`, that nothing can lower."""
+        return cls(tokens, 0, 1, cost, cost, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     code: int
     rpm_limit: int
@@ -170,6 +188,7 @@ class Decision:
     retry_after_us: int
     plan: str
     key_type: str
+    per_sequence: int = 0  # the completion bound admitted (at most the one asked for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,15 +433,17 @@ class Store:
         account_id, _, key_id = _text(value).partition(":")
         return KeyRef(account_id, key_id)
 
-    async def admit(self, ref: KeyRef, secret_hash: str, request_id: str, est_tokens: int,
-                    est_cost: int) -> Decision:
+    async def admit(self, ref: KeyRef, secret_hash: str, request_id: str,
+                    ask: Ask) -> Decision:
         names = self._hot_names(ref)
         keys = [names.key, names.account, names.reservation_prefix + request_id]
-        args = [secret_hash, est_tokens, est_cost, RESERVATION_TTL_SECONDS]
+        args = [secret_hash, ask.prompt_tokens, ask.per_sequence, ask.sequences, ask.cost,
+                ask.prompt_cost, ask.output_price, RESERVATION_TTL_SECONDS,
+                "clamp" if ask.clamp else "reject"]
         raw = await self._evalsha(self._admit, keys, args)
         n = [int(v) for v in raw[:8]]
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
-                        _text(raw[9]))
+                        _text(raw[9]), int(raw[10]))
 
     async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                      completion_tokens: int, cost: int, count_usage: bool = True) -> bool:

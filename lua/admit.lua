@@ -8,14 +8,22 @@
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>
 --           a string "<tokens> <budget> <credits> <period>", read back by settle.lua
 -- ARGV[1] = SHA-256 of the presented secret (hex)
--- ARGV[2] = estimated tokens (prompt estimate + completion reservation)
--- ARGV[3] = estimated cost, integer micro-USD
--- ARGV[4] = reservation time to live, seconds
+-- ARGV[2] = prompt tokens, an upper bound
+-- ARGV[3] = completion tokens one sequence may generate (the bound asked for)
+-- ARGV[4] = sequences (choices x prompts)
+-- ARGV[5] = cost of the whole bound, integer micro-USD
+-- ARGV[6] = cost of the prompt alone, integer micro-USD (rounded up)
+-- ARGV[7] = output price, micro-USD per million tokens
+-- ARGV[8] = reservation time to live, seconds
+-- ARGV[9] = 'clamp' to lower the bound to what the budget and credits can pay,
+--           'reject' to refuse a request they cannot pay in full
 -- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
---          tpm_reset_us, retry_after_us, plan, key_type}
+--          tpm_reset_us, retry_after_us, plan, key_type, per_sequence}
 --   code: 0 admitted, 1 unknown key, 2 deactivated, 3 subscription expired,
 --         4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted, 7 credits exhausted
 --   retry_after_us is -1 when no wait helps.
+--   per_sequence: the completion bound admitted (ARGV[3], or less when clamped); the
+--   caller writes it into the forwarded request, so the upstream cannot generate more.
 
 local WINDOW = 60000000 -- token buckets refill completely in one minute (microseconds)
 
@@ -25,13 +33,15 @@ local WINDOW = 60000000 -- token buckets refill completely in one minute (micros
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
   'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at')
 if not rec[1] or rec[1] ~= ARGV[1] then
-  return {1, 0, 0, 0, 0, 0, 0, -1, '', ''}
+  return {1, 0, 0, 0, 0, 0, 0, -1, '', '', 0}
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local est_tokens = tonumber(ARGV[2])
-local est_cost = tonumber(ARGV[3])
+local prompt_tokens = tonumber(ARGV[2])
+local per_sequence = tonumber(ARGV[3])
+local sequences = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
 local key_type, plan = rec[3], rec[4]
 local rpm, tpm = tonumber(rec[6]), tonumber(rec[7])
 local rpm_tat = math.max(tonumber(rec[8]) or 0, now)
@@ -40,13 +50,15 @@ local rpm_interval, tpm_interval = WINDOW / rpm, WINDOW / tpm
 
 -- Generic cell rate algorithm: a bucket is one "theoretical arrival time".
 local function remaining(tat, interval)
-  return math.max(0, math.floor((now + WINDOW - tat) / interval + 1e-6))
+  -- 1e-3: microsecond timestamps near 1.7e15 carry a quarter-microsecond of float error
+  return math.max(0, math.floor((now + WINDOW - tat) / interval + 1e-3))
 end
 
 local function reply(code, r_tat, t_tat, retry)
   -- Numbers in a reply become integers on their own (string.format costs ~1 us a call).
   return {code, rpm, remaining(r_tat, rpm_interval), r_tat - now,
-          tpm, remaining(t_tat, tpm_interval), t_tat - now, retry, plan, key_type}
+          tpm, remaining(t_tat, tpm_interval), t_tat - now, retry, plan, key_type,
+          per_sequence}
 end
 
 if rec[2] ~= '1' then return reply(2, rpm_tat, tpm_tat, -1) end
@@ -71,21 +83,43 @@ local function refuse(code, retry)
   return reply(code, rpm_tat, tpm_tat, retry)
 end
 
--- The estimate is debited from spent even without a budget limit: should its settlement
--- be lost, the estimate stands and the operator is never under-billed.
-local reserve_budget = est_cost
+-- What the budget and the credits can still pay, whichever is less (nil: no limit).
+local affordable, short, short_retry = nil, 0, -1
 if rec[10] ~= '' then
-  local left = tonumber(rec[10]) - spent
-  if left <= 0 then return refuse(6, resets_at - now) end
-  reserve_budget = math.min(est_cost, left)
+  affordable = tonumber(rec[10]) - spent
+  short, short_retry = 6, resets_at - now
+  if affordable <= 0 then return refuse(6, short_retry) end
 end
-
-local reserve_credits = 0
 if key_type == 'credit' then
   local balance = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
   if balance <= 0 then return refuse(7, -1) end
-  reserve_credits = math.min(est_cost, balance)
+  if affordable == nil or balance < affordable then
+    affordable, short, short_retry = balance, 7, -1
+  end
 end
+
+-- Never admit more than can be paid: lower the bound to the largest that fits (the caller
+-- forwards that bound), or refuse when not even the prompt and one token fit.
+if affordable ~= nil and cost > affordable then
+  local prompt_cost, out_price = tonumber(ARGV[6]), tonumber(ARGV[7])
+  if ARGV[9] ~= 'clamp' or per_sequence == 0 or prompt_cost >= affordable then
+    return refuse(short, short_retry)
+  end
+  local fit = math.floor((affordable - prompt_cost) * 1000000 / (out_price * sequences))
+  per_sequence = math.min(per_sequence, fit)
+  cost = prompt_cost + math.ceil(per_sequence * sequences * out_price / 1000000)
+  while cost > affordable and per_sequence > 0 do  -- float rounding: at most a step or two
+    per_sequence = per_sequence - 1
+    cost = prompt_cost + math.ceil(per_sequence * sequences * out_price / 1000000)
+  end
+  if per_sequence < 1 then return refuse(short, short_retry) end
+end
+local est_tokens = prompt_tokens + per_sequence * sequences
+
+-- The cost is debited from spent even without a budget limit: should its settlement be
+-- lost, the reservation stands and the operator is never under-billed.
+local reserve_credits = 0
+if key_type == 'credit' then reserve_credits = cost end
 
 local new_rpm_tat = rpm_tat + rpm_interval
 if new_rpm_tat - WINDOW > now + 1e-3 then
@@ -102,9 +136,9 @@ if new_tpm_tat - WINDOW > now + 1e-3 and tpm_tat > now then
 end
 
 redis.call('HSET', KEYS[1], 'rpm_tat', new_rpm_tat, 'tpm_tat', new_tpm_tat,
-  'spent', spent + reserve_budget, 'resets_at', resets_at)
+  'spent', spent + cost, 'resets_at', resets_at)
 if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
-local reservation = string.format('%.0f %.0f %.0f %.0f', est_tokens, reserve_budget,
+local reservation = string.format('%.0f %.0f %.0f %.0f', est_tokens, cost,
   reserve_credits, resets_at)
-redis.call('SET', KEYS[3], reservation, 'EX', ARGV[4])
+redis.call('SET', KEYS[3], reservation, 'EX', ARGV[8])
 return reply(0, new_rpm_tat, new_tpm_tat, 0)

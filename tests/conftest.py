@@ -192,6 +192,18 @@ async def stream_then_leave(session: Any, url: str, body: dict[str, Any],
     return received.count(b"\n\n")
 
 
+def sent_body(body: dict[str, Any]) -> bytes:
+    """The bytes httpx sends for `json=body`: the gateway bounds the prompt by them."""
+    return httpx.Request("POST", "http://gw", json=body).content
+
+
+def prompt_bound_of(body: dict[str, Any]) -> int:
+    """The prompt tokens the gateway reserves for `body` (see gateway/bounds.py)."""
+    from gateway.bounds import prompt_bound
+
+    return prompt_bound(sent_body(body), Settings().media_part_tokens)
+
+
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 

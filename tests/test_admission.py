@@ -12,9 +12,9 @@ from gateway.keys import hash_secret
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Price, Settings
-from gateway.store import KeyRef, Names, Store, connect
+from gateway.store import Ask, KeyRef, Names, Store, connect
 from gateway.timefmt import iso_from_us
-from tests.conftest import bearer, client_for, gateway, new_key
+from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
 
 
 def chat(max_tokens: int | None = 8, chars: int = 40) -> dict[str, Any]:
@@ -71,31 +71,45 @@ async def test_tpm_is_never_exceeded_by_a_concurrent_burst(
     upstream = MockUpstream()
     started = await store.now_us()
     async with client_for(gateway(upstream, store, settings, metrics)) as client:
-        # estimate 10 prompt + 90 completion = 100 tokens; actual usage is 10 + 16
+        # reserved: the prompt bound + 90 completion tokens; actual usage is 10 + 16
         responses = await burst([client], 60, secret, chat(max_tokens=90))
     elapsed = (await store.now_us() - started) / 1e6
+    reserved = prompt_bound_of(chat(max_tokens=90)) + 90
     admitted = [r for r in responses if r.status_code == 200]
     used = sum(r.json()["usage"]["total_tokens"] for r in admitted)
-    assert used <= 1000 + elapsed * 1000 / 60 + 100
-    assert len(admitted) >= 10
+    assert used <= 1000 + elapsed * 1000 / 60 + reserved
+    assert len(admitted) >= 1000 // reserved
     tokens = [r for r in responses if r.status_code == 429]
     assert tokens and {r.json()["error"]["type"] for r in tokens} == {"tokens"}
 
 
-async def test_budget_overshoot_is_at_most_one_request(store: Store, metrics: Metrics) -> None:
+async def test_budget_is_never_overshot_by_a_burst(store: Store, metrics: Metrics) -> None:
     settings = Settings(default_price=Price(10_000_000, 20_000_000))  # $10 / $20 per M
-    secret, _, _ = await new_key(store, settings, budget_usd="0.001", rpm=100_000,
+    secret, _, _ = await new_key(store, settings, budget_usd="0.01", rpm=100_000,
                                  tpm=10_000_000)
     per_request = settings.default_price.cost_micro(10, 8)  # 100 + 160 micro-USD
+    reserved = settings.default_price.cost_micro(prompt_bound_of(chat(max_tokens=8)), 8)
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         responses = await burst([client], 60, secret, chat(max_tokens=8))
+        # then one at a time until the budget is used up
+        for _ in range(60):
+            response = await client.post("/v1/chat/completions", json=chat(max_tokens=8),
+                                         headers=bearer(secret))
+            responses.append(response)
+            if response.status_code == 429:
+                break
         usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
-    admitted = sum(r.status_code == 200 for r in responses)
+    admitted = [r for r in responses if r.status_code == 200]
     spent = round(usage["budget"]["spent"] * 1_000_000)
-    assert spent == admitted * per_request
-    assert 1000 <= spent <= 1000 + per_request
+    billed = sum(settings.default_price.cost_micro(
+        r.json()["usage"]["prompt_tokens"], r.json()["usage"]["completion_tokens"])
+        for r in admitted)
+    assert spent == billed
+    assert 10_000 - reserved < spent <= 10_000  # never above; the rest pays no request
+    assert any(r.json()["usage"]["completion_tokens"] < 8 for r in admitted) or \
+        len(admitted) * per_request == spent
     budget = [r for r in responses if r.status_code == 429]
-    assert {r.json()["error"]["code"] for r in budget} == {"budget_exceeded"}
+    assert budget and {r.json()["error"]["code"] for r in budget} == {"budget_exceeded"}
     assert {r.json()["error"]["type"] for r in budget} == {"insufficient_quota"}
     assert all(int(r.headers["retry-after"]) > 86400 for r in budget)  # resets in 30 days
 
@@ -150,30 +164,49 @@ async def test_credits_are_shared_by_the_keys_of_one_account(
         store: Store, settings: Settings, metrics: Metrics) -> None:
     first, _, account = await new_key(store, settings, credit=True, name="a")
     second, _, _ = await new_key(store, settings, account, credit=True, name="b")
-    await store.add_credits(account, 100)  # 100 micro-USD
-    per_request = settings.default_price.cost_micro(10, 8)  # 17
+    await store.add_credits(account, 1000)  # micro-USD
+    price = settings.default_price
+    per_request = price.cost_micro(10, 8)  # 17
+    prompt_cost = price.prompt_micro(prompt_bound_of(chat()))
+    billed = 0
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         statuses = []
-        for i in range(20):
+        for i in range(80):
             secret = first if i % 2 else second
             response = await client.post("/v1/chat/completions", json=chat(),
                                          headers=bearer(secret))
             statuses.append(response.status_code)
+            if response.status_code == 200:
+                used = response.json()["usage"]
+                billed += price.cost_micro(used["prompt_tokens"], used["completion_tokens"])
             if response.status_code == 429:
                 assert response.json()["error"]["code"] == "insufficient_credits"
                 assert "retry-after" not in response.headers
         usage = (await client.get("/v1/usage", headers=bearer(first))).json()
     admitted = statuses.count(200)
-    assert admitted == -(-100 // per_request)  # admitted while the balance was positive
-    assert statuses[admitted:] == [429] * (20 - admitted)
-    assert round(usage["credits"]["balance"] * 1_000_000) == 100 - admitted * per_request
+    # admitted while the balance paid the prompt's bound and one token, by either key; the
+    # last one admitted with fewer completion tokens when the balance could not pay all 8
+    balance = 1000
+    expected = 0
+    while balance - prompt_cost >= 2:  # one completion token costs 1.5 micro-USD
+        balance -= min(per_request, balance - (prompt_cost - 5))
+        expected += 1
+    assert admitted == expected
+    assert statuses[admitted:] == [429] * (80 - admitted)
+    left = round(usage["credits"]["balance"] * 1_000_000)
+    assert left == 1000 - billed
+    assert 0 <= left < prompt_cost + 2  # never below zero; what is left pays no request
     assert usage["plan"]["slug"] is None
     assert usage["key"]["type"] == "credit"
 
 
 async def test_budget_rolls_over_after_its_duration(store: Store, metrics: Metrics) -> None:
     settings = Settings(default_price=Price(10_000_000, 20_000_000))
-    secret, _, _ = await new_key(store, settings, budget_usd="0.0005", budget_duration="3s")
+    # two requests fit; the third finds the prompt's bound and half a token left: refused
+    prompt_cost = settings.default_price.prompt_micro(prompt_bound_of(chat()))
+    budget = 2 * settings.default_price.cost_micro(10, 8) + prompt_cost + 10
+    secret, _, _ = await new_key(store, settings, budget_usd=f"{budget / 1e6:.6f}",
+                                 budget_duration="3s")
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         before = (await client.get("/v1/usage", headers=bearer(secret))).json()["budget"]
         assert before["duration"] == "3s"
@@ -233,11 +266,11 @@ async def test_a_settlement_after_a_rollover_leaves_the_new_period_alone(
         store: Store, settings: Settings) -> None:
     secret, key_id, account_id = await new_key(store, settings, budget_usd="1")
     ref = KeyRef(account_id, key_id)
-    assert (await store.admit(ref, hash_secret(secret), "old", 100, 500)).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "old", Ask.flat(100, 500))).code == 0
     # The period ends while "old" is in flight; "new" is admitted in the next period.
     await store.client.hset(Names.key(account_id, key_id), "resets_at",
                             await store.now_us() - 1)
-    assert (await store.admit(ref, hash_secret(secret), "new", 100, 300)).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "new", Ask.flat(100, 300))).code == 0
     assert await store.settle(ref, "old", 10, 10, 40) is True
     key = await store.get_key(key_id)
     assert key.spent == 300  # only the new period's own reservation: no refund of "old"

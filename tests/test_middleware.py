@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
+from gateway.bounds import prompt_bound
 from gateway.metrics import Metrics
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.types import Message, Receive, Scope, Send
-from tests.conftest import bearer, client_for, gateway, new_key, post_scope
+from tests.conftest import bearer, client_for, gateway, new_key, post_scope, prompt_bound_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 
@@ -118,8 +119,10 @@ async def test_a_client_gone_before_any_answer_is_billed_its_prompt(
     app = gateway(upstream, store, settings, metrics)
     await app(post_scope("/v1/chat/completions", secret, body), receive, send)
     assert sent == []  # no answer was started
-    # the upstream read the prompt (10 tokens): it is billed, the completion is not
-    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(10, 0)
+    # the upstream read the prompt: it is billed at its bound (never below the server's
+    # count), the completion is not
+    prompt = prompt_bound(body, settings.media_part_tokens)
+    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(prompt, 0)
 
 
 async def test_a_body_over_the_limit_is_413_without_a_content_length(
@@ -179,16 +182,17 @@ async def test_metered_paths_accept_post_only(store: Store, settings: Settings,
     assert upstream.requests == 0
 
 
-async def test_the_configured_default_max_tokens_sizes_the_reservation(
+async def test_the_configured_max_output_tokens_sizes_the_reservation(
         store: Store, metrics: Metrics) -> None:
-    settings = Settings(default_max_tokens=100)
+    settings = Settings(max_output_tokens=100)
     secret, _, _ = await new_key(store, settings)
     body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}]}  # no max_tokens
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         response = await client.post("/v1/chat/completions", json=body, headers=bearer(secret))
     assert response.status_code == 200
-    # A full 3333-token bucket less the reservation: 10 prompt + the default 100 completion
-    assert response.headers["x-ratelimit-remaining-tokens"] == str(3333 - 110)
+    # A full 3333-token bucket less the reservation: the prompt's bound + the 100 maximum
+    reserved = prompt_bound_of(body) + 100
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(3333 - reserved)
 
 
 @pytest.mark.parametrize("status", [400, 422, 500])

@@ -30,7 +30,7 @@ from gateway.metrics import MULTIPROC_ENV, Metrics, exposition, multiprocess_dir
 from gateway.mock_upstream import MockUpstream
 from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue
-from gateway.store import KeyRef, Store, connect
+from gateway.store import Ask, KeyRef, Store, connect
 from gateway.types import Receive, Scope, Send
 from tests.conftest import RedisServer, bearer, client_for, gateway, new_key
 
@@ -98,7 +98,7 @@ async def test_a_replayed_settlement_counts_its_tokens_and_spend_once(
     # the replay a no-op, and the metrics must not count it again either.
     secret, key_id, account_id = await new_key(store, settings)
     ref = KeyRef(account_id, key_id)
-    assert (await store.admit(ref, hash_secret(secret), "r", 50, 100)).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
     queue = SettlementQueue(store, metrics)
     item = Settlement(ref, "r", 10, 8, 17, "standard")
     await queue.settle(item)
@@ -282,7 +282,7 @@ async def test_request_id_is_returned_and_forwarded(store: Store, settings: Sett
                                       headers={**bearer(secret), "X-Request-Id": "bad id"})
         rejected = await client.post("/v1/chat/completions", json=CHAT,
                                      headers={"X-Request-Id": "client-id-2"})
-        other = await client.get("/not-v1", headers={"X-Request-Id": "bad id"})
+        other = await client.get("/not-v1", headers={**bearer(secret), "X-Request-Id": "bad id"})
     assert chosen.headers["x-request-id"] == "client-id-1"
     assert len(generated.headers["x-request-id"]) == 32
     assert rejected.status_code == 401 and rejected.headers["x-request-id"] == "client-id-2"

@@ -28,7 +28,7 @@ from gateway.ratelimit import (
 )
 from gateway.settings import Settings
 from gateway.store import Decision, Names, Store, connect
-from tests.conftest import bearer, client_for, gateway, new_key
+from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
@@ -112,8 +112,9 @@ async def test_request_larger_than_the_tpm_bucket_is_admitted_once_then_waits(
     assert second.status_code == 429
     assert second.json()["error"]["type"] == "tokens"
     # actual usage 2 + 100 tokens left the 60-token bucket 42 in debt; it refills at one
-    # token per second, and the next request needs 2 + 4 more
-    assert 44 <= int(second.headers["retry-after"]) <= 48
+    # token per second, and the next request (its prompt's bound and 8 tokens, more than
+    # the bucket) waits for the whole bucket: 42 + 60 seconds
+    assert 100 <= int(second.headers["retry-after"]) <= 102
     assert upstream.requests == 1
 
 
@@ -196,7 +197,7 @@ async def test_plans_and_health(store: Store, settings: Settings, metrics: Metri
     ]
 
 
-async def test_non_gateway_paths_pass_through(store: Store, settings: Settings,
+async def test_only_public_paths_pass_without_a_key(store: Store, settings: Settings,
                                               metrics: Metrics) -> None:
     seen: list[str] = []
 
@@ -205,9 +206,18 @@ async def test_non_gateway_paths_pass_through(store: Store, settings: Settings,
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
+    secret, _, _ = await new_key(store, settings)
     async with client_for(gateway(app, store, settings, metrics)) as client:
-        assert (await client.get("/docs")).status_code == 204
-    assert seen == ["/docs"]
+        assert (await client.get("/health")).status_code == 204  # public by default
+        # anything else could be inference unbilled (vLLM's /tokenize, /pooling...): a key
+        assert (await client.get("/docs")).status_code == 401
+        assert (await client.post("/tokenize", json={})).status_code == 401
+        assert (await client.get("/docs", headers=bearer(secret))).status_code == 204
+    assert seen == ["/health", "/docs"]
+    public = Settings(api_plan_keys=True, public_paths=("/health", "/docs*"))
+    async with client_for(gateway(app, store, public, metrics)) as client:
+        assert (await client.get("/docs/index.html")).status_code == 204
+        assert (await client.get("/other")).status_code == 401
 
 
 async def test_unbelievable_usage_falls_back_to_the_estimate(
@@ -224,7 +234,8 @@ async def test_unbelievable_usage_falls_back_to_the_estimate(
             await send({"type": "http.response.body", "body": body})
         return app
 
-    estimate = settings.default_price.cost_micro(2, 4)  # "hello" and max_tokens 4
+    # the bound reserved: the prompt's bytes (and the template allowance), max_tokens 4
+    estimate = settings.default_price.cost_micro(prompt_bound_of(CHAT), 4)
     for usage in ({"prompt_tokens": 1, "completion_tokens": True},
                   {"prompt_tokens": -1000, "completion_tokens": 3},
                   {"prompt_tokens": "7", "completion_tokens": 3},

@@ -10,7 +10,7 @@ import pytest
 from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.keys import hash_secret
 from gateway.settings import Settings
-from gateway.store import connect
+from gateway.store import Ask, connect
 from tests.conftest import RedisServer, free_port, new_key
 
 
@@ -22,7 +22,7 @@ async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
     assert ref is not None and (ref.account_id, ref.key_id) == (account_id, key_id)
     await store.client.script_flush()
     decision = await store.admit(ref, hash_secret(secret),
-                                 "r1", 10, 5)
+                                 "r1", Ask.flat(10, 5))
     assert decision.code == 0
     # The admission loaded the settlement's script too: it will not miss it after the
     # client has seen the response (read-your-writes across replicas).
@@ -39,8 +39,8 @@ async def test_concurrent_hot_calls_share_one_connection(redis_url: str) -> None
     secret, _, _ = await new_key(store, settings, rpm=1000, tpm=10_000_000)
     ref = await store.lookup(hash_secret(secret))
     assert ref is not None
-    decisions = await asyncio.gather(*(store.admit(ref, hash_secret(secret), f"r{i}", 1, 0)
-                                       for i in range(200)))
+    decisions = await asyncio.gather(*(store.admit(ref, hash_secret(secret), f"r{i}",
+                                                   Ask.flat(1, 0)) for i in range(200)))
     assert [d.code for d in decisions].count(0) == 200
     clients = await store.client.client_list()
     assert len(clients) <= 3  # the multiplexed connection, the admin pool's, this query's

@@ -22,6 +22,7 @@ from tests.conftest import (
     gateway,
     new_key,
     post_scope,
+    prompt_bound_of,
     serving,
     stream_then_leave,
 )
@@ -95,15 +96,18 @@ async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
             await asyncio.sleep(0.02)
         spent = await spent_micro(session, base, secret)
         price = settings.default_price
-        assert price.cost_micro(20, streamed) <= spent <= price.cost_micro(20, streamed + 10)
+        prompt = prompt_bound_of(body)  # no usage reached the gateway: the prompt's bound
+        assert price.cost_micro(prompt, streamed) <= spent \
+            <= price.cost_micro(prompt, streamed + 10)
         assert [k async for k in store.client.scan_iter(match=reservations)] == []
-        # the reservation of 220 tokens was returned: the next request goes through
+        # the reservation of the prompt's bound + 200 was returned: the next goes through
         async with session.post(f"{base}/v1/chat/completions",
                                 json={**STREAM, "stream": False},
                                 headers=bearer(secret)) as response:
             assert response.status == 200
             remaining = int(response.headers["x-ratelimit-remaining-tokens"])
-            assert remaining >= 3333 - 20 - 12 - (streamed + 10) - 20
+            next_bound = prompt_bound_of({**STREAM, "stream": False}) + 12
+            assert remaining >= 3333 - prompt - (streamed + 10) - next_bound - 20
 
 
 async def test_running_usage_chunks_do_not_settle_early(
@@ -155,7 +159,8 @@ async def test_an_oversized_event_does_not_stop_usage_parsing(
 
     async with serving(gateway(upstream, store, settings, metrics)) as base, \
             aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/v1/chat/completions", json=STREAM,
+        async with session.post(f"{base}/v1/chat/completions",
+                                json={**STREAM, "max_tokens": 500},
                                 headers=bearer(secret)) as response:
             raw = await response.read()
         assert b'"usage"' not in raw  # the injected usage chunk is still removed

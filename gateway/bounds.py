@@ -1,0 +1,181 @@
+"""What an inference request may cost, decided before it is forwarded.
+
+The gateway reserves an upper bound of the work and then makes the upstream keep to it: the
+completion bound it reserved is written into the forwarded body, over every field that
+could raise it. Fields that decide money must be well-typed; anything the gateway cannot
+read the way the upstreams read it is a 400 naming the field, never a guess.
+
+The prompt bound is the body's size in bytes: byte-level BPE and byte-fallback tokenizers
+never make more tokens than bytes, the JSON around each message outweighs the chat
+template's markers, and a small allowance covers a template's own system text. Media parts
+(images, audio, video), which a server expands far beyond their URL's length, add a fixed
+allowance each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.routes import BOUND_FIELD_ADDED, BOUND_FIELDS, Kind, Route
+
+MAX_COMPLETION_TOKENS = 10_000_000
+MAX_CHOICES = 128
+MAX_PROMPTS = 10_000
+TEMPLATE_ALLOWANCE_TOKENS = 32
+_MEDIA_MARKERS = (b'"image_url"', b'"input_image"', b'"input_audio"', b'"video_url"',
+                  b'"audio_url"')
+
+
+class InvalidRequest(ValueError):
+    """A field that decides the price cannot be read; the message names the field."""
+
+
+@dataclass(slots=True)
+class Bound:
+    """An upper bound of one request's work: prompt tokens, and completion tokens as
+    sequences x per_sequence."""
+
+    kind: Kind
+    prompt_tokens: int
+    per_sequence: int
+    sequences: int
+    stream: bool = False
+    inject_usage: bool = False  # the gateway asked a stream for its usage chunk
+    model: str | None = None  # what the request names
+    payload: dict[str, Any] | None = None
+    _rewrite: bool = False  # the body does not already say `per_sequence` alone
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.per_sequence * self.sequences
+
+    def forwarded_body(self, body: bytes, admitted_per_sequence: int) -> bytes:
+        """The body to forward when admission granted `admitted_per_sequence` (perhaps less
+        than asked): the original bytes when they already say exactly that."""
+        payload = self.payload
+        if payload is None or (not self._rewrite and admitted_per_sequence == self.per_sequence):
+            return body
+        if self.kind in BOUND_FIELDS:
+            present = [f for f in BOUND_FIELDS[self.kind] if f in payload]
+            for name in present or [BOUND_FIELD_ADDED[self.kind]]:
+                payload[name] = admitted_per_sequence
+            minimum = payload.get("min_tokens")
+            if isinstance(minimum, int) and minimum > admitted_per_sequence:
+                payload["min_tokens"] = admitted_per_sequence
+        if self.inject_usage:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                         "include_usage": True}
+        return orjson.dumps(payload)
+
+
+def media_parts(body: bytes) -> int:
+    if b"_url" not in body and b"input_" not in body:
+        return 0  # the common text-only body: one scan instead of five
+    return sum(body.count(marker) for marker in _MEDIA_MARKERS)
+
+
+def prompt_bound(body: bytes, media_tokens: int) -> int:
+    return len(body) + TEMPLATE_ALLOWANCE_TOKENS + media_parts(body) * media_tokens
+
+
+def _limit(payload: dict[str, Any], name: str) -> int | None:
+    """A completion limit: absent, null and 0 all mean "not set" (vLLM reads
+    `max_completion_tokens or max_tokens`); llama.cpp's `n_predict: -1` means "no limit"."""
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer")
+    if value == -1 and name == "n_predict":
+        return None
+    if not 0 <= value <= MAX_COMPLETION_TOKENS:
+        raise InvalidRequest(f"{name} must be an integer between 0 and {MAX_COMPLETION_TOKENS}")
+    return value or None
+
+
+def _count(payload: dict[str, Any], name: str) -> int:
+    value = payload.get(name)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
+        raise InvalidRequest(f"{name} must be an integer between 1 and {MAX_CHOICES}")
+    return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false")
+    return value
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a completions `prompt` holds: a string or one list of token ids is
+    one; a list of strings or of token-id lists is one each."""
+    if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        return 1
+    if len(prompt) > MAX_PROMPTS:
+        raise InvalidRequest(f"prompt must hold at most {MAX_PROMPTS} prompts")
+    return len(prompt)
+
+
+def _stream(payload: dict[str, Any], kind: Kind) -> tuple[bool, bool]:
+    """(streamed, the gateway must ask for the usage chunk)."""
+    stream = _flag(payload.get("stream"), "stream")
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object")
+    asked = False
+    if options is not None:
+        asked = _flag(options.get("include_usage"), "stream_options.include_usage")
+        _flag(options.get("continuous_usage_stats"), "stream_options.continuous_usage_stats")
+    # The Responses and Messages APIs always end a stream with its usage.
+    inject = stream and not asked and kind in (Kind.CHAT, Kind.COMPLETIONS)
+    return stream, inject
+
+
+def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | None,
+            max_output_tokens: int, media_tokens: int) -> Bound:
+    """The bound of a request on `route`; `kind` is the route's own, or for /invocations
+    the one its body asks for. Raises InvalidRequest naming a field that cannot be read."""
+    if payload is None:  # a body that is not JSON (audio uploads): priced per request
+        return Bound(kind, 0, 0, 1)
+    model = payload.get("model")
+    model = model if isinstance(model, str) else None
+    prompt = prompt_bound(body, media_tokens)
+    if kind not in BOUND_FIELDS:
+        stream, _ = _stream(payload, kind)
+        return Bound(kind, prompt, 0, 1, stream, False, model)
+    requested = None
+    fields = BOUND_FIELDS[kind]
+    present = 0
+    for name in fields:
+        if name in payload:
+            present += 1
+            value = _limit(payload, name)
+            if requested is None:
+                requested = value
+    per_sequence = max_output_tokens if requested is None else min(requested,
+                                                                    max_output_tokens)
+    minimum = payload.get("min_tokens")
+    if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int)
+                                or minimum < 0):
+        raise InvalidRequest("min_tokens must be a non-negative integer")
+    sequences = 1
+    if kind in (Kind.CHAT, Kind.COMPLETIONS):
+        # llama.cpp reads `n_cmpl` before its alias `n`; vLLM's best_of generates more.
+        sequences = max(_count(payload, "n"), _count(payload, "best_of"),
+                        _count(payload, "n_cmpl"))
+        if kind is Kind.COMPLETIONS:
+            sequences *= prompt_count(payload.get("prompt"))
+    stream, inject = _stream(payload, kind)
+    rewrite = (inject or present != 1 or requested != per_sequence
+               or (isinstance(minimum, int) and minimum > per_sequence))
+    return Bound(kind, prompt, per_sequence, sequences, stream, inject, model, payload,
+                 rewrite)
+

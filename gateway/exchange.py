@@ -1,0 +1,227 @@
+"""One admitted request on its way back: decorate the response, read its usage, settle once."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway import metering
+from gateway.errors import ClientDisconnected
+from gateway.logs import REQUEST_ID_HEADER, RequestRecord
+from gateway.metering import Usage
+from gateway.ratelimit import rate_headers
+from gateway.routes import Kind
+from gateway.settlement import Settlement
+from gateway.store import Decision, KeyRef
+from gateway.types import Headers, Message, Receive, Send
+
+if TYPE_CHECKING:
+    from gateway.middleware import GatewayMiddleware
+
+_JSON_TAIL_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """What an inference request was admitted for."""
+
+    kind: Kind
+    prompt_bound: int  # an upper bound of the prompt's tokens
+    completion_bound: int  # the completion tokens forwarded: sequences x admitted bound
+    strip_usage: bool  # the gateway asked the stream for usage the client did not
+    requested_model: str | None
+    request_micro: int = 0  # the route's price per request, for answers without usage
+
+
+class Exchange:
+    """One admitted request: decorates the response and settles exactly once."""
+
+    def __init__(self, gateway: GatewayMiddleware, send: Send, ref: KeyRef, request_id: str,
+                 decision: Decision, metered: Metered | None, record: RequestRecord) -> None:
+        self.gateway = gateway
+        self.record = record
+        self.downstream = send
+        self.client_receive: Receive | None = None
+        self.body: bytes | None = None
+        self.gone = False  # the client disconnected
+        self._gone_event: asyncio.Event | None = None  # made only when someone waits for it
+        self.watcher: asyncio.Task[None] | None = None
+        self.ref = ref
+        self.request_id = request_id
+        self.decision = decision
+        self.metered = metered
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.settled = False
+        self.sse: metering.SseUsage | None = None
+        self.json: metering.JsonUsage | None = None
+
+    def own_receive(self, body: bytes, receive: Receive) -> Receive:
+        """After replaying the body, the exchange is the only reader of the client's
+        `receive`, so it can notice a disconnect whatever the app does."""
+        self.body = body
+        self.client_receive = receive
+        return self.receive
+
+    async def receive(self) -> Message:
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        self._watch()
+        if not self.gone:
+            if self._gone_event is None:
+                self._gone_event = asyncio.Event()
+            await self._gone_event.wait()
+        return {"type": "http.disconnect"}
+
+    def _watch(self) -> None:
+        if self.watcher is None and self.client_receive is not None:
+            self.watcher = asyncio.ensure_future(self._wait_for_disconnect(self.client_receive))
+
+    async def _wait_for_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._gone_event is not None:
+            self._gone_event.set()
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+    async def send(self, message: Message) -> None:
+        if self.gone:
+            raise ClientDisconnected
+        if message["type"] == "http.response.start":
+            await self._start(message)
+        elif message["type"] == "http.response.body":
+            await self._body(message)
+        else:
+            await self.downstream(message)
+
+    async def _start(self, message: Message) -> None:
+        self.started = True
+        self.status = self.record.status = int(message["status"])
+        metered = self.metered
+        strip = metered is not None and metered.strip_usage
+        headers: Headers = []
+        for name, value in message.get("headers", []):
+            lowered = name.lower()
+            if lowered == REQUEST_ID_HEADER:
+                continue  # ours replaces it
+            if lowered == b"content-type" and metered is not None:
+                media = value.lower()
+                if media.startswith(b"text/event-stream"):
+                    if self.sse is None:
+                        self.sse = metering.SseUsage(metered.kind, strip)
+                        self.json = None
+                        self._watch()
+                elif b"json" in media and self.sse is None:
+                    self.json = metering.JsonUsage(_JSON_TAIL_BYTES)
+            elif lowered == b"content-length" and strip:
+                continue  # the body may shrink by the usage chunk we remove
+            elif lowered.startswith(b"x-ratelimit-"):
+                continue
+            headers.append((name, value))
+        if self.sse is None and strip:
+            original = message.get("headers", [])
+            headers.extend(h for h in original if h[0].lower() == b"content-length")
+        headers.extend(rate_headers(self.decision))
+        headers.append((REQUEST_ID_HEADER, self.record.request_id.encode()))
+        await self.downstream({**message, "headers": headers})
+
+    async def _body(self, message: Message) -> None:
+        chunk: bytes = message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        settle_now = False
+        if self.sse is not None:
+            chunk = self.sse.feed(chunk)
+            if not more:
+                chunk += self.sse.flush()
+            settle_now = self.sse.ended  # the stream's end marker: before the client sees it
+        elif self.json is not None:
+            self.json.feed(chunk)
+        out = {"type": "http.response.body", "body": chunk, "more_body": more}
+        if not more:
+            self.finished = True
+            settle_now = True
+        if settle_now and not self.settled:
+            await self._send_settling(out)
+        else:
+            await self.downstream(out)
+
+    async def _send_settling(self, message: Message) -> None:
+        """Settles and sends `message`, which lets the client see the end of the answer."""
+        item = self._settlement()
+        answer = self.gateway.settlements.begin(item)
+        if answer is None:
+            await self.gateway.settlements.settle_detached(item)  # spend lands first
+            await self.downstream(message)
+            return
+        # Read-your-writes without waiting a round trip: one turn of the loop writes the
+        # settlement (with the others queued in this turn: one system call for all) before
+        # the client can see the message, so its next question to any replica reaches
+        # Redis after the spend.
+        try:
+            await asyncio.sleep(0)
+            await self.downstream(message)
+        finally:
+            await answer
+
+    def _reported(self) -> tuple[Usage | None, str | None]:
+        if self.sse is not None:
+            return self.sse.usage(), self.sse.model
+        if self.json is not None and self.finished:
+            return self.json.result()
+        return None, None
+
+    def bill(self) -> tuple[Usage, int]:
+        """The usage to settle and its cost in micro-USD."""
+        metered = self.metered
+        if metered is None:
+            return Usage(0, 0), 0
+        settings = self.gateway.settings
+        found, model = self._reported()
+        price = settings.price_for(model or metered.requested_model)
+        if found is not None:
+            if found.completion > metered.completion_bound:
+                # The upstream was told the bound: more cannot be true work we owe it for.
+                self.gateway.metrics.over_bound.inc()
+                found = Usage(found.prompt, metered.completion_bound, found.cached)
+            if metered.request_micro and not (found.prompt or found.completion):
+                return found, metered.request_micro
+            return found, price.cost_micro(found.prompt, found.completion, found.cached)
+        if self.status >= 400:
+            return Usage(0, 0), 0  # the upstream refused or failed: no work to bill
+        if metered.request_micro:
+            return Usage(0, 0), metered.request_micro
+        usage = self._estimate(metered)
+        return usage, price.cost_micro(usage.prompt, usage.completion)
+
+    def _estimate(self, metered: Metered) -> Usage:
+        """No usage reported: the bound, or what the stream showed of the work done."""
+        if not self.started:
+            return Usage(metered.prompt_bound, 0)  # gone before any answer: the prompt was sent
+        sse = self.sse
+        if sse is not None and not (self.finished and sse.skipped):
+            prompt = sse.known_prompt() or metered.prompt_bound
+            return Usage(prompt, min(sse.streamed_tokens(), metered.completion_bound))
+        return Usage(metered.prompt_bound, metered.completion_bound)
+
+    def _settlement(self) -> Settlement:
+        self.settled = True
+        usage, cost = self.bill()
+        record = self.record
+        record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
+        record.cost_micro = cost
+        return Settlement(self.ref, self.request_id, usage.prompt, usage.completion, cost,
+                          self.decision.plan)
+
+    async def settle(self) -> None:
+        """Settles exactly once; cancelling the request (a client disconnect, a shutdown
+        deadline) cannot cancel the settlement half-way (see settle_shielded)."""
+        if self.settled:
+            return
+        await self.gateway.settlements.settle_shielded(self._settlement())

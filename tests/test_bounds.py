@@ -1,0 +1,144 @@
+"""Admission-time bounds: what a request reserves, and the body the upstream is sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.bounds import (
+    MAX_COMPLETION_TOKENS,
+    TEMPLATE_ALLOWANCE_TOKENS,
+    Bound,
+    InvalidRequest,
+    analyse,
+    prompt_bound,
+)
+from gateway.routes import Kind, Route
+
+CHAT = Route("/v1/chat/completions", Kind.CHAT)
+COMPLETIONS = Route("/v1/completions", Kind.COMPLETIONS)
+EMBEDDINGS = Route("/v1/embeddings", Kind.EMBEDDINGS)
+RESPONSES = Route("/v1/responses", Kind.RESPONSES)
+MESSAGES = Route("/v1/messages", Kind.MESSAGES)
+
+
+def bound(payload: dict[str, Any], route: Route = CHAT, maximum: int = 1024) -> Bound:
+    body = orjson.dumps(payload)
+    return analyse(route, route.kind, body, payload, maximum, 4096)
+
+
+def forwarded(payload: dict[str, Any], route: Route = CHAT, admitted: int | None = None,
+              maximum: int = 1024) -> dict[str, Any]:
+    b = bound(payload, route, maximum)
+    body = orjson.dumps(payload)
+    out = b.forwarded_body(body, b.per_sequence if admitted is None else admitted)
+    doc = orjson.loads(out)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_the_prompt_bound_is_the_body_in_bytes_plus_the_template_allowance() -> None:
+    body = '{"messages":[{"role":"user","content":"héllo"}]}'.encode()
+    assert prompt_bound(body, 4096) == len(body) + TEMPLATE_ALLOWANCE_TOKENS
+    image = b'{"messages":[{"content":[{"type":"image_url","image_url":{"url":"x"}}]}]}'
+    # "image_url" appears twice (the type and the key): each media marker adds an allowance
+    assert prompt_bound(image, 100) == len(image) + TEMPLATE_ALLOWANCE_TOKENS + 2 * 100
+
+
+@pytest.mark.parametrize("payload,route,per_sequence,sequences", [
+    ({}, CHAT, 1024, 1),  # the configured maximum when the client names no limit
+    ({"n": 3}, CHAT, 1024, 3),
+    ({"max_tokens": 50}, CHAT, 50, 1),
+    ({"max_completion_tokens": 70}, CHAT, 70, 1),
+    ({"max_completion_tokens": 70, "n": 2}, CHAT, 70, 2),
+    # vLLM and SGLang read `max_completion_tokens or max_tokens`: 0 and null mean absent
+    ({"max_tokens": 5000, "max_completion_tokens": 0}, CHAT, 1024, 1),
+    ({"max_tokens": 500, "max_completion_tokens": 0}, CHAT, 500, 1),
+    ({"max_tokens": 500, "max_completion_tokens": None}, CHAT, 500, 1),
+    ({"max_tokens": 0}, CHAT, 1024, 1),
+    ({"n_predict": -1, "max_tokens": 20}, CHAT, 20, 1),  # llama.cpp's "no limit"
+    ({"n_predict": 30}, CHAT, 30, 1),
+    ({"max_tokens": 99_999}, CHAT, 1024, 1),  # never above the configured maximum
+    ({"max_tokens": 10, "best_of": 5, "n": 2}, COMPLETIONS, 10, 5),
+    ({"max_tokens": 10, "n": 4, "best_of": 2}, COMPLETIONS, 10, 4),
+    ({"max_tokens": 10, "n_cmpl": 3}, CHAT, 10, 3),  # llama.cpp's own name for n
+    ({"max_tokens": 10, "prompt": ["a", "b", "c"]}, COMPLETIONS, 10, 3),
+    ({"max_tokens": 10, "prompt": ["a", "b"], "n": 2}, COMPLETIONS, 10, 4),
+    ({"max_tokens": 10, "prompt": [[1, 2], [3]]}, COMPLETIONS, 10, 2),
+    ({"max_tokens": 10, "prompt": [1, 2, 3]}, COMPLETIONS, 10, 1),  # one tokenized prompt
+    ({"max_tokens": 10, "prompt": "abc"}, COMPLETIONS, 10, 1),
+    ({"max_output_tokens": 40, "max_tokens": 999}, RESPONSES, 40, 1),
+    ({"max_tokens": 40}, MESSAGES, 40, 1),
+    ({"max_tokens": 50, "n": 3}, EMBEDDINGS, 0, 1),  # embeddings generate nothing
+])
+def test_completion_bound(payload: dict[str, Any], route: Route, per_sequence: int,
+                          sequences: int) -> None:
+    b = bound(payload, route)
+    assert (b.per_sequence, b.sequences) == (per_sequence, sequences)
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"max_tokens": MAX_COMPLETION_TOKENS + 1}, "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+    ({"max_tokens": "5000"}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"n_predict": -2}, "n_predict"),
+    ({"best_of": 0}, "best_of"),
+    ({"n": 0}, "n"),
+    ({"n": "2"}, "n"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"stream": "true"}, "stream"),
+    ({"stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "true"}}, "include_usage"),
+    ({"min_tokens": -1}, "min_tokens"),
+])
+def test_fields_that_decide_money_must_be_well_typed(payload: dict[str, Any],
+                                                     field: str) -> None:
+    with pytest.raises(InvalidRequest, match=field):
+        bound(payload)
+
+
+def test_the_bound_reserved_is_written_over_every_field_that_could_raise_it() -> None:
+    doc = forwarded({"max_tokens": 5000, "max_completion_tokens": 0, "n_predict": -1,
+                     "min_tokens": 4000}, maximum=2000)
+    assert (doc["max_tokens"], doc["max_completion_tokens"], doc["n_predict"],
+            doc["min_tokens"]) == (2000, 2000, 2000, 2000)
+    assert forwarded({"messages": []})["max_tokens"] == 1024  # none named: the maximum
+    assert forwarded({"input": "x"}, RESPONSES)["max_output_tokens"] == 1024
+    clamped = forwarded({"max_completion_tokens": 100, "min_tokens": 50}, admitted=7)
+    assert (clamped["max_completion_tokens"], clamped["min_tokens"]) == (7, 7)
+    assert "max_tokens" not in clamped  # the client's own field carries the bound
+
+
+def test_a_body_that_already_says_the_bound_is_forwarded_as_it_came() -> None:
+    body = b'{"max_tokens":16,  "messages":[]}'
+    payload = orjson.loads(body)
+    b = analyse(CHAT, Kind.CHAT, body, payload, 1024, 4096)
+    assert b.forwarded_body(body, 16) is body
+    assert b.forwarded_body(body, 10) != body  # clamped: rewritten
+
+
+@pytest.mark.parametrize("payload,injected", [
+    ({"stream": True}, True),
+    ({"stream": True, "stream_options": {"include_usage": False}}, True),
+    ({"stream": True, "stream_options": {"include_usage": True}}, False),
+    ({"stream": False}, False),
+    ({"stream": None}, False),
+    ({}, False),
+])
+def test_the_usage_chunk_is_asked_for_when_the_client_did_not(payload: dict[str, Any],
+                                                               injected: bool) -> None:
+    b = bound({**payload, "max_tokens": 5})
+    assert b.inject_usage is injected
+    doc = forwarded({**payload, "max_tokens": 5})
+    if payload.get("stream"):
+        assert doc["stream_options"]["include_usage"] is True
+
+
+def test_the_responses_and_messages_apis_are_not_asked_for_usage() -> None:
+    assert not bound({"stream": True, "max_output_tokens": 5}, RESPONSES).inject_usage
+    assert not bound({"stream": True, "max_tokens": 5}, MESSAGES).inject_usage

@@ -1,0 +1,224 @@
+"""The money path against hostile clients: no budget, credit or TPM overshoot whatever the
+request says, in both shapes (middleware, and the proxy in front of a real HTTP upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.mock_upstream import MockUpstream
+from gateway.proxy import UpstreamProxy
+from gateway.settings import Price, Settings
+from gateway.store import Store
+from gateway.types import ASGIApp, Receive, Scope, Send
+from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of, serving
+
+PRICE = Price(1_000_000, 2_000_000)  # $1 in, $2 out per million tokens
+
+
+class Generous(MockUpstream):
+    """Generates every token it is allowed (no 16-word cap), and remembers each body."""
+
+    def __init__(self) -> None:
+        super().__init__(max_words=1_000_000)
+        self.bodies: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            received = b""
+            while True:
+                message = await receive()
+                received += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            self.bodies.append(orjson.loads(received))
+            replayed = False
+
+            async def again() -> Any:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": received, "more_body": False}
+                return await receive()
+
+            await super().__call__(scope, again, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def limit_of(body: dict[str, Any]) -> int:
+    """What a vLLM-like upstream would generate for this body, at most."""
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or 1_000_000)
+
+
+@contextlib.asynccontextmanager
+async def shape(name: str, upstream: ASGIApp, store: Store, settings: Settings,
+                metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the gateway: as middleware around `upstream`, or as the proxy in front
+    of it served over real HTTP."""
+    if name == "middleware":
+        async with client_for(gateway(upstream, store, settings, metrics)) as client:
+            yield client
+        return
+    async with serving(upstream) as base:
+        proxy = UpstreamProxy(base)
+        async with client_for(gateway(proxy, store, settings, metrics)) as client:
+            yield client
+        await proxy.close()
+
+
+HOSTILE = [
+    {"max_tokens": 5000, "max_completion_tokens": 0},
+    {"max_tokens": 5000, "max_completion_tokens": None},
+    {},  # no limit at all: the upstream would generate up to its context length
+    {"max_tokens": 3000, "n": 3},
+    {"max_completion_tokens": 2000, "n_predict": -1},
+    {"max_tokens": 4000, "min_tokens": 4000},
+]
+
+
+def chat(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi " * 10}], **extra}
+
+
+@pytest.mark.parametrize("shape_name", ["middleware", "proxy"])
+@pytest.mark.parametrize("trick", range(len(HOSTILE)))
+async def test_no_budget_overshoot_under_concurrent_tricks(
+        store: Store, metrics: Metrics, shape_name: str, trick: int) -> None:
+    settings = Settings(default_price=PRICE, max_output_tokens=8000, api_plan_keys=True)
+    secret, key_id, _ = await new_key(store, settings, budget_usd="0.01", rpm=100_000,
+                                      tpm=100_000_000)
+    upstream = Generous()
+    body = chat(HOSTILE[trick])
+    async with shape(shape_name, upstream, store, settings, metrics) as client:
+        responses = await asyncio.gather(*(
+            client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+            for _ in range(50)))
+    assert {r.status_code for r in responses} <= {200, 429}
+    served = [r for r in responses if r.status_code == 200]
+    assert served
+    for forwarded in upstream.bodies:  # the upstream was told the bound it could generate
+        assert limit_of(forwarded) <= 8000
+    key = await store.get_key(key_id)
+    assert key.spent <= 10_000  # $0.01, to the micro-dollar
+    billed = sum(PRICE.cost_micro(r.json()["usage"]["prompt_tokens"],
+                                  r.json()["usage"]["completion_tokens"]) for r in served)
+    assert key.spent == billed
+
+
+@pytest.mark.parametrize("shape_name", ["middleware", "proxy"])
+async def test_no_credit_overshoot_and_the_balance_never_goes_negative(
+        store: Store, metrics: Metrics, shape_name: str) -> None:
+    settings = Settings(default_price=PRICE, max_output_tokens=8000, api_plan_keys=True)
+    secret, _, account = await new_key(store, settings, credit=True, rpm=100_000,
+                                       tpm=100_000_000)
+    await store.add_credits(account, 10_000)  # $0.01
+    upstream = Generous()
+    async with shape(shape_name, upstream, store, settings, metrics) as client:
+        tricks = [chat(HOSTILE[i % len(HOSTILE)]) for i in range(60)]
+        responses = await asyncio.gather(*(
+            client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+            for body in tricks))
+    assert {r.status_code for r in responses} <= {200, 429}
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} \
+        <= {"insufficient_credits"}
+    balance = (await store.get_account(account)).credits
+    assert balance >= 0
+    served = [r for r in responses if r.status_code == 200]
+    billed = sum(PRICE.cost_micro(r.json()["usage"]["prompt_tokens"],
+                                  r.json()["usage"]["completion_tokens"]) for r in served)
+    assert balance == 10_000 - billed
+
+
+async def test_a_clamped_request_is_forwarded_with_the_bound_that_was_paid(
+        store: Store, metrics: Metrics) -> None:
+    settings = Settings(default_price=PRICE, max_output_tokens=8000, api_plan_keys=True)
+    secret, key_id, _ = await new_key(store, settings, budget_usd="0.001")  # 1000 micro-USD
+    upstream = Generous()
+    body = chat({"max_tokens": 5000, "max_completion_tokens": 0})
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+    assert response.status_code == 200
+    prompt = prompt_bound_of(body)
+    affordable = (1000 - PRICE.prompt_micro(prompt)) // 2  # $2 per million: 2 micro a token
+    assert upstream.bodies[0]["max_tokens"] == affordable
+    assert upstream.bodies[0]["max_completion_tokens"] == affordable
+    assert response.json()["usage"]["completion_tokens"] == affordable
+    assert (await store.get_key(key_id)).spent <= 1000
+
+
+async def test_reject_mode_refuses_what_the_budget_cannot_pay_in_full(
+        store: Store, metrics: Metrics) -> None:
+    settings = Settings(default_price=PRICE, on_insufficient="reject", api_plan_keys=True)
+    secret, _, _ = await new_key(store, settings, budget_usd="0.001")
+    upstream = Generous()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        too_big = await client.post("/v1/chat/completions", json=chat({"max_tokens": 5000}),
+                                    headers=bearer(secret))
+        fits = await client.post("/v1/chat/completions", json=chat({"max_tokens": 10}),
+                                 headers=bearer(secret))
+    assert too_big.status_code == 429
+    assert too_big.json()["error"]["code"] == "budget_exceeded"
+    assert fits.status_code == 200
+    assert len(upstream.bodies) == 1
+
+
+async def test_not_even_the_prompt_affordable_is_refused(store: Store,
+                                                         metrics: Metrics) -> None:
+    settings = Settings(default_price=PRICE, api_plan_keys=True)
+    secret, _, account = await new_key(store, settings, credit=True)
+    body = chat({"max_tokens": 10})
+    await store.add_credits(account, PRICE.prompt_micro(prompt_bound_of(body)))
+    upstream = Generous()
+    async with client_for(gateway(upstream, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "insufficient_credits"
+    assert upstream.bodies == []
+
+
+@pytest.mark.parametrize("shape_name", ["middleware", "proxy"])
+async def test_tokens_served_in_a_minute_stay_within_tpm_and_one_request(
+        store: Store, settings: Settings, metrics: Metrics, shape_name: str) -> None:
+    secret, _, _ = await new_key(store, settings, rpm=100_000, tpm=13_333)
+    upstream = Generous()
+    body = chat({"max_tokens": 5000, "max_completion_tokens": 0})
+    started = await store.now_us()
+    async with shape(shape_name, upstream, store, settings, metrics) as client:
+        responses = await asyncio.gather(*(
+            client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+            for _ in range(50)))
+    elapsed = (await store.now_us() - started) / 1e6
+    served = [r for r in responses if r.status_code == 200]
+    tokens = sum(r.json()["usage"]["total_tokens"] for r in served)
+    one_request = prompt_bound_of(body) + 1024  # the settings' default maximum
+    assert tokens <= 13_333 + elapsed * 13_333 / 60 + one_request
+    assert {r.json()["error"]["type"] for r in responses if r.status_code == 429} == {"tokens"}
+
+
+async def test_usage_above_the_forwarded_bound_is_billed_at_the_bound(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, _ = await new_key(store, settings)
+
+    async def liar(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        body = orjson.dumps({"model": "m", "choices": [], "usage": {
+            "prompt_tokens": 9, "completion_tokens": 100_000}})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async with client_for(gateway(liar, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=chat({"max_tokens": 20}),
+                                     headers=bearer(secret))
+    assert response.status_code == 200
+    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(9, 20)
+    assert metrics.registry.get_sample_value("gateway_usage_over_bound_total") == 1
