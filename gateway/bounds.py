@@ -44,8 +44,11 @@ class Bound:
     sequences: int
     stream: bool = False
     inject_usage: bool = False  # the gateway asked a stream for its usage chunk
+    inject_running: bool = False  # ... and for vLLM's running usage on every chunk
+    inject_timings: bool = False  # ... and for llama.cpp's per-token timings
     model: str | None = None  # what the request names
     payload: dict[str, Any] | None = None
+    prompts: int = 1
     _rewrite: bool = False  # the body does not already say `per_sequence` alone
 
     @property
@@ -65,10 +68,14 @@ class Bound:
             minimum = payload.get("min_tokens")
             if isinstance(minimum, int) and minimum > admitted_per_sequence:
                 payload["min_tokens"] = admitted_per_sequence
-        if self.inject_usage:
+        if self.inject_usage or self.inject_running:
             options = payload.get("stream_options")
-            payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                         "include_usage": True}
+            options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            if self.inject_running:
+                options["continuous_usage_stats"] = True
+            payload["stream_options"] = options
+        if self.inject_timings:
+            payload["timings_per_token"] = True
         return orjson.dumps(payload)
 
 
@@ -124,23 +131,39 @@ def prompt_count(prompt: Any) -> int:
     return len(prompt)
 
 
-def _stream(payload: dict[str, Any], kind: Kind) -> tuple[bool, bool]:
-    """(streamed, the gateway must ask for the usage chunk)."""
+@dataclass(frozen=True, slots=True)
+class RunningUsage:
+    """What to ask a stream for beyond its final usage, so that a stream cut short is
+    billed the server's own count: vLLM's (and SGLang's) `continuous_usage_stats`,
+    llama.cpp's `timings_per_token`."""
+
+    continuous_usage: bool = False
+    timings_per_token: bool = False
+
+
+def _stream(payload: dict[str, Any], kind: Kind,
+            running: RunningUsage) -> tuple[bool, bool, bool, bool]:
+    """(streamed, ask for the usage chunk, for running usage, for per-token timings)."""
     stream = _flag(payload.get("stream"), "stream")
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("stream_options must be an object")
-    asked = False
+    asked = continuous = False
     if options is not None:
         asked = _flag(options.get("include_usage"), "stream_options.include_usage")
-        _flag(options.get("continuous_usage_stats"), "stream_options.continuous_usage_stats")
+        continuous = _flag(options.get("continuous_usage_stats"),
+                           "stream_options.continuous_usage_stats")
+    timings = _flag(payload.get("timings_per_token"), "timings_per_token")
     # The Responses and Messages APIs always end a stream with its usage.
-    inject = stream and not asked and kind in (Kind.CHAT, Kind.COMPLETIONS)
-    return stream, inject
+    if not stream or kind not in (Kind.CHAT, Kind.COMPLETIONS):
+        return stream, False, False, False
+    inject_running = running.continuous_usage and not continuous
+    return stream, not asked, inject_running, running.timings_per_token and not timings
 
 
 def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | None,
-            max_output_tokens: int, media_tokens: int) -> Bound:
+            max_output_tokens: int, media_tokens: int,
+            running: RunningUsage = RunningUsage()) -> Bound:
     """The bound of a request on `route`; `kind` is the route's own, or for /invocations
     the one its body asks for. Raises InvalidRequest naming a field that cannot be read."""
     if payload is None:  # a body that is not JSON (audio uploads): priced per request
@@ -149,8 +172,8 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
     model = model if isinstance(model, str) else None
     prompt = prompt_bound(body, media_tokens)
     if kind not in BOUND_FIELDS:
-        stream, _ = _stream(payload, kind)
-        return Bound(kind, prompt, 0, 1, stream, False, model)
+        stream = _stream(payload, kind, running)[0]
+        return Bound(kind, prompt, 0, 1, stream, False, model=model)
     requested = None
     fields = BOUND_FIELDS[kind]
     present = 0
@@ -166,16 +189,18 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
     if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int)
                                 or minimum < 0):
         raise InvalidRequest("min_tokens must be a non-negative integer")
-    sequences = 1
+    sequences = prompts = 1
     if kind in (Kind.CHAT, Kind.COMPLETIONS):
         # llama.cpp reads `n_cmpl` before its alias `n`; vLLM's best_of generates more.
         sequences = max(_count(payload, "n"), _count(payload, "best_of"),
                         _count(payload, "n_cmpl"))
         if kind is Kind.COMPLETIONS:
-            sequences *= prompt_count(payload.get("prompt"))
-    stream, inject = _stream(payload, kind)
-    rewrite = (inject or present != 1 or requested != per_sequence
+            prompts = prompt_count(payload.get("prompt"))
+            sequences *= prompts
+    stream, inject, inject_running, inject_timings = _stream(payload, kind, running)
+    rewrite = (inject or inject_running or inject_timings or present != 1
+               or requested != per_sequence
                or (isinstance(minimum, int) and minimum > per_sequence))
-    return Bound(kind, prompt, per_sequence, sequences, stream, inject, model, payload,
-                 rewrite)
+    return Bound(kind, prompt, per_sequence, sequences, stream, inject, inject_running,
+                 inject_timings, model, payload, prompts, rewrite)
 

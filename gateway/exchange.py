@@ -32,6 +32,9 @@ class Metered:
     strip_usage: bool  # the gateway asked the stream for usage the client did not
     requested_model: str | None
     request_micro: int = 0  # the route's price per request, for answers without usage
+    prompts: int = 1  # a completions prompt list's length
+    strip_running: bool = False  # ... and for running usage on every chunk
+    choices_per_prompt: int = 1
 
 
 class Exchange:
@@ -105,7 +108,7 @@ class Exchange:
         self.started = True
         self.status = self.record.status = int(message["status"])
         metered = self.metered
-        strip = metered is not None and metered.strip_usage
+        strip = metered is not None and (metered.strip_usage or metered.strip_running)
         headers: Headers = []
         for name, value in message.get("headers", []):
             lowered = name.lower()
@@ -115,7 +118,9 @@ class Exchange:
                 media = value.lower()
                 if media.startswith(b"text/event-stream"):
                     if self.sse is None:
-                        self.sse = metering.SseUsage(metered.kind, strip)
+                        self.sse = metering.SseUsage(
+                            metered.kind, metered.strip_usage, metered.strip_running,
+                            metered.choices_per_prompt)
                         self.json = None
                         self._watch()
                 elif b"json" in media and self.sse is None:
@@ -186,6 +191,11 @@ class Exchange:
         found, model = self._reported()
         price = settings.price_for(model or metered.requested_model)
         if found is not None:
+            if self.json is not None and self.json.first_result_only:
+                # The others' usage is missing: bill what they may have used, their bound.
+                prompt = found.prompt if metered.prompts == 1 else max(found.prompt,
+                                                                       metered.prompt_bound)
+                found = Usage(prompt, metered.completion_bound, found.cached)
             if found.completion > metered.completion_bound:
                 # The upstream was told the bound: more cannot be true work we owe it for.
                 self.gateway.metrics.over_bound.inc()

@@ -164,6 +164,23 @@ def _served_model(doc: dict[str, Any]) -> str | None:
     return None
 
 
+def _choice_index(choices: list[Any]) -> object:
+    choice = choices[0]
+    index = choice.get("index", 0) if isinstance(choice, dict) else 0
+    return index if isinstance(index, int) else 0
+
+
+def _timings_usage(timings: dict[str, Any]) -> Usage | None:
+    """llama.cpp's per-token `timings` (asked for with `timings_per_token`) as a running
+    count: prompt_n tokens evaluated, cache_n reused, predicted_n generated."""
+    predicted = _count(timings.get("predicted_n"))
+    evaluated = _count(timings.get("prompt_n"))
+    cached = _count(timings.get("cache_n")) or 0
+    if predicted is None or evaluated is None:
+        return None
+    return Usage(evaluated + cached, predicted, cached)
+
+
 class JsonUsage:
     """Collects a JSON response body (its head and a bounded tail) to read its usage and
     model at the end."""
@@ -174,6 +191,9 @@ class JsonUsage:
         self._limit = limit
         self._head = b""
         self._dropped = False
+        # llama.cpp's non-streamed answer to n > 1 or a prompt list reports the usage of
+        # its first result only (it merges the others' choices but not their usage).
+        self.first_result_only = False
 
     def feed(self, chunk: bytes) -> None:
         if len(self._head) < _HEAD_BYTES:
@@ -193,6 +213,9 @@ class JsonUsage:
             except orjson.JSONDecodeError:
                 doc = None
             if isinstance(doc, dict):
+                choices = doc.get("choices")
+                self.first_result_only = ("timings" in doc and isinstance(choices, list)
+                                          and len(choices) > 1)
                 usage = doc.get("usage")
                 if usage is None and isinstance(doc.get("response"), dict):
                     usage = doc["response"].get("usage")
@@ -214,16 +237,27 @@ class SseUsage:
     counts the streamed text, and strips the usage it injected. Holds at most one partial
     event (see SseEvents).
 
-    llama.cpp sends a usage block per choice and per prompt (summed here); vLLM and OpenAI
-    send one final block; vLLM's `continuous_usage_stats` blocks ride on chunks that still
-    carry choices and are cumulative (the latest is kept, never summed)."""
+    Final blocks ride on chunks without choices: one per choice in llama.cpp's chat
+    streams, one in all from vLLM and OpenAI. llama.cpp's completions put each choice's
+    block on its finishing chunk (finish_reason set), indexed prompt by prompt, `n` each.
+    Completion tokens are summed over the blocks; a prompt is counted once, as the server
+    evaluates it once for all its choices. vLLM's `continuous_usage_stats` blocks, on
+    every chunk, are cumulative: never summed; the latest stands only when nothing final
+    came (a stream cut short)."""
 
-    def __init__(self, kind: Kind, strip_usage: bool) -> None:
+    def __init__(self, kind: Kind, strip_usage: bool, strip_running: bool = False,
+                 per_prompt: int = 1) -> None:
         self._kind = kind
-        self._strip = strip_usage
+        self._per_prompt = max(1, per_prompt)  # choices per prompt (n)
+        self._strip = strip_usage  # the client did not ask for the final usage
+        self._strip_running = strip_running  # nor for running usage on every chunk
         self._events = SseEvents(self._inspect)
-        self._finals: Usage | None = None  # the sum of the final usage blocks
-        self._running: Usage | None = None  # the latest cumulative block
+        self._finals: Usage | None = None  # the sum of the choice-less usage blocks
+        self._finished: dict[object, Usage] = {}  # choice index -> its finishing block
+        self._running: Usage | None = None  # the latest cumulative block (Messages API)
+        # choice index -> its latest running count (vLLM's continuous_usage_stats, or
+        # llama.cpp's per-token `timings`): what a stream cut short has used so far
+        self._progress: dict[object, Usage] = {}
         self._prompt: int | None = None  # known early (Anthropic's message_start)
         self.model: str | None = None
         self.ended = False  # the stream's own end marker ([DONE], response.completed...)
@@ -244,7 +278,22 @@ class SseUsage:
     def usage(self) -> Usage | None:
         if self._finals is not None:
             return self._finals
+        if self._finished:
+            prompts: dict[int, Usage] = {}  # one prompt's own count, seen in each choice
+            completion = 0
+            for index, block in self._finished.items():
+                completion += block.completion
+                prompt = index // self._per_prompt if isinstance(index, int) else 0
+                seen = prompts.get(prompt)
+                if seen is None or block.prompt > seen.prompt:
+                    prompts[prompt] = block
+            return Usage(sum(b.prompt for b in prompts.values()), completion,
+                         sum(b.cached for b in prompts.values()))
         running = self._running
+        if running is None and self._progress:
+            blocks = self._progress.values()
+            running = Usage(max(b.prompt for b in blocks), sum(b.completion for b in blocks),
+                            max(b.cached for b in blocks))
         if running is not None and self._prompt is not None and running.prompt == 0:
             return Usage(self._prompt, running.completion, running.cached)
         return running
@@ -283,20 +332,33 @@ class SseUsage:
             choices = obj.get("choices")
             usage = read_usage(obj.get("usage"))
             if usage is not None:
-                if choices:
-                    self._running = usage
+                strip = self._strip
+                if not choices:
+                    self._finals = usage if self._finals is None else Usage(
+                        max(self._finals.prompt, usage.prompt),
+                        self._finals.completion + usage.completion,
+                        max(self._finals.cached, usage.cached))
                 else:
-                    self._finals = usage if self._finals is None else self._finals + usage
-                    if self._strip:
-                        replaced = self._without_usage(obj)
+                    index = _choice_index(choices)
+                    self._progress[index] = usage
+                    if isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+                        self._finished[index] = usage
+                    strip = strip or self._strip_running
+                if strip:
+                    replaced = self._without_usage(obj)
+            elif choices and isinstance(obj.get("timings"), dict):
+                progress = _timings_usage(obj["timings"])
+                if progress is not None:
+                    self._progress[_choice_index(choices)] = progress
             if isinstance(choices, list):
                 self._count_choices(choices)
         return replaced
 
     def _without_usage(self, obj: dict[str, Any]) -> bytes:
-        """The injected usage chunk as a client that did not ask sees it: gone, unless it
-        carries something else (llama.cpp's `timings`), which is kept."""
-        if all(key in _BOILERPLATE for key in obj):
+        """A chunk carrying the usage the gateway asked for, as a client that did not ask
+        sees it: without the usage, or gone when nothing else was in it (llama.cpp's
+        `timings` and a finishing choice are kept)."""
+        if not obj.get("choices") and all(key in _BOILERPLATE for key in obj):
             return b""
         del obj["usage"]
         return b"data: " + orjson.dumps(obj) + b"\n\n"

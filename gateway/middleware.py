@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -189,10 +190,8 @@ class GatewayMiddleware:
             if bound is not None:
                 body = bound.forwarded_body(body, decision.per_sequence)
                 if decision.per_sequence != ask.per_sequence:
-                    metered = Metered(metered.kind, metered.prompt_bound,
-                                      decision.per_sequence * bound.sequences,
-                                      metered.strip_usage, metered.requested_model,
-                                      metered.request_micro)
+                    metered = replace(metered, completion_bound=decision.per_sequence
+                                      * bound.sequences)
             scope = record.outbound_scope(scope, len(body))
         else:
             scope = record.outbound_scope(scope)
@@ -236,7 +235,7 @@ class GatewayMiddleware:
                                         "The model is not offered by this gateway."))
         try:
             bound = analyse(route, kind, body, payload, settings.max_output_for(model),
-                            settings.media_part_tokens)
+                            settings.media_part_tokens, settings.running_usage)
         except InvalidRequest as exc:
             raise self._reject(Rejected(400, "invalid_request", str(exc))) from None
         price = settings.reservation_price(bound.model)
@@ -246,7 +245,8 @@ class GatewayMiddleware:
                   price.prompt_micro(bound.prompt_tokens) + extra, price.output,
                   settings.on_insufficient == "clamp")
         metered = Metered(kind, bound.prompt_tokens, bound.completion_tokens,
-                          bound.inject_usage, bound.model, route.request_micro)
+                          bound.inject_usage, bound.model, route.request_micro, bound.prompts,
+                          bound.inject_running, bound.sequences // bound.prompts)
         return ask, metered, bound if payload is not None else None
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from gateway.bounds import RunningUsage
 from gateway.errors import ConfigError
 from gateway.logs import check_format, check_level
 from gateway.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
@@ -202,6 +203,8 @@ class Settings:
     routes: dict[str, Route] = field(default_factory=lambda: routes_with_prices(
         default_routes(), DEFAULT_REQUEST_PRICE))
     public_paths: tuple[str, ...] = DEFAULT_PUBLIC_PATHS
+    # [upstream] continuous_usage, timings_per_token
+    running_usage: RunningUsage = field(default_factory=RunningUsage)
     plans: dict[str, Plan] = field(default_factory=lambda: dict(DEFAULT_PLANS))
     credit_rpm: int = 60
     credit_tpm: int = 3333
@@ -309,6 +312,14 @@ class Settings:
                                   "on_insufficient", ("clamp", "reject"))
         per_request = usd_to_micro(pricing.get("per_request", "0.006"), "pricing.per_request")
         routes = routes_from_config(_table(data.get("routes"), "routes"), per_request)
+        upstream = _table(data.get("upstream"), "upstream")
+        unknown = set(upstream) - {"continuous_usage", "timings_per_token"}
+        if unknown:
+            raise ConfigError(f"[upstream] has unknown field(s) {', '.join(sorted(unknown))}; "
+                              f"valid: continuous_usage, timings_per_token")
+        running = RunningUsage(
+            _flag(upstream.get("continuous_usage", False), "upstream.continuous_usage"),
+            _flag(upstream.get("timings_per_token", False), "upstream.timings_per_token"))
         public = data.get("public_paths", list(DEFAULT_PUBLIC_PATHS))
         if not isinstance(public, list) or not all(isinstance(p, str) and p.startswith("/")
                                                    for p in public):
@@ -330,6 +341,7 @@ class Settings:
             media_part_tokens=media_tokens,
             routes=routes,
             public_paths=tuple(public),
+            running_usage=running,
             plans=plans,
             credit_rpm=check_rate(credit.get("rpm", 60), "credit.rpm"),
             credit_tpm=check_rate(credit.get("tpm", 3333), "credit.tpm"),

@@ -61,8 +61,22 @@ def test_usage_blocks_per_choice_and_per_prompt_are_summed() -> None:
                                   "prompt_tokens_details": {"cached_tokens": 0}}},
         {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7,
                                   "prompt_tokens_details": {"cached_tokens": 5}}}))
-    assert reader.usage() == Usage(10, 14, 5)
+    # the prompt is evaluated once for both choices (the second reuses it from the cache)
+    assert reader.usage() == Usage(5, 14, 5)
     assert reader.model == "m"
+
+
+def test_prompt_list_blocks_count_each_prompt_once_and_every_choice() -> None:
+    # llama.cpp's completions: a block on each choice's finishing chunk, indexed prompt by
+    # prompt (n = 2 here: indices 0-1 are the first prompt, 2-3 the second)
+    def finishing(index: int, prompt: int, completion: int) -> dict[str, object]:
+        return {"choices": [{"index": index, "text": "", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+
+    reader = SseUsage(Kind.COMPLETIONS, False, per_prompt=2)
+    reader.feed(_stream(finishing(1, 6, 3), finishing(0, 6, 3), finishing(3, 4, 3),
+                        finishing(2, 4, 3)))
+    assert reader.usage() == Usage(10, 12)
 
 
 def test_cumulative_running_usage_is_never_summed() -> None:
