@@ -253,10 +253,10 @@ class SseUsage:
         self._strip_running = strip_running  # nor for running usage on every chunk
         self._events = SseEvents(self._inspect)
         self._finals: Usage | None = None  # the sum of the choice-less usage blocks
-        self._finished: dict[object, Usage] = {}  # choice index -> its finishing block
         self._running: Usage | None = None  # the latest cumulative block (Messages API)
-        # choice index -> its latest running count (vLLM's continuous_usage_stats, or
-        # llama.cpp's per-token `timings`): what a stream cut short has used so far
+        # choice index -> its latest block: llama.cpp's completions put each choice's
+        # final count on its finishing chunk; vLLM's continuous_usage_stats and llama.cpp's
+        # per-token `timings` give a running count, what a stream cut short has used
         self._progress: dict[object, Usage] = {}
         self._prompt: int | None = None  # known early (Anthropic's message_start)
         self.model: str | None = None
@@ -278,10 +278,12 @@ class SseUsage:
     def usage(self) -> Usage | None:
         if self._finals is not None:
             return self._finals
-        if self._finished:
-            prompts: dict[int, Usage] = {}  # one prompt's own count, seen in each choice
+        if self._progress:
+            # Each choice's latest block (its finishing one once it finished); a prompt
+            # counted once for its `n` choices, indexed prompt by prompt.
+            prompts: dict[int, Usage] = {}
             completion = 0
-            for index, block in self._finished.items():
+            for index, block in self._progress.items():
                 completion += block.completion
                 prompt = index // self._per_prompt if isinstance(index, int) else 0
                 seen = prompts.get(prompt)
@@ -290,10 +292,6 @@ class SseUsage:
             return Usage(sum(b.prompt for b in prompts.values()), completion,
                          sum(b.cached for b in prompts.values()))
         running = self._running
-        if running is None and self._progress:
-            blocks = self._progress.values()
-            running = Usage(max(b.prompt for b in blocks), sum(b.completion for b in blocks),
-                            max(b.cached for b in blocks))
         if running is not None and self._prompt is not None and running.prompt == 0:
             return Usage(self._prompt, running.completion, running.cached)
         return running
@@ -339,10 +337,7 @@ class SseUsage:
                         self._finals.completion + usage.completion,
                         max(self._finals.cached, usage.cached))
                 else:
-                    index = _choice_index(choices)
-                    self._progress[index] = usage
-                    if isinstance(choices[0], dict) and choices[0].get("finish_reason"):
-                        self._finished[index] = usage
+                    self._progress[_choice_index(choices)] = usage
                     strip = strip or self._strip_running
                 if strip:
                     replaced = self._without_usage(obj)
