@@ -299,7 +299,8 @@ def environment(load: Load, size_name: str, argv: list[str]) -> dict[str, Any]:
     }
 
 
-def measure(bench: Bench, profile_seconds: int) -> dict[str, Any]:
+def measure(bench: Bench, profile_seconds: int,
+            profile_kind: str = "non_streamed") -> dict[str, Any]:
     results: dict[str, Any] = {"round_trips": {}, "throughput": {}, "sequential": {},
                                "scaling": [], "stream_chunk_delay_ms": STREAM_CHUNK_DELAY_MS}
     step = report.Progress()
@@ -332,12 +333,12 @@ def measure(bench: Bench, profile_seconds: int) -> dict[str, Any]:
                                        run["cpu_ms_per_request"].get(name, 0.0),
                                    "redis": run["redis"]})
     if profile_seconds:
-        step("py-spy profile of gateway --workers 1, non_streamed")
-        results["profile"] = run_profile(bench, profile_seconds)
+        step(f"py-spy profile of gateway --workers 1, {profile_kind}")
+        results["profile"] = run_profile(bench, profile_seconds, profile_kind)
     return results
 
 
-def run_profile(bench: Bench, seconds: int) -> dict[str, Any]:
+def run_profile(bench: Bench, seconds: int, kind: str = "non_streamed") -> dict[str, Any]:
     binary = profile.py_spy()
     if binary is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
@@ -345,8 +346,7 @@ def run_profile(bench: Bench, seconds: int) -> dict[str, Any]:
     raw = bench.workdir / "profile.txt"
     sampler = profile.record(binary, service.pid, seconds, raw)
     time.sleep(1.0)  # py-spy attaches
-    bench.load.run(service.port, "non_streamed", bench.secret, bench.size.connections,
-                   duration=seconds)
+    bench.load.run(service.port, kind, bench.secret, bench.size.connections, duration=seconds)
     _, errors = sampler.communicate(timeout=seconds + 60)
     if sampler.returncode != 0 or not raw.exists():
         return {"error": errors.decode(errors="replace")[-500:]}
@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds per throughput run")
     parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                         help="also sample the gateway with py-spy under load for SECONDS")
+    parser.add_argument("--profile-kind", choices=tuple(BODIES), default="non_streamed",
+                        help="the requests sent while profiling")
     parser.add_argument("--out", type=Path, help="JSON result path "
                         "(default bench/results/<timestamp>.json)")
     args = parser.parse_args(argv)
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(size, load, Path(tmp), workers)
         started = time.monotonic()
         with bench.running():
-            results = measure(bench, args.profile)
+            results = measure(bench, args.profile, args.profile_kind)
         results["environment"] = environment(load, size_name, sys.argv[1:] if argv is None
                                              else argv)
         results["environment"]["size_params"] = asdict(size)

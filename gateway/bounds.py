@@ -19,7 +19,15 @@ from typing import Any
 
 import orjson
 
-from gateway.routes import BOUND_FIELD_ADDED, BOUND_FIELDS, Kind, Route
+from gateway.routes import (
+    AUDIO,
+    BOUND_FIELD_ADDED,
+    BOUND_FIELDS,
+    COMPLETIONS,
+    WITH_CHOICES,
+    Kind,
+    Route,
+)
 
 MAX_COMPLETION_TOKENS = 10_000_000
 MAX_CHOICES = 128
@@ -155,7 +163,7 @@ def _stream(payload: dict[str, Any], kind: Kind,
                            "stream_options.continuous_usage_stats")
     timings = _flag(payload.get("timings_per_token"), "timings_per_token")
     # The Responses and Messages APIs always end a stream with its usage.
-    if not stream or kind not in (Kind.CHAT, Kind.COMPLETIONS):
+    if not stream or kind not in WITH_CHOICES:
         return stream, False, False, False
     inject_running = running.continuous_usage and not continuous
     return stream, not asked, inject_running, running.timings_per_token and not timings
@@ -166,13 +174,13 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
             running: RunningUsage = RunningUsage()) -> Bound:
     """The bound of a request on `route`; `kind` is the route's own, or for /invocations
     the one its body asks for. Raises InvalidRequest naming a field that cannot be read."""
-    if payload is None:  # a body that is not JSON (audio uploads): priced per request
+    if payload is None or kind is AUDIO:  # priced per request
         return Bound(kind, 0, 0, 1)
     model = payload.get("model")
     model = model if isinstance(model, str) else None
     prompt = prompt_bound(body, media_tokens)
     if kind not in BOUND_FIELDS:
-        stream = _stream(payload, kind, running)[0]
+        stream = "stream" in payload and _flag(payload["stream"], "stream")
         return Bound(kind, prompt, 0, 1, stream, False, model=model)
     requested = None
     fields = BOUND_FIELDS[kind]
@@ -190,14 +198,17 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
                                 or minimum < 0):
         raise InvalidRequest("min_tokens must be a non-negative integer")
     sequences = prompts = 1
-    if kind in (Kind.CHAT, Kind.COMPLETIONS):
+    if kind in WITH_CHOICES and (
+            "n" in payload or "best_of" in payload or "n_cmpl" in payload):
         # llama.cpp reads `n_cmpl` before its alias `n`; vLLM's best_of generates more.
         sequences = max(_count(payload, "n"), _count(payload, "best_of"),
                         _count(payload, "n_cmpl"))
-        if kind is Kind.COMPLETIONS:
-            prompts = prompt_count(payload.get("prompt"))
-            sequences *= prompts
-    stream, inject, inject_running, inject_timings = _stream(payload, kind, running)
+    if kind is COMPLETIONS:
+        prompts = prompt_count(payload.get("prompt"))
+        sequences *= prompts
+    stream = inject = inject_running = inject_timings = False
+    if "stream" in payload or "stream_options" in payload or "timings_per_token" in payload:
+        stream, inject, inject_running, inject_timings = _stream(payload, kind, running)
     rewrite = (inject or inject_running or inject_timings or present != 1
                or requested != per_sequence
                or (isinstance(minimum, int) and minimum > per_sequence))

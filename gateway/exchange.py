@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway import metering
+from gateway.bounds import Bound
 from gateway.errors import ClientDisconnected
 from gateway.logs import REQUEST_ID_HEADER, RequestRecord
 from gateway.metering import Usage
 from gateway.ratelimit import rate_headers
-from gateway.routes import Kind
 from gateway.settlement import Settlement
 from gateway.store import Decision, KeyRef
 from gateway.types import Headers, Message, Receive, Send
@@ -22,26 +21,14 @@ if TYPE_CHECKING:
 _JSON_TAIL_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Metered:
-    """What an inference request was admitted for."""
-
-    kind: Kind
-    prompt_bound: int  # an upper bound of the prompt's tokens
-    completion_bound: int  # the completion tokens forwarded: sequences x admitted bound
-    strip_usage: bool  # the gateway asked the stream for usage the client did not
-    requested_model: str | None
-    request_micro: int = 0  # the route's price per request, for answers without usage
-    prompts: int = 1  # a completions prompt list's length
-    strip_running: bool = False  # ... and for running usage on every chunk
-    choices_per_prompt: int = 1
-
-
 class Exchange:
     """One admitted request: decorates the response and settles exactly once."""
 
     def __init__(self, gateway: GatewayMiddleware, send: Send, ref: KeyRef, request_id: str,
-                 decision: Decision, metered: Metered | None, record: RequestRecord) -> None:
+                 decision: Decision, bound: Bound | None, request_micro: int,
+                 record: RequestRecord) -> None:
+        """`bound`: what an inference request was admitted for (None for other paths);
+        `request_micro`: its route's price per request, for answers without usage."""
         self.gateway = gateway
         self.record = record
         self.downstream = send
@@ -53,7 +40,10 @@ class Exchange:
         self.ref = ref
         self.request_id = request_id
         self.decision = decision
-        self.metered = metered
+        self.bound = bound
+        # the completion tokens forwarded: every sequence at the bound admission granted
+        self.completion_bound = 0 if bound is None else decision.per_sequence * bound.sequences
+        self.request_micro = request_micro
         self.status = 0
         self.started = False
         self.finished = False
@@ -107,20 +97,20 @@ class Exchange:
     async def _start(self, message: Message) -> None:
         self.started = True
         self.status = self.record.status = int(message["status"])
-        metered = self.metered
-        strip = metered is not None and (metered.strip_usage or metered.strip_running)
+        bound = self.bound
+        strip = bound is not None and (bound.inject_usage or bound.inject_running)
         headers: Headers = []
         for name, value in message.get("headers", []):
             lowered = name.lower()
             if lowered == REQUEST_ID_HEADER:
                 continue  # ours replaces it
-            if lowered == b"content-type" and metered is not None:
+            if lowered == b"content-type" and bound is not None:
                 media = value.lower()
                 if media.startswith(b"text/event-stream"):
                     if self.sse is None:
                         self.sse = metering.SseUsage(
-                            metered.kind, metered.strip_usage, metered.strip_running,
-                            metered.choices_per_prompt)
+                            bound.kind, bound.inject_usage, bound.inject_running,
+                            bound.sequences // bound.prompts)
                         self.json = None
                         self._watch()
                 elif b"json" in media and self.sse is None:
@@ -184,41 +174,42 @@ class Exchange:
 
     def bill(self) -> tuple[Usage, int]:
         """The usage to settle and its cost in micro-USD."""
-        metered = self.metered
-        if metered is None:
+        bound = self.bound
+        if bound is None:
             return Usage(0, 0), 0
         settings = self.gateway.settings
         found, model = self._reported()
-        price = settings.price_for(model or metered.requested_model)
+        price = settings.price_for(model or bound.model)
+        limit = self.completion_bound
         if found is not None:
             if self.json is not None and self.json.first_result_only:
                 # The others' usage is missing: bill what they may have used, their bound.
-                prompt = found.prompt if metered.prompts == 1 else max(found.prompt,
-                                                                       metered.prompt_bound)
-                found = Usage(prompt, metered.completion_bound, found.cached)
-            if found.completion > metered.completion_bound:
+                prompt = found.prompt if bound.prompts == 1 else max(found.prompt,
+                                                                     bound.prompt_tokens)
+                found = Usage(prompt, limit, found.cached)
+            if found.completion > limit:
                 # The upstream was told the bound: more cannot be true work we owe it for.
                 self.gateway.metrics.over_bound.inc()
-                found = Usage(found.prompt, metered.completion_bound, found.cached)
-            if metered.request_micro and not (found.prompt or found.completion):
-                return found, metered.request_micro
+                found = Usage(found.prompt, limit, found.cached)
+            if self.request_micro and not (found.prompt or found.completion):
+                return found, self.request_micro
             return found, price.cost_micro(found.prompt, found.completion, found.cached)
         if self.status >= 400:
             return Usage(0, 0), 0  # the upstream refused or failed: no work to bill
-        if metered.request_micro:
-            return Usage(0, 0), metered.request_micro
-        usage = self._estimate(metered)
+        if self.request_micro:
+            return Usage(0, 0), self.request_micro
+        usage = self._estimate(bound)
         return usage, price.cost_micro(usage.prompt, usage.completion)
 
-    def _estimate(self, metered: Metered) -> Usage:
+    def _estimate(self, bound: Bound) -> Usage:
         """No usage reported: the bound, or what the stream showed of the work done."""
         if not self.started:
-            return Usage(metered.prompt_bound, 0)  # gone before any answer: the prompt was sent
+            return Usage(bound.prompt_tokens, 0)  # gone before any answer: the prompt was sent
         sse = self.sse
         if sse is not None and not (self.finished and sse.skipped):
-            prompt = sse.known_prompt() or metered.prompt_bound
-            return Usage(prompt, min(sse.streamed_tokens(), metered.completion_bound))
-        return Usage(metered.prompt_bound, metered.completion_bound)
+            prompt = sse.known_prompt() or bound.prompt_tokens
+            return Usage(prompt, min(sse.streamed_tokens(), self.completion_bound))
+        return Usage(bound.prompt_tokens, self.completion_bound)
 
     def _settlement(self) -> Settlement:
         self.settled = True

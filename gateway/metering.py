@@ -19,11 +19,11 @@ from gateway.sse import SseEvents
 _USAGE_KEY = b'"usage"'
 _MODEL_KEY = b'"model"'
 MAX_REPORTED_TOKENS = 100_000_000
-_WHOLE_PARSE_BYTES = 256 * 1024  # bodies up to this are parsed whole: exact and cheap
+_TAIL_BYTES = 256 * 1024  # of a JSON body: kept whole up to this, then its tail
 _HEAD_BYTES = 16 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     prompt: int
     completion: int
@@ -154,16 +154,6 @@ def model_from_json(body: bytes) -> str | None:
     return None
 
 
-def _served_model(doc: dict[str, Any]) -> str | None:
-    model = doc.get("model")
-    if isinstance(model, str):
-        return model
-    inner = doc.get("response")  # a Responses API event wraps the response
-    if isinstance(inner, dict) and isinstance(inner.get("model"), str):
-        return str(inner["model"])
-    return None
-
-
 def _choice_index(choices: list[Any]) -> object:
     choice = choices[0]
     index = choice.get("index", 0) if isinstance(choice, dict) else 0
@@ -185,19 +175,19 @@ class JsonUsage:
     """Collects a JSON response body (its head and a bounded tail) to read its usage and
     model at the end."""
 
-    def __init__(self, limit: int = _WHOLE_PARSE_BYTES) -> None:
+    def __init__(self, limit: int = _TAIL_BYTES) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
-        self._head = b""
+        self._first = b""  # the body's first piece: its head, should the rest be dropped
         self._dropped = False
         # llama.cpp's non-streamed answer to n > 1 or a prompt list reports the usage of
         # its first result only (it merges the others' choices but not their usage).
         self.first_result_only = False
 
     def feed(self, chunk: bytes) -> None:
-        if len(self._head) < _HEAD_BYTES:
-            self._head += chunk[: _HEAD_BYTES - len(self._head)]
+        if not self._chunks and not self._dropped:
+            self._first = chunk
         self._chunks.append(chunk)
         self._size += len(chunk)
         # Keep only the tail once over the limit: the usage object sits at the end.
@@ -206,6 +196,10 @@ class JsonUsage:
             self._dropped = True
 
     def result(self) -> tuple[Usage | None, str | None]:
+        """(usage, served model) of the body: parsed whole when it was kept whole (orjson
+        reads a typical answer faster than a search for its keys), else read from where
+        they sit: the last `"usage"` object of the tail, or one in the head (llama.cpp's
+        embeddings put it first), and the first `"model"` of the head."""
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         if not self._dropped:
             try:
@@ -214,16 +208,20 @@ class JsonUsage:
                 doc = None
             if isinstance(doc, dict):
                 choices = doc.get("choices")
+                # llama.cpp's answer to n > 1 or a prompt list: `timings`, several choices
                 self.first_result_only = ("timings" in doc and isinstance(choices, list)
                                           and len(choices) > 1)
                 usage = doc.get("usage")
+                model = doc.get("model")
                 if usage is None and isinstance(doc.get("response"), dict):
-                    usage = doc["response"].get("usage")
-                return read_usage(usage), _served_model(doc)
+                    usage = doc["response"].get("usage")  # a Responses API event
+                    model = doc["response"].get("model")
+                return read_usage(usage), model if isinstance(model, str) else None
+        head = self._first[:_HEAD_BYTES]
         usage = usage_from_json(body)
         if usage is None:
-            usage = usage_from_json(self._head)  # llama.cpp's embeddings put it first
-        return usage, model_from_json(self._head)
+            usage = usage_from_json(head)
+        return usage, model_from_json(head)
 
 
 _BOILERPLATE = frozenset({"id", "object", "created", "model", "system_fingerprint", "choices",
@@ -232,7 +230,7 @@ _END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.
                          "message_stop"})
 
 
-class SseUsage:
+class SseUsage(SseEvents):
     """Incremental SSE reader: sums the usage blocks of a stream, reads the served model,
     counts the streamed text, and strips the usage it injected. Holds at most one partial
     event (see SseEvents).
@@ -247,11 +245,11 @@ class SseUsage:
 
     def __init__(self, kind: Kind, strip_usage: bool, strip_running: bool = False,
                  per_prompt: int = 1) -> None:
+        super().__init__()
         self._kind = kind
         self._per_prompt = max(1, per_prompt)  # choices per prompt (n)
         self._strip = strip_usage  # the client did not ask for the final usage
         self._strip_running = strip_running  # nor for running usage on every chunk
-        self._events = SseEvents(self._inspect)
         self._finals: Usage | None = None  # the sum of the choice-less usage blocks
         self._running: Usage | None = None  # the latest cumulative block (Messages API)
         # choice index -> its latest block: llama.cpp's completions put each choice's
@@ -263,17 +261,6 @@ class SseUsage:
         self.ended = False  # the stream's own end marker ([DONE], response.completed...)
         self.streamed_chars = 0
         self.streamed_chunks = 0
-
-    @property
-    def skipped(self) -> bool:
-        return self._events.skipped
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Returns the bytes to forward now."""
-        return self._events.feed(chunk)
-
-    def flush(self) -> bytes:
-        return self._events.flush()
 
     def usage(self) -> Usage | None:
         if self._finals is not None:
@@ -320,15 +307,25 @@ class SseUsage:
                 continue
             if not isinstance(obj, dict):
                 continue
-            model = obj.get("model")
-            if isinstance(model, str):
-                self.model = model
+            if self.model is None:
+                model = obj.get("model")
+                if isinstance(model, str):
+                    self.model = model
+            choices = obj.get("choices")
+            raw_usage = obj.get("usage")
+            if raw_usage is None and choices:  # the common token chunk: count its text
+                if isinstance(choices, list):
+                    self._count_choices(choices)
+                if "timings" in obj and isinstance(obj["timings"], dict):
+                    progress = _timings_usage(obj["timings"])
+                    if progress is not None:
+                        self._progress[_choice_index(choices)] = progress
+                continue
             kind = obj.get("type")
             if isinstance(kind, str):
                 self._typed_event(kind, obj)
                 continue
-            choices = obj.get("choices")
-            usage = read_usage(obj.get("usage"))
+            usage = read_usage(raw_usage)
             if usage is not None:
                 strip = self._strip
                 if not choices:
@@ -341,11 +338,7 @@ class SseUsage:
                     strip = strip or self._strip_running
                 if strip:
                     replaced = self._without_usage(obj)
-            elif choices and isinstance(obj.get("timings"), dict):
-                progress = _timings_usage(obj["timings"])
-                if progress is not None:
-                    self._progress[_choice_index(choices)] = progress
-            if isinstance(choices, list):
+            if isinstance(choices, list) and choices:
                 self._count_choices(choices)
         return replaced
 
@@ -402,18 +395,20 @@ class SseUsage:
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                for field in ("content", "reasoning_content"):
-                    text = delta.get(field)
-                    if isinstance(text, str) and text:
-                        self._text(text)
-                calls = delta.get("tool_calls")
-                if isinstance(calls, list):
-                    for call in calls:
+                text = delta.get("content") or delta.get("reasoning_content")
+                if isinstance(text, str):
+                    self.streamed_chars += len(text)
+                    self.streamed_chunks += 1
+                elif "tool_calls" in delta and isinstance(delta["tool_calls"], list):
+                    for call in delta["tool_calls"]:
                         function = call.get("function") if isinstance(call, dict) else None
                         if isinstance(function, dict):
                             self._text(str(function.get("arguments") or ""))
-            elif isinstance(choice.get("text"), str) and choice["text"]:
-                self._text(choice["text"])
+            else:
+                text = choice.get("text")
+                if isinstance(text, str) and text:
+                    self.streamed_chars += len(text)
+                    self.streamed_chunks += 1
 
     def _text(self, text: str) -> None:
         if text:

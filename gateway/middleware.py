@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -22,12 +21,12 @@ from gateway.errors import (
     StoreUnavailable,
     send_rejection,
 )
-from gateway.exchange import Exchange, Metered
+from gateway.exchange import Exchange
 from gateway.logs import RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
-from gateway.routes import Kind, Route, invocation_kind, is_public
+from gateway.routes import AUDIO, INVOCATIONS, PublicPaths, Route, invocation_kind
 from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue, release
 from gateway.store import Ask, Decision, Store, connect
@@ -89,6 +88,8 @@ class GatewayMiddleware:
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
         self._outage = False
+        self._routes = self.settings.routes
+        self._public = PublicPaths(self.settings.public_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,7 +107,7 @@ class GatewayMiddleware:
             handler = self.endpoints.route(path)
             if handler is not None:
                 await handler(scope, receive, send)
-            elif is_public(path, self.settings.public_paths):
+            elif path in self._public:
                 await self.app(record.outbound_scope(scope), receive, send)
             else:
                 try:
@@ -129,7 +130,7 @@ class GatewayMiddleware:
         `send` records the response for the log line; `raw_send` is the server's own, for
         the exchange, which records the response itself (one header pass, not two)."""
         path: str = scope["path"]
-        route = self.settings.routes.get(path)
+        route = self._routes.get(path)
         if route is None and not _canonical(path):
             # The upstream would resolve `/v1/./chat/completions` to a metered route that
             # the gateway would meter as some other path: refuse rather than guess.
@@ -152,10 +153,10 @@ class GatewayMiddleware:
         record.key_id = ref.key_id
 
         body = b""
-        ask, metered, bound = _NOTHING, None, None
+        ask, bound = _NOTHING, None
         if route is not None:
             body = await self._read_limited(scope, receive)
-            ask, metered, bound = self._bound(route, scope, body)
+            ask, bound = self._bound(route, scope, body)
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement).
@@ -166,8 +167,8 @@ class GatewayMiddleware:
         except StoreUnavailable as exc:
             if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
                 self.settlements.submit(release(ref, reservation_id))
-            if metered is not None:  # fail open forwards the body we already read
-                body = body if bound is None else bound.forwarded_body(body, ask.per_sequence)
+            if bound is not None:  # fail open forwards the body we already read
+                body = bound.forwarded_body(body, ask.per_sequence)
                 scope = record.outbound_scope(scope, len(body))
                 receive = _replay(body, receive)
             else:
@@ -186,17 +187,14 @@ class GatewayMiddleware:
         self.metrics.child(self.metrics.requests, "allowed", "ok", record.plan).inc()
         record.decision, record.reason = "allowed", "ok"
 
-        if metered is not None:
-            if bound is not None:
-                body = bound.forwarded_body(body, decision.per_sequence)
-                if decision.per_sequence != ask.per_sequence:
-                    metered = replace(metered, completion_bound=decision.per_sequence
-                                      * bound.sequences)
+        if bound is not None:
+            body = bound.forwarded_body(body, decision.per_sequence)
             scope = record.outbound_scope(scope, len(body))
         else:
             scope = record.outbound_scope(scope)
-        exchange = Exchange(self, raw_send, ref, reservation_id, decision, metered, record)
-        if metered is not None:
+        exchange = Exchange(self, raw_send, ref, reservation_id, decision, bound,
+                            0 if route is None else route.request_micro, record)
+        if bound is not None:
             receive = exchange.own_receive(body, receive)
         forwarded = time.perf_counter()
         try:
@@ -209,13 +207,13 @@ class GatewayMiddleware:
             await exchange.settle()
 
     def _bound(self, route: Route, scope: Scope,
-               body: bytes) -> tuple[Ask, Metered, Bound | None]:
+               body: bytes) -> tuple[Ask, Bound]:
         """What a request on an inference route reserves; 400 for a body whose price
         cannot be read."""
         settings = self.settings
         payload: dict[str, Any] | None = None
-        content_type = header(scope["headers"], b"content-type") or b""
-        if route.kind is not Kind.AUDIO or b"json" in content_type.lower():
+        if route.kind is not AUDIO or b"json" in (
+                header(scope["headers"], b"content-type") or b"").lower():
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -224,7 +222,7 @@ class GatewayMiddleware:
                 raise self._reject(_not_json())
             payload = parsed
         kind = route.kind
-        if kind is Kind.INVOCATIONS and payload is not None:
+        if kind is INVOCATIONS and payload is not None:
             kind = invocation_kind(payload)
         model = payload.get("model") if payload is not None else None
         if model is not None and not isinstance(model, str):
@@ -244,10 +242,7 @@ class GatewayMiddleware:
                   price.cost_micro(bound.prompt_tokens, bound.completion_tokens) + extra,
                   price.prompt_micro(bound.prompt_tokens) + extra, price.output,
                   settings.on_insufficient == "clamp")
-        metered = Metered(kind, bound.prompt_tokens, bound.completion_tokens,
-                          bound.inject_usage, bound.model, route.request_micro, bound.prompts,
-                          bound.inject_running, bound.sequences // bound.prompts)
-        return ask, metered, bound if payload is not None else None
+        return ask, bound
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket cannot be metered: it reaches the app only on a route that allows it,

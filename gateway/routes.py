@@ -23,6 +23,10 @@ class Kind(StrEnum):
 
 
 GENERATING = frozenset({Kind.CHAT, Kind.COMPLETIONS, Kind.RESPONSES, Kind.MESSAGES})
+# The members as plain module attributes: the hot path compares against them, and an
+# Enum class attribute costs a metaclass __getattr__ call each time.
+CHAT, COMPLETIONS, AUDIO, INVOCATIONS = Kind.CHAT, Kind.COMPLETIONS, Kind.AUDIO, Kind.INVOCATIONS
+WITH_CHOICES = frozenset({CHAT, COMPLETIONS})
 
 # Fields that bound what one sequence may generate, in the upstreams' own precedence
 # (vLLM and SGLang: `max_completion_tokens or max_tokens`; llama.cpp adds `n_predict`).
@@ -87,12 +91,14 @@ def invocation_kind(payload: dict[str, object]) -> Kind:
     return Kind.EMBEDDINGS
 
 
-def is_public(path: str, public: tuple[str, ...]) -> bool:
-    """Exact paths, or prefixes written with a trailing `*`."""
-    for entry in public:
-        if entry.endswith("*"):
-            if path.startswith(entry[:-1]):
-                return True
-        elif path == entry:
-            return True
-    return False
+class PublicPaths:
+    """Paths that need no key: exact ones, or prefixes written with a trailing `*`."""
+
+    __slots__ = ("_exact", "_prefixes")
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self._exact = frozenset(e for e in entries if not e.endswith("*"))
+        self._prefixes = tuple(e[:-1] for e in entries if e.endswith("*"))
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes))

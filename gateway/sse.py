@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 MAX_EVENT_BYTES = 1024 * 1024
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -22,12 +21,12 @@ def _event_ends(data: bytes) -> list[int]:
 
 
 class SseEvents:
-    """Feeds each complete event to `inspect`, which returns what to forward in its place
-    (b"" drops it) or None to forward it as it came. Holds at most one partial event: an
-    event over MAX_EVENT_BYTES is forwarded unread (`skipped` says so)."""
+    """Feeds each complete event to `_inspect` (subclasses read it there), which returns
+    what to forward in its place (b"" drops it) or None to forward it as it came. Holds at
+    most one partial event: an event over MAX_EVENT_BYTES is forwarded unread (`skipped`
+    says so)."""
 
-    def __init__(self, inspect: Callable[[bytes], bytes | None]) -> None:
-        self._inspect = inspect
+    def __init__(self) -> None:
         self._pending = b""
         self._skipping = False
         self.skipped = False  # an event was too large to read: usage may have been missed
@@ -58,6 +57,9 @@ class SseEvents:
             self._pending = self._pending[-3:]
             self._skipping = self.skipped = True
         return b"".join(out)
+
+    def _inspect(self, event: bytes) -> bytes | None:
+        return None
 
     def flush(self) -> bytes:
         pending, self._pending = self._pending, b""

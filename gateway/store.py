@@ -158,7 +158,7 @@ class KeyRef:
     key_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ask:
     """What one admission reserves: an upper bound of the request's tokens and its cost."""
 
