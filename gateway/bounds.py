@@ -87,6 +87,24 @@ class Bound:
         return orjson.dumps(payload)
 
 
+# Fields whose value decides what the upstream generates, or its price.
+_MONEY_FIELDS = tuple((name, b'"%s"' % name.encode()) for name in (
+    "max_tokens", "max_completion_tokens", "n_predict", "max_output_tokens", "n", "best_of",
+    "n_cmpl", "min_tokens", "stream", "stream_options", "prompt", "model",
+    "timings_per_token"))
+_SMALL_BODY = 16 * 1024
+
+
+def _ambiguous(body: bytes, payload: dict[str, Any]) -> bool:
+    """Whether the raw body could be read differently from the payload parsed here: a
+    money field written twice (orjson keeps the last; a parser that keeps the first would
+    see another bound) or a key spelled with escapes. Such a body, and a large one (where
+    the checks cost more than writing it anew), is forwarded as re-serialized."""
+    if len(body) > _SMALL_BODY or b"\\u" in body:
+        return True
+    return any(name in payload and body.count(quoted) != 1 for name, quoted in _MONEY_FIELDS)
+
+
 def media_parts(body: bytes) -> int:
     if b"_url" not in body and b"input_" not in body:
         return 0  # the common text-only body: one scan instead of five
@@ -211,7 +229,8 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
         stream, inject, inject_running, inject_timings = _stream(payload, kind, running)
     rewrite = (inject or inject_running or inject_timings or present != 1
                or requested != per_sequence
-               or (isinstance(minimum, int) and minimum > per_sequence))
+               or (isinstance(minimum, int) and minimum > per_sequence)
+               or _ambiguous(body, payload))
     return Bound(kind, prompt, per_sequence, sequences, stream, inject, inject_running,
                  inject_timings, model, payload, prompts, rewrite)
 

@@ -405,8 +405,10 @@ class SseUsage(SseEvents):
                         if isinstance(function, dict):
                             self._text(str(function.get("arguments") or ""))
             else:
+                # completions: a chunk per token, its text empty while a character's bytes
+                # are incomplete; the finishing chunk carries none
                 text = choice.get("text")
-                if isinstance(text, str) and text:
+                if isinstance(text, str) and (text or choice.get("finish_reason") is None):
                     self.streamed_chars += len(text)
                     self.streamed_chunks += 1
 

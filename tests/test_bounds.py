@@ -142,3 +142,17 @@ def test_the_usage_chunk_is_asked_for_when_the_client_did_not(payload: dict[str,
 def test_the_responses_and_messages_apis_are_not_asked_for_usage() -> None:
     assert not bound({"stream": True, "max_output_tokens": 5}, RESPONSES).inject_usage
     assert not bound({"stream": True, "max_tokens": 5}, MESSAGES).inject_usage
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"max_tokens": 5000, "max_tokens": 16, "messages": []}',  # a first-wins parser: 5000
+    b'{"n": 128, "n": 1, "max_tokens": 16, "messages": []}',
+    b'{"max_\\u0074okens": 5000, "max_tokens": 16, "messages": []}',  # the same key, escaped
+])
+def test_a_body_another_parser_could_read_otherwise_is_forwarded_rewritten(raw: bytes) -> None:
+    payload = orjson.loads(raw)
+    b = analyse(CHAT, Kind.CHAT, raw, payload, 1024, 4096)
+    out = b.forwarded_body(raw, b.per_sequence)
+    assert out != raw
+    assert out.count(b'"max_tokens"') == 1 and orjson.loads(out)["max_tokens"] == 16
+    assert b"\\u" not in out and b.sequences == orjson.loads(out).get("n", 1)

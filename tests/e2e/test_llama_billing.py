@@ -256,6 +256,36 @@ async def test_a_client_that_leaves_mid_stream_is_billed_tokens_not_chunks(
         match=f"gw:{{acct:{account_id}}}:res:*")]  # the key is not left holding anything
 
 
+async def test_a_completions_stream_left_early_counts_a_token_per_chunk(
+        llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
+    """Without running usage: llama.cpp's completions send a chunk per token (its text
+    empty while a character's bytes are incomplete), each counted; the prompt at its
+    bound, never below the server's count."""
+    config = settings(max_output_tokens=4000)
+    secret, key_id, _ = await new_key(redis_store, config)
+    before = llama.counters()
+    body = {"prompt": "hello there", "max_tokens": 3000, "temperature": 0, "stream": True}
+    async with gateway_in_front(llama, redis_store, config, metrics) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/completions", json=body,
+                                headers=bearer(secret)) as response:
+            received = b""
+            while received.count(b"\n\n") < 40:
+                received += await response.content.readany()
+            response.close()
+        for _ in range(200):
+            if (await redis_store.get_key(key_id)).total_spent:
+                break
+            await asyncio.sleep(0.05)
+    chunks = sum(1 for e in sse(received) for c in e.get("choices", [])
+                 if c.get("finish_reason") is None)
+    prompt, _, completion = served(before, llama.settled())
+    billed = await spent(redis_store, key_id)
+    bound = prompt_bound_of(body)
+    assert bound >= prompt
+    assert TINY.cost_micro(bound, chunks) <= billed <= TINY.cost_micro(bound, completion)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_responses_and_messages_apis_are_billed_the_servers_count(
         llama: LlamaServer, redis_store: Store, metrics: Metrics, stream: bool) -> None:
