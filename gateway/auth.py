@@ -8,21 +8,33 @@ revocation takes effect at once.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from typing import TypeVar
 
-from gateway.keys import CONSUMPTION_PREFIX, bearer_token, hash_secret
+from gateway.keys import CONSUMPTION_PREFIX, SECRET_LENGTH, bearer_token, hash_secret
 from gateway.store import KeyRef, Store
 
-_MAX_ENTRIES = 100_000
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+MAX_ENTRIES = 10_000
+# "Bearer " + a key and some room for spaces: anything longer names no key, and is refused
+# before it is hashed or looked up.
+MAX_AUTHORIZATION_BYTES = 16 + len(CONSUMPTION_PREFIX) + SECRET_LENGTH + 32
 
 
 class KeyResolver:
-    def __init__(self, store: Store, ttl_seconds: float) -> None:
+    """Both caches are LRUs of bounded size that hold only keys that resolved: nothing a
+    client sends makes them grow past MAX_ENTRIES, and unknown keys are never kept."""
+
+    def __init__(self, store: Store, ttl_seconds: float,
+                 max_entries: int = MAX_ENTRIES) -> None:
         self._store = store
         self._ttl = ttl_seconds
-        self._cache: dict[str, tuple[KeyRef, float]] = {}
+        self._max = max_entries
+        self._cache: OrderedDict[str, tuple[KeyRef, float]] = OrderedDict()
         # Authorization header -> secret hash: parsing and SHA-256 once per client key,
         # not once per request. In memory only, like the request that carried it.
-        self._hashes: dict[bytes, str] = {}
+        self._hashes: OrderedDict[bytes, str] = OrderedDict()
 
     def cached(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
         """authenticate()'s answer when the cache has it, without a coroutine: the hot path."""
@@ -35,18 +47,20 @@ class KeyResolver:
     async def authenticate(self, authorization: bytes | None) -> tuple[str, KeyRef] | None:
         """(secret hash, key) for an `Authorization: Bearer sk_live_...` header, or None
         when it names no key. Raises StoreUnavailable when the lookup cannot be made."""
-        if authorization is None:
+        if authorization is None or len(authorization) > MAX_AUTHORIZATION_BYTES:
             return None
         secret_hash = self._hashes.get(authorization)
+        known = secret_hash is not None
         if secret_hash is None:
             secret_hash = consumption_secret_hash(authorization)
             if secret_hash is None:
                 return None
-            if len(self._hashes) >= _MAX_ENTRIES:
-                self._hashes.clear()
-            self._hashes[authorization] = secret_hash
         ref = await self.resolve(secret_hash)
-        return None if ref is None else (secret_hash, ref)
+        if ref is None:
+            return None
+        if not known:
+            self._remember(self._hashes, authorization, secret_hash)
+        return secret_hash, ref
 
     async def resolve(self, secret_hash: str) -> KeyRef | None:
         ref = self._fresh(secret_hash)
@@ -54,10 +68,14 @@ class KeyResolver:
             return ref
         ref = await self._store.lookup(secret_hash)
         if ref is not None:
-            if len(self._cache) >= _MAX_ENTRIES:
-                self._cache.clear()
-            self._cache[secret_hash] = (ref, time.monotonic() + self._ttl)
+            self._remember(self._cache, secret_hash, (ref, time.monotonic() + self._ttl))
         return ref
+
+    def _remember(self, cache: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self._max:
+            cache.popitem(last=False)  # the least recently resolved
 
     def _fresh(self, secret_hash: str) -> KeyRef | None:
         hit = self._cache.get(secret_hash)
@@ -66,8 +84,13 @@ class KeyResolver:
     def forget(self, secret_hash: str) -> None:
         self._cache.pop(secret_hash, None)
 
+    def __len__(self) -> int:
+        return max(len(self._cache), len(self._hashes))
+
 
 def consumption_secret_hash(authorization: bytes | None) -> str | None:
+    if authorization is None or len(authorization) > MAX_AUTHORIZATION_BYTES:
+        return None
     token = bearer_token(authorization)
     if token is None or not token.startswith(CONSUMPTION_PREFIX):
         return None
