@@ -10,8 +10,9 @@ from urllib.parse import quote
 
 from gateway.errors import error_body, send_json
 from gateway.routes import DEFAULT_ROUTES
+from gateway.server_protocol import HOOKS, RequestHooks
 from gateway.types import Headers, Receive, Scope, Send
-from gateway.upstream_client import UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.upstream_client import Deadlines, UpstreamClient, UpstreamError, UpstreamResponse
 
 # RFC 9110 hop-by-hop headers, plus the ones the client connection defines for itself.
 _DROP_REQUEST = frozenset({
@@ -28,11 +29,13 @@ _IDENTITY = (b"accept-encoding", b"identity")  # usage is read from the body
 
 class UpstreamProxy:
     def __init__(self, upstream: str, api_key: str | None = None,
-                 connect_timeout: float = 5.0,
-                 routes: Collection[str] = frozenset(DEFAULT_ROUTES)) -> None:
+                 connect_timeout: float | None = None,
+                 routes: Collection[str] = frozenset(DEFAULT_ROUTES),
+                 deadlines: Deadlines | None = None) -> None:
         """Raises ValueError for an upstream URL that is not http(s)://host[:port][/path].
         `routes`: the inference paths the gateway meters, the only POSTs forwarded."""
-        self._client = UpstreamClient(upstream, connect_timeout=connect_timeout)
+        self._client = UpstreamClient(upstream, deadlines=deadlines,
+                                      connect_timeout=connect_timeout)
         self._routes = frozenset(routes)
         self._auth = (b"authorization", f"Bearer {api_key}".encode("latin-1")) \
             if api_key else None
@@ -65,23 +68,48 @@ class UpstreamProxy:
         target = _quoted(scope["path"])
         if scope.get("query_string"):
             target += "?" + quote(scope["query_string"], safe="=&;%+,/:@!$'()*?~")
+        # With the gateway's own server, a client that leaves is seen at once, without a
+        # task per request: the upstream exchange is abandoned (its connection closed, so
+        # the upstream stops), whether it is waiting for the head or sending the body.
+        hooks: RequestHooks | None = scope.get("extensions", {}).get(HOOKS)
         try:
-            response = await self._client.request(method, target, headers, body)
-        except UpstreamError:
-            await send_json(send, 502, error_body(
-                "The upstream inference server is unreachable.", "api_error",
-                "upstream_unavailable"))
+            response = await self._client.request(
+                method, target, headers, body,
+                attach=None if hooks is None else functools.partial(setattr, hooks, "on_lost"))
+        except UpstreamError as exc:
+            if hooks is not None and hooks.lost:
+                return  # the client left: nobody to answer
+            if exc.timed_out:
+                await send_json(send, 504, error_body(
+                    "The upstream inference server did not answer in time.", "api_error",
+                    "upstream_timeout"))
+            else:
+                await send_json(send, 502, error_body(
+                    "The upstream inference server is unreachable.", "api_error",
+                    "upstream_unavailable"))
             return
         async with response:
             await send({"type": "http.response.start", "status": response.status,
                         "headers": _end_to_end(response.headers, _DROP_RESPONSE)})
+            whole = response.ready()
+            if whole is not None:  # the usual small answer, come with its head
+                await send({"type": "http.response.body", "body": whole})
+                return
+            streamed = response.content_type == b"text/event-stream"
             try:
-                if response.content_type == b"text/event-stream":
+                if hooks is None and streamed:
                     await _stream_until_disconnect(response, receive, send)
                 else:
-                    await send({"type": "http.response.body", "body": await response.read()})
+                    if hooks is not None:
+                        hooks.on_lost = response.release
+                    await _relay(response, send)
             except UpstreamError:
-                return  # upstream broke mid-body: end without completing the response
+                # The upstream broke or fell silent mid-body. A stream ends cleanly (what was
+                # delivered is settled); any other body is cut short for the client to see.
+                if streamed:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                elif hooks is not None:
+                    hooks.abort()
 
     def _proxied(self, method: str, path: str) -> bool:
         if path in self._routes:
@@ -130,6 +158,14 @@ async def _request_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _relay(response: UpstreamResponse, send: Send) -> None:
+    """The body piece by piece, as it arrives: never held whole (the upstream client reads
+    at most its high-water mark ahead)."""
+    async for piece in response.chunks():
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _stream_until_disconnect(response: UpstreamResponse, receive: Receive,

@@ -13,9 +13,12 @@ same-turn grouping.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+HOOKS = "gateway.connection"  # the scope["extensions"] key of a request's RequestHooks
 
 
 class _CoalescingTransport:
@@ -48,13 +51,52 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class RequestHooks:
+    """What the server tells an app about one request's connection, without a task per
+    request: `lost` once the client is gone, `on_lost` called right then (the proxy hangs
+    the abandoning of its upstream exchange there), and `abort()` to end a response whose
+    body was cut short by closing the connection, so the client sees it incomplete."""
+
+    __slots__ = ("_protocol", "lost", "on_lost")
+
+    def __init__(self, protocol: CoalescingHttpToolsProtocol) -> None:
+        self._protocol = protocol
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+
+    def abort(self) -> None:
+        cycle = self._protocol.cycle
+        if cycle is not None:
+            cycle.disconnected = True  # uvicorn then expects no more of this response
+        self._protocol.transport.close()
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._coalescing = _CoalescingTransport(transport, self.loop)
+        self._hooks: list[RequestHooks] = []  # of the requests not yet answered
         wrapped: Any = self._coalescing
         super().connection_made(wrapped)
+
+    def on_headers_complete(self) -> None:
+        scope = self.scope
+        super().on_headers_complete()
+        hooks = RequestHooks(self)
+        self._hooks.append(hooks)
+        extensions: dict[str, Any] = scope.setdefault("extensions", {})
+        extensions[HOOKS] = hooks  # the app's task has not started: it will see this
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for hooks in self._hooks:
+            hooks.lost = True
+            if hooks.on_lost is not None:
+                hooks.on_lost()
+        self._hooks = []
+        super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         # The response is whole: send it now rather than at the end of the loop turn.
         self._coalescing.flush()
+        if self._hooks:
+            self._hooks.pop(0)
         super().on_response_complete()

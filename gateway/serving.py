@@ -13,5 +13,5 @@ def create_app() -> GatewayMiddleware:
     settings = Settings.load()
     upstream = UpstreamProxy(os.environ["GATEWAY_UPSTREAM"],
                              os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None,
-                             routes=settings.routes)
+                             routes=settings.routes, deadlines=settings.upstream_deadlines)
     return GatewayMiddleware(upstream, settings=settings)

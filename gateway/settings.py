@@ -16,6 +16,7 @@ from gateway.bounds import RunningUsage
 from gateway.errors import ConfigError
 from gateway.logs import check_format, check_level
 from gateway.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
+from gateway.upstream_client import Deadlines
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -213,6 +214,8 @@ class Settings:
     auth_cache_seconds: float = 5.0
     api_plan_keys: bool = False  # may management keys create plan (subscription) keys?
     redis_timeout_seconds: float = 0.25
+    # gateway serve's deadlines for the upstream (seconds; total None: none)
+    upstream_deadlines: Deadlines = field(default_factory=Deadlines)
     log_level: str = "info"
     log_format: str = "json"
     highest_price: Price = field(init=False, repr=False, compare=False)
@@ -327,6 +330,16 @@ class Settings:
                               f"got {public!r}")
         timeout = _seconds(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25),
                            "redis_timeout", zero_allowed=False)
+        def deadline(name: str, default: float) -> float:
+            return _seconds(env.get(f"GATEWAY_{name.upper()}") or data.get(name, default), name,
+                            zero_allowed=False)
+
+        total = _seconds(env.get("GATEWAY_UPSTREAM_TOTAL_TIMEOUT")
+                         or data.get("upstream_total_timeout", 0), "upstream_total_timeout",
+                         zero_allowed=True)
+        deadlines = Deadlines(deadline("upstream_connect_timeout", 5.0),
+                              deadline("upstream_first_byte_timeout", 300.0),
+                              deadline("upstream_idle_timeout", 60.0), total or None)
         log_level = check_level(str(env.get("GATEWAY_LOG_LEVEL") or data.get("log_level", "info")))
         log_format = check_format(
             str(env.get("GATEWAY_LOG_FORMAT") or data.get("log_format", "json")))
@@ -351,6 +364,7 @@ class Settings:
                                         "auth_cache_seconds", zero_allowed=True),
             api_plan_keys=_flag(data.get("api_plan_keys", False), "api_plan_keys"),
             redis_timeout_seconds=timeout,
+            upstream_deadlines=deadlines,
             log_level=log_level,
             log_format=log_format,
         )

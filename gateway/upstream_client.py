@@ -16,6 +16,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
 from urllib.parse import urlsplit
@@ -26,12 +27,36 @@ import httptools  # type: ignore[import-untyped, unused-ignore]
 # Unread body bytes buffered per connection before the socket stops being read: a slow
 # consumer then slows the upstream (TCP flow control) instead of growing our memory.
 _HIGH_WATER = 256 * 1024
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 # Methods whose requests carry a body by definition: an empty one is sent as Content-Length: 0.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class UpstreamError(Exception):
     """The upstream could not be reached, or broke before/while answering."""
+
+    timed_out = False  # a deadline passed (a 504 rather than a 502, before the head)
+
+
+class UpstreamTimeout(UpstreamError):
+    """A deadline passed: no head in time, too long a silence, or too long in all."""
+
+    timed_out = True
+
+
+class _Unsent(UpstreamError):
+    """The request could not be written at all: safe to send again elsewhere."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """Seconds: to connect, from the request to the response head (a slow prefill can be
+    long), of silence between body bytes, and in all (None: no total deadline)."""
+
+    connect: float = 5.0
+    first_byte: float = 300.0
+    idle: float = 60.0
+    total: float | None = None
 
 
 class _StopParsing(Exception):
@@ -44,9 +69,9 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_buffered", "_client", "_closed", "_complete", "_content_type", "_error", "_got_data",
-        "_head_done", "_head_only", "_headers", "_idle_since", "_in_flight", "_interim",
-        "_keep_alive", "_loop", "_lost", "_parser", "_paused", "_pieces", "_status", "_transport",
-        "_waiter",
+        "_head_done", "_head_only", "_head_timer", "_headers", "_idle_since", "_idle_timer",
+        "_in_flight", "_interim", "_keep_alive", "_last_data", "_loop", "_lost", "_parser",
+        "_paused", "_pieces", "_status", "_timeout", "_total_timer", "_transport", "_waiter",
     )
 
     def __init__(self, client: UpstreamClient, loop: asyncio.AbstractEventLoop) -> None:
@@ -62,6 +87,10 @@ class _Connection(asyncio.Protocol):
         self._pieces: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._total_timer: asyncio.TimerHandle | None = None
+        self._last_data = 0.0
         self._reset(False)
 
     def _reset(self, head_only: bool) -> None:
@@ -75,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._content_type = b""
+        self._timeout = False
 
     # --- asyncio.Protocol ---
 
@@ -86,6 +116,7 @@ class _Connection(asyncio.Protocol):
             self._close()  # nothing was asked: whatever this is, the connection is unusable
             return
         self._got_data = True
+        self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -140,6 +171,11 @@ class _Connection(asyncio.Protocol):
             return
         self._status = status
         self._head_done = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._idle_timer = self._loop.call_later(self._client._deadlines.idle,
+                                                 self._check_idle)
         self._wake()
         if self._head_only:
             # llhttp cannot be told that a HEAD response has no body: end the exchange here
@@ -163,6 +199,7 @@ class _Connection(asyncio.Protocol):
             self._interim = False
             return
         self._complete = True
+        self._cancel_timers()
         # Only meaningful inside this callback: llhttp resets its flags right after it.
         self._keep_alive = self._parser.should_keep_alive()
         if self._waiter is not None:
@@ -171,26 +208,66 @@ class _Connection(asyncio.Protocol):
     # --- used by UpstreamClient / UpstreamResponse ---
 
     async def send(self, data: bytes, head_only: bool) -> None:
-        """Write one request and wait for the head of its response."""
+        """Write one request and wait for the head of its response. Raises _Unsent when
+        not a byte of it could be written (the only case it may be sent again)."""
         self._reset(head_only)
         self._in_flight = True
         waiter = self._waiter = self._loop.create_future()
         transport = self._transport
+        if transport is None or self._closed or transport.is_closing():
+            self._waiter = None
+            self._close()
+            raise _Unsent("the connection closed before the request was written")
         try:
-            if transport is None or self._closed:
-                raise ConnectionResetError("connection closed")
             transport.write(data)
         except (OSError, RuntimeError) as exc:  # uvloop raises on a closed transport
             self._waiter = None
             self._close()
             raise UpstreamError(f"cannot send to the upstream: {exc}") from exc
+        deadlines = self._client._deadlines
+        self._head_timer = self._loop.call_later(deadlines.first_byte, self._expire,
+                                                 "no response head in time")
+        if deadlines.total is not None:
+            self._total_timer = self._loop.call_later(deadlines.total, self._expire,
+                                                      "no complete answer in time")
         try:
             await waiter
         except asyncio.CancelledError:
             self._close()
             raise
         if not self._head_done:
+            if self._timeout:
+                raise UpstreamTimeout(self._error or "the upstream timed out")
             raise UpstreamError(self._error or "the upstream closed the connection")
+
+    def abandon(self) -> None:
+        """The client left: close the connection (the upstream stops generating) and wake
+        whoever waits for it."""
+        self._break("the client went away")
+
+    def _expire(self, why: str) -> None:
+        if not self._complete and not self._closed:
+            self._timeout = True
+            self._break(f"upstream timeout: {why}")
+
+    def _check_idle(self) -> None:
+        if self._complete or self._closed:
+            return
+        # One timer for the whole body, moved on when it fires early: cheaper than
+        # rescheduling it for every piece that arrives.
+        idle = self._client._deadlines.idle
+        silent = self._loop.time() - self._last_data
+        if silent >= idle:
+            self._idle_timer = None
+            self._expire("the body stalled")
+        else:
+            self._idle_timer = self._loop.call_later(idle - silent, self._check_idle)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._idle_timer, self._total_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._idle_timer = self._total_timer = None
 
     async def wait(self) -> None:
         """Wait until the body makes progress (a piece, its end or a failure)."""
@@ -233,6 +310,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _close(self) -> None:
+        self._cancel_timers()
         self._keep_alive = False
         if not self._closed:
             self._closed = True
@@ -261,6 +339,17 @@ class UpstreamResponse:
         self._client = client
         self._conn: _Connection | None = conn
         self._done = False
+
+    def ready(self) -> bytes | None:
+        """The whole body when it came with the head (the usual small answer), else None;
+        the connection goes back to the pool when it is returned."""
+        conn = self._conn
+        if conn is None or not conn._complete:
+            return None
+        data = conn.take()
+        self._done = True
+        self.release()
+        return data
 
     async def read(self) -> bytes:
         """The whole body; the connection goes back to the pool once it has arrived."""
@@ -344,8 +433,11 @@ class _Chunks:
 class UpstreamClient:
     """HTTP/1.1 to one origin, with a LIFO pool of idle keep-alive connections."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float = 5.0, max_idle: int = 256,
+    def __init__(self, base_url: str, *, deadlines: Deadlines | None = None,
+                 connect_timeout: float | None = None, max_idle: int = 256,
                  idle_timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        """`idle_timeout`: how long a pooled connection may wait for its next request;
+        `deadlines` bound each exchange (`connect_timeout` overrides its connect)."""
         parts = urlsplit(base_url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
@@ -369,31 +461,46 @@ class UpstreamClient:
         self._ssl: ssl.SSLContext | None = None
         if scheme == "https":
             self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
-        self._connect_timeout = connect_timeout
+        deadlines = deadlines or Deadlines()
+        if connect_timeout is not None:
+            deadlines = Deadlines(connect_timeout, deadlines.first_byte, deadlines.idle,
+                                  deadlines.total)
+        self._deadlines = deadlines
+        self._connect_timeout = deadlines.connect
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._idle: deque[_Connection] = deque()  # most recently used at the right end
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]],
-                      body: bytes) -> UpstreamResponse:
+                      body: bytes,
+                      attach: Callable[[Callable[[], None]], None] | None = None,
+                      ) -> UpstreamResponse:
         """Send a request; return once the response head has arrived. `headers` must be free
         of hop-by-hop headers, host and content-length: this adds host and content-length.
-        There is no read timeout: wrap the call (and the body reads) in asyncio.timeout() if
-        needed; the cancellation closes the connection."""
+        The client's deadlines apply (UpstreamTimeout); `attach`, when given, receives the
+        callable that abandons this exchange (closing its connection), for a client that
+        leaves. A cancellation closes the connection too."""
         data = self._encode(method, target, headers, body)
         head_only = method == "HEAD"
         conn = self._pop_idle()
         if conn is not None:
+            if attach is not None:
+                attach(conn.abandon)
             try:
                 await conn.send(data, head_only)
                 return UpstreamResponse(self, conn)
+            except _Unsent:
+                pass  # not a byte left: safe to send once more, on a new connection
             except UpstreamError:
-                if conn._got_data:
+                # Closed before any answer, just as we sent: the upstream may have read the
+                # request and be running it. Only an idempotent one is sent again: an
+                # inference (a POST) is never run twice.
+                if conn._got_data or method not in _IDEMPOTENT or conn._timeout:
                     raise
-                # The upstream closed this idle connection just as we sent: the request was
-                # not processed, so it is safe to send it once more, on a new connection.
         conn = await self._connect()
+        if attach is not None:
+            attach(conn.abandon)
         await conn.send(data, head_only)
         return UpstreamResponse(self, conn)
 
