@@ -163,12 +163,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+# Control characters (a newline in a path, terminal escapes in a name) written as \xNN, so
+# that one request is one line and a terminal shows text, not what it would obey.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def escape_control(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 class TextFormatter(logging.Formatter):
     """`ts LEVEL logger msg key=value ...` for people reading a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), record.levelname, record.name, record.getMessage()]
-        parts += [f"{k}={'-' if v is None else v}" for k, v in _extra(record).items()]
+        parts = [_timestamp(record), record.levelname, record.name,
+                 escape_control(record.getMessage())]
+        parts += [f"{k}={'-' if v is None else escape_control(str(v))}"
+                  for k, v in _extra(record).items()]
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -27,6 +27,7 @@ from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
 from gateway.routes import AUDIO, INVOCATIONS, PublicPaths, Route, invocation_kind
+from gateway.server_protocol import HOOKS, RequestHooks
 from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue, release
 from gateway.store import Ask, Decision, Store, connect
@@ -117,8 +118,29 @@ class GatewayMiddleware:
                     await send_rejection(send, rejected)
                 except _ClientGone:
                     return
+        except Exception as exc:
+            await self._unexpected(scope, send, record, exc)
         finally:
             log_request(record)
+
+    async def _unexpected(self, scope: Scope, send: Send, record: RequestRecord,
+                          exc: Exception) -> None:
+        """A bug or an error nobody mapped: logged once with its traceback, answered with
+        the gateway's own error (503 when it came from the store), never uvicorn's."""
+        from_store = isinstance(exc, StoreUnavailable)
+        log.error("unexpected %s on %s %s (request %s)", type(exc).__name__, scope["method"],
+                  scope["path"], record.request_id, exc_info=exc)
+        record.decision, record.reason = "error", "internal_error"
+        if record.status == 0:
+            rejected = (_limiter_unavailable() if from_store else Rejected(
+                500, "internal_error", "The gateway failed to handle the request.",
+                "api_error"))
+            with contextlib.suppress(Exception):
+                await send_rejection(send, rejected)
+            return
+        hooks: RequestHooks | None = scope.get("extensions", {}).get(HOOKS)
+        if hooks is not None:
+            hooks.abort()  # the answer had started: cut it short for the client to see
 
     def _reject(self, rejected: Rejected, plan: str = "") -> Rejected:
         self.metrics.child(self.metrics.requests, "rejected", rejected.code, plan).inc()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 
 MAX_EVENT_BYTES = 1024 * 1024
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
+# An event ends at a blank line; SSE lines end in CRLF, LF or a bare CR.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
 def _event_ends(data: bytes) -> list[int]:
     """Where each complete event in `data` ends (just after its blank line)."""
     if b"\r" in data:
-        return [match.end() for match in _EVENT_END.finditer(data)]
+        ends = [match.end() for match in _EVENT_END.finditer(data)]
+        if ends and ends[-1] == len(data) and data.endswith(b"\r"):
+            ends.pop()  # a CR at the very end may be half of a CRLF: wait for what follows
+        return ends
     ends = []  # the usual "\n\n" only: bytes.find is ten times faster than the regex
     index = data.find(b"\n\n")
     while index >= 0:

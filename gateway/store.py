@@ -363,6 +363,11 @@ class Store:
             if _maybe_applied(exc):
                 raise StoreAmbiguous(message) from exc
             raise StoreUnavailable(message) from exc
+        except (AttributeError, RuntimeError, ValueError, TypeError) as exc:
+            # redis-py raising from a connection torn down under it (its issue #4287:
+            # "'NoneType' object has no attribute 'writelines'"): the command may or may
+            # not have been sent.
+            raise StoreAmbiguous(f"Redis client error: {type(exc).__name__}") from exc
 
     async def ping(self) -> bool:
         if self._hot is not None:  # the connection the hot path really uses
