@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from gateway.errors import ConfigError, NotFound, StoreUnavailable
 from gateway.keys import hash_secret, new_management_secret
 from gateway.logs import FORMATS, LEVELS, logging_config
 from gateway.metrics import multiprocess_dir
+from gateway.server_protocol import LIMITS_ENV
 from gateway.settings import Settings, usd_to_micro
 from gateway.store import MgmtKey, Store, connect
 from gateway.timefmt import iso_from_us
@@ -253,13 +255,29 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     level = args.log_level or settings.log_level
     fmt = args.log_format or settings.log_format
     os.environ["GATEWAY_LOG_LEVEL"], os.environ["GATEWAY_LOG_FORMAT"] = level, fmt
+    os.environ[LIMITS_ENV] = settings.server_limits.encode()
+    _raise_fd_limit()
     # Before uvicorn spawns workers: they inherit PROMETHEUS_MULTIPROC_DIR from here.
     with multiprocess_dir(args.workers):
         uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
                     log_level=level, access_log=False, timeout_graceful_shutdown=30,
+                    timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
                     http=SERVER_PROTOCOL, loop="uvloop", proxy_headers=False)
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Open files up to the hard limit: each client connection is one, as is each upstream
+    and Redis connection (README "Sizing")."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _demo(args: argparse.Namespace) -> int:

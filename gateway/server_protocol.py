@@ -13,12 +13,57 @@ same-turn grouping.
 from __future__ import annotations
 
 import asyncio
+import os
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HOOKS = "gateway.connection"  # the scope["extensions"] key of a request's RequestHooks
+LIMITS_ENV = "GATEWAY_SERVER_LIMITS"  # "header_bytes,header_timeout,body_timeout,connections"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one client may hold of a worker: bytes of a request head (431 beyond),
+    seconds to send a head, seconds of silence inside a body (408 after either), and
+    connections open at once; over that cap a new connection makes the one that has waited
+    longest for its head make room, and if none is waiting it is refused with a 503."""
+
+    header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    connections: int = 10_000
+
+    def encode(self) -> str:
+        return (f"{self.header_bytes},{self.header_timeout},{self.body_timeout},"
+                f"{self.connections}")
+
+    @classmethod
+    def from_env(cls) -> ServerLimits:
+        text = os.environ.get(LIMITS_ENV)
+        if not text:
+            return cls()
+        header_bytes, header_timeout, body_timeout, connections = text.split(",")
+        return cls(int(header_bytes), float(header_timeout), float(body_timeout),
+                   int(connections))
+
+
+def _refusal(status: bytes, message: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(message) + message)
+
+
+_TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", b'{"error":{"message":'
+                      b'"Request headers too large.","type":"invalid_request_error",'
+                      b'"code":"headers_too_large"}}')
+_TIMEOUT = _refusal(b"408 Request Timeout", b'{"error":{"message":"The request was not '
+                    b'received in time.","type":"invalid_request_error","code":'
+                    b'"request_timeout"}}')
+_BUSY = _refusal(b"503 Service Unavailable", b'{"error":{"message":"Too many connections.",'
+                 b'"type":"api_error","code":"too_many_connections"}}')
 
 
 class _CoalescingTransport:
@@ -71,14 +116,98 @@ class RequestHooks:
         self._protocol.transport.close()
 
 
+_limits: ServerLimits | None = None
+# Connections waiting for a request head, the longest-waiting first (one event loop per
+# worker, so one registry per process).
+_waiting: OrderedDict[CoalescingHttpToolsProtocol, None] = OrderedDict()
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        global _limits
+        if _limits is None:
+            _limits = ServerLimits.from_env()
+        self._limits = _limits
         self._coalescing = _CoalescingTransport(transport, self.loop)
         self._hooks: list[RequestHooks] = []  # of the requests not yet answered
+        self._head_bytes = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        self._last_body = 0.0
         wrapped: Any = self._coalescing
         super().connection_made(wrapped)
+        if len(self.connections) > self._limits.connections and not self._make_room():
+            self._refuse(_BUSY)
+            return
+        self._await_head()
+
+    def _make_room(self) -> bool:
+        """Closes the connection that has waited longest for its head (a slowloris holds
+        many such), so that one more client can be served."""
+        for oldest in _waiting:
+            if oldest is not self:
+                oldest._refuse(_TIMEOUT)
+                return True
+        return False
+
+    def _await_head(self) -> None:
+        self._head_bytes = 0
+        _waiting[self] = None
+        self._set_deadline(self._limits.header_timeout, self._head_too_slow)
+
+    def _set_deadline(self, seconds: float, callback: Callable[[], None]) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(seconds, callback)
+
+    def _head_too_slow(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            self._refuse(_TIMEOUT)
+
+    def _body_too_slow(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or cycle.response_complete:
+            return
+        silent = self.loop.time() - self._last_body
+        if silent < self._limits.body_timeout:
+            self._set_deadline(self._limits.body_timeout - silent, self._body_too_slow)
+        elif not cycle.response_started:
+            self._refuse(_TIMEOUT)
+        else:
+            self.transport.close()
+
+    def _refuse(self, response: bytes) -> None:
+        _waiting.pop(self, None)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self in _waiting:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.header_bytes:
+                self._refuse(_TOO_LARGE)  # before the parser keeps any of it
+                return
+        super().data_received(data)
+
+    def on_body(self, body: bytes) -> None:
+        self._last_body = self.loop.time()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().on_message_complete()
 
     def on_headers_complete(self) -> None:
+        _waiting.pop(self, None)
+        self._last_body = self.loop.time()
+        self._set_deadline(self._limits.body_timeout, self._body_too_slow)
         scope = self.scope
         super().on_headers_complete()
         hooks = RequestHooks(self)
@@ -87,6 +216,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         extensions[HOOKS] = hooks  # the app's task has not started: it will see this
 
     def connection_lost(self, exc: Exception | None) -> None:
+        _waiting.pop(self, None)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         for hooks in self._hooks:
             hooks.lost = True
             if hooks.on_lost is not None:
@@ -100,3 +233,5 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._hooks:
             self._hooks.pop(0)
         super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()  # the next request's head (uvicorn's keep-alive timer too)

@@ -16,6 +16,7 @@ from gateway.bounds import RunningUsage
 from gateway.errors import ConfigError
 from gateway.logs import check_format, check_level
 from gateway.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
+from gateway.server_protocol import ServerLimits
 from gateway.upstream_client import Deadlines
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
@@ -216,6 +217,9 @@ class Settings:
     redis_timeout_seconds: float = 0.25
     # gateway serve's deadlines for the upstream (seconds; total None: none)
     upstream_deadlines: Deadlines = field(default_factory=Deadlines)
+    # gateway serve's bounds on each client connection (gateway/server_protocol.py)
+    server_limits: ServerLimits = field(default_factory=ServerLimits)
+    keep_alive_timeout: float = 5.0
     log_level: str = "info"
     log_format: str = "json"
     highest_price: Price = field(init=False, repr=False, compare=False)
@@ -340,6 +344,10 @@ class Settings:
         deadlines = Deadlines(deadline("upstream_connect_timeout", 5.0),
                               deadline("upstream_first_byte_timeout", 300.0),
                               deadline("upstream_idle_timeout", 60.0), total or None)
+        limits = ServerLimits(
+            _positive(data.get("max_header_bytes", 64 * 1024), "max_header_bytes", 2**24),
+            deadline("header_timeout", 10.0), deadline("body_timeout", 30.0),
+            _positive(data.get("max_connections", 10_000), "max_connections", 10_000_000))
         log_level = check_level(str(env.get("GATEWAY_LOG_LEVEL") or data.get("log_level", "info")))
         log_format = check_format(
             str(env.get("GATEWAY_LOG_FORMAT") or data.get("log_format", "json")))
@@ -365,6 +373,8 @@ class Settings:
             api_plan_keys=_flag(data.get("api_plan_keys", False), "api_plan_keys"),
             redis_timeout_seconds=timeout,
             upstream_deadlines=deadlines,
+            server_limits=limits,
+            keep_alive_timeout=deadline("keep_alive_timeout", 5.0),
             log_level=log_level,
             log_format=log_format,
         )
