@@ -261,7 +261,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with multiprocess_dir(args.workers):
         uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
-                    log_level=level, access_log=False, timeout_graceful_shutdown=30,
+                    log_level=level, access_log=False,
+                    timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
                     timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
                     http=SERVER_PROTOCOL, loop="uvloop", proxy_headers=False)
     return 0

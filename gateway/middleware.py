@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -120,8 +121,27 @@ class GatewayMiddleware:
                     return
         except Exception as exc:
             await self._unexpected(scope, send, record, exc)
+        except asyncio.CancelledError:
+            # The server's shutdown deadline passed with this request still waiting (a hung
+            # upstream): the settlement has run; answer with our own 503, never a 500.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self._shutting_down(scope, send, record)
         finally:
             log_request(record)
+
+    async def _shutting_down(self, scope: Scope, send: Send, record: RequestRecord) -> None:
+        record.decision, record.reason = "error", "shutting_down"
+        if record.status == 0:
+            with contextlib.suppress(Exception):
+                await send_rejection(send, Rejected(
+                    503, "shutting_down", "The gateway is shutting down; retry.", "api_error",
+                    [(b"retry-after", b"1")]))
+            return
+        hooks: RequestHooks | None = scope.get("extensions", {}).get(HOOKS)
+        if hooks is not None:
+            hooks.abort()
 
     async def _unexpected(self, scope: Scope, send: Send, record: RequestRecord,
                           exc: Exception) -> None:

@@ -220,6 +220,7 @@ class Settings:
     # gateway serve's bounds on each client connection (gateway/server_protocol.py)
     server_limits: ServerLimits = field(default_factory=ServerLimits)
     keep_alive_timeout: float = 5.0
+    shutdown_timeout: float = 30.0  # SIGTERM: how long requests in flight may finish
     log_level: str = "info"
     log_format: str = "json"
     highest_price: Price = field(init=False, repr=False, compare=False)
@@ -375,6 +376,7 @@ class Settings:
             upstream_deadlines=deadlines,
             server_limits=limits,
             keep_alive_timeout=deadline("keep_alive_timeout", 5.0),
+            shutdown_timeout=deadline("shutdown_timeout", 30.0),
             log_level=log_level,
             log_format=log_format,
         )

@@ -222,3 +222,34 @@ def _peak_rss_mb(process: Process) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+async def test_sigterm_with_hung_upstreams_ends_in_time_with_503s_not_500s(
+        redis_url: str, redis_store: Store) -> None:
+    secret, _, account_id = await new_key(redis_store, Settings(api_plan_keys=True),
+                                          rpm=100_000)
+
+    async def hangs(server: Server, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter, index: int) -> None:
+        await server.read_request(reader)
+        await server.wait_eof(reader)
+
+    async with Server(hangs) as upstream:
+        with serve(upstream.url, redis_url, {"GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT": "300",
+                                             "GATEWAY_SHUTDOWN_TIMEOUT": "2"}) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+                pending = [asyncio.ensure_future(client.post(
+                    "/v1/chat/completions", json=CHAT, headers=bearer(secret)))
+                    for _ in range(5)]
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                gateway.process.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*pending)
+                elapsed = time.monotonic() - started
+                _, err = await asyncio.to_thread(gateway.process.communicate, timeout=30)
+    assert [a.status_code for a in answers] == [503] * 5
+    assert {a.json()["error"]["code"] for a in answers} == {"shutting_down"}
+    assert elapsed < 5
+    log = err.decode(errors="replace")
+    assert "Traceback" not in log and "Exception in ASGI" not in log
+    assert await reservations(redis_store, account_id) == []
