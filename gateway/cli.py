@@ -15,7 +15,7 @@ import orjson
 from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
 from gateway.errors import ConfigError, NotFound, StoreUnavailable
 from gateway.keys import hash_secret, new_management_secret
-from gateway.logs import FORMATS, LEVELS, logging_config
+from gateway.logs import FORMATS, LEVELS, escape_control, logging_config
 from gateway.metrics import multiprocess_dir
 from gateway.server_protocol import LIMITS_ENV
 from gateway.settings import Settings, usd_to_micro
@@ -32,7 +32,7 @@ def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
 
 
 def _key_text(doc: dict[str, Any]) -> str:
-    lines = [f"{doc['id']}  {doc['name']}  {doc['type']}"
+    lines = [f"{doc['id']}  {escape_control(doc['name'])}  {doc['type']}"
              + (f" ({doc['plan']})" if doc["plan"] else "")
              + ("" if doc["is_active"] else "  [deactivated]")]
     if "key" in doc:
@@ -49,7 +49,8 @@ def _key_text(doc: dict[str, Any]) -> str:
 
 async def _accounts_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
     doc = account_json(await store.create_account(args.name))
-    _print(args, doc, f"{doc['id']}  {doc['name']}  credits ${doc['credits']:.2f}")
+    _print(args, doc, f"{doc['id']}  {escape_control(doc['name'])}  "
+                      f"credits ${doc['credits']:.2f}")
 
 
 async def _accounts_add_credits(args: argparse.Namespace, settings: Settings,
@@ -58,13 +59,15 @@ async def _accounts_add_credits(args: argparse.Namespace, settings: Settings,
     if micro <= 0:
         raise ConfigError("the amount of credits must be positive")
     doc = account_json(await store.add_credits(args.account_id, micro))
-    _print(args, doc, f"{doc['id']}  {doc['name']}  credits ${doc['credits']:.6f}")
+    _print(args, doc, f"{doc['id']}  {escape_control(doc['name'])}  "
+                      f"credits ${doc['credits']:.6f}")
 
 
 async def _accounts_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
     docs = [account_json(a) for a in await store.list_accounts()]
-    _print(args, docs, "\n".join(f"{d['id']}  {d['name']}  credits ${d['credits']:.6f}"
-                                 for d in docs) or "no accounts")
+    _print(args, docs, "\n".join(f"{d['id']}  {escape_control(d['name'])}  "
+                                 f"credits ${d['credits']:.6f}" for d in docs)
+           or "no accounts")
 
 
 async def _keys_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
@@ -134,6 +137,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--redis", metavar="URL", help="Redis URL (env GATEWAY_REDIS_URL)")
@@ -149,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="sent upstream instead of the client's key (env "
                             "GATEWAY_UPSTREAM_API_KEY)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--log-level", choices=LEVELS,
                        help="default info (env GATEWAY_LOG_LEVEL)")
@@ -160,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common],
                           help="embedded store + mock upstream + demo keys (no Redis needed)")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--port", type=_port, default=8080)
 
     accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(
         dest="command", required=True, metavar="ACTION")

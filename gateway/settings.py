@@ -27,12 +27,18 @@ DEFAULT_REQUEST_PRICE = 6_000  # micro-USD per audio request when pricing names 
 MAX_USD = 1_000_000_000  # micro-USD stay exact in Lua's doubles far beyond this
 
 
+MAX_DURATION_SECONDS = 100 * 365 * 86400  # a century: Redis time in microseconds stays exact
+
+
 def parse_duration(text: str) -> int:
     """'30d' -> seconds. Units s, m, h, d; the amount must be a positive integer."""
     match = _DURATION.match(text)
     if not match or int(match.group(1)) == 0:
         raise ConfigError(f"invalid duration {text!r}: use a positive integer with s, m, h or d")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
+        raise ConfigError(f"duration {text!r} is longer than the maximum of 36500d")
+    return seconds
 
 
 def format_duration(seconds: int) -> str:
@@ -264,6 +270,8 @@ class Settings:
                 raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"config file {path} is not UTF-8 text (TOML)") from None
         url = redis_url or env.get("GATEWAY_REDIS_URL") or data.get("redis_url") or None
         return cls.from_mapping(data, redis_url=url, env=env)
 

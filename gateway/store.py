@@ -24,6 +24,7 @@ from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -363,6 +364,8 @@ class Store:
             if _maybe_applied(exc):
                 raise StoreAmbiguous(message) from exc
             raise StoreUnavailable(message) from exc
+        except RedisClusterException as exc:  # not a RedisError: e.g. a plain Redis
+            raise StoreUnavailable(f"Redis Cluster: {str(exc)[:120]}") from exc
         except (AttributeError, RuntimeError, ValueError, TypeError) as exc:
             # redis-py raising from a connection torn down under it (its issue #4287:
             # "'NoneType' object has no attribute 'writelines'"): the command may or may

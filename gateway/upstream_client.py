@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 from collections import deque
@@ -27,6 +28,7 @@ import httptools  # type: ignore[import-untyped, unused-ignore]
 # Unread body bytes buffered per connection before the socket stops being read: a slow
 # consumer then slows the upstream (TCP flow control) instead of growing our memory.
 _HIGH_WATER = 256 * 1024
+_HOST = re.compile(r"^[A-Za-z0-9._\-:%]+$")  # a name, IPv4, or IPv6 (brackets removed)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 # Methods whose requests carry a body by definition: an empty one is sent as Content-Length: 0.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -445,6 +447,8 @@ class UpstreamClient:
         host = parts.hostname
         if not host:
             raise ValueError(f"upstream URL has no host: {base_url!r}")
+        if not _HOST.match(host) or not base_url.isprintable() or " " in base_url:
+            raise ValueError(f"upstream URL has an invalid host or characters: {base_url!r}")
         if parts.username is not None or parts.query or parts.fragment:
             raise ValueError(f"upstream URL must not have credentials, a query or a fragment: "
                              f"{base_url!r}")

@@ -237,3 +237,43 @@ def test_commands_give_redis_at_least_two_seconds(redis_url: str,
         monkeypatch.setenv("GATEWAY_REDIS_TIMEOUT", configured)
         assert run(capsys, "accounts", "list", "--redis", redis_url)[0] == 0
     assert timeouts == [2.0, 5.0]  # an admin command may wait longer than admission does
+
+
+def test_hostile_cli_input_is_one_line_never_a_traceback(
+        redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        redis_server: Any) -> None:
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    cases = [
+        (["keys", "list", "--config", str(binary), "--redis", redis_url],
+         "is not UTF-8 text"),
+        (["keys", "create", "--name", "a", "--plan", "pro", "--expires-in", "99999999999d",
+          "--redis", redis_url], "longer than the maximum"),
+        (["keys", "create", "--name", "a", "--plan", "pro", "--budget-duration",
+          "99999999999999d", "--redis", redis_url], "longer than the maximum"),
+        (["keys", "list", "--redis", f"redis+cluster://127.0.0.1:{redis_server.port}"],
+         "Cluster mode is not enabled"),
+        (["serve", "--redis", redis_url, "--upstream", "http://a b"], "invalid host"),
+        (["serve", "--redis", redis_url, "--upstream", "http://h", "--port", "99999"],
+         "a port is a number from 1 to 65535"),
+        (["serve", "--redis", redis_url, "--upstream", "http://h", "--port", "0"],
+         "a port is a number from 1 to 65535"),
+    ]
+    for argv, message in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        _, err = capsys.readouterr()
+        assert code in (1, 2), argv
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_tenant_chosen_names_are_shown_escaped(redis_url: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "keys", "create", "--name", "evil\x1b[2J\nroot key", "--plan",
+                       "pro", "--redis", redis_url)
+    assert code == 0
+    code, out, _ = run(capsys, "keys", "list", "--redis", redis_url)
+    assert "\x1b" not in out and "evil\\x1b[2J\\x0aroot key" in out
