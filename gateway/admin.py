@@ -82,7 +82,8 @@ async def create_key(store: Store, settings: Settings, account_id: str,
     record = await store.create_key(
         account_id=account_id, name=spec.name, key_type=key_type, plan=slug, rpm=rpm, tpm=tpm,
         budget_limit=budget, budget_duration=duration, expires_at_us=expires_at,
-        expires_in_seconds=expires_in, secret_hash=hash_secret(secret))
+        expires_in_seconds=expires_in, secret_hash=hash_secret(secret),
+        max_keys=settings.max_keys_per_account)
     return record, secret
 
 

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import orjson
 
 from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
-from gateway.errors import ConfigError, NotFound, StoreUnavailable
+from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable
 from gateway.keys import hash_secret, new_management_secret
 from gateway.logs import FORMATS, LEVELS, escape_control, logging_config
 from gateway.metrics import multiprocess_dir
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_plans(args, settings, None))
         else:
             asyncio.run(_run_with_store(args, settings))
-    except (ConfigError, NotFound) as exc:
+    except (ConfigError, NotFound, LimitReached) as exc:
         return _fail(str(exc))
     except StoreUnavailable as exc:
         hint = ""

@@ -31,6 +31,10 @@ class ConfigError(GatewayError):
     """Invalid settings or command-line input; the message is meant for the operator."""
 
 
+class LimitReached(GatewayError):
+    """An operator's cap (keys per account) would be exceeded; the message says which."""
+
+
 class NotFound(GatewayError):
     """A named record (account, key) does not exist."""
 

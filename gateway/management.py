@@ -21,6 +21,7 @@ from gateway.admin import KeySpec, create_key, key_json
 from gateway.auth import header
 from gateway.errors import (
     ConfigError,
+    LimitReached,
     NotFound,
     Rejected,
     StoreUnavailable,
@@ -258,6 +259,8 @@ class Management:
                                               spec)
         except ConfigError as exc:
             raise _bad(str(exc)) from None
+        except LimitReached as exc:
+            raise Rejected(403, "key_limit_reached", str(exc), "permission_error") from None
         except NotFound:
             raise _unauthorized() from None
         await send_json(send, 201, orjson.dumps(key_json(record, secret)))

@@ -220,6 +220,7 @@ class Settings:
     model_prices: dict[str, Price] = field(default_factory=dict)
     auth_cache_seconds: float = 5.0
     api_plan_keys: bool = False  # may management keys create plan (subscription) keys?
+    max_keys_per_account: int = 100  # over HTTP and the CLI alike
     redis_timeout_seconds: float = 0.25
     # gateway serve's deadlines for the upstream (seconds; total None: none)
     upstream_deadlines: Deadlines = field(default_factory=Deadlines)
@@ -380,6 +381,8 @@ class Settings:
             auth_cache_seconds=_seconds(data.get("auth_cache_seconds", 5.0),
                                         "auth_cache_seconds", zero_allowed=True),
             api_plan_keys=_flag(data.get("api_plan_keys", False), "api_plan_keys"),
+            max_keys_per_account=_positive(data.get("max_keys_per_account", 100),
+                                           "max_keys_per_account", 10_000_000),
             redis_timeout_seconds=timeout,
             upstream_deadlines=deadlines,
             server_limits=limits,

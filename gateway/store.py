@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import (
     ConfigError,
+    LimitReached,
     NotFound,
     StoreAmbiguous,
     StoreCommandError,
@@ -352,6 +353,7 @@ class Store:
         self._mgmt_limit = client.register_script(lua_source("mgmt_limit"))
         self._account_index = client.register_script(lua_source("account_index"))
         self._rotate = client.register_script(lua_source("rotate"))
+        self._add_key = client.register_script(lua_source("add_key"))
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         # Backend errors become one error type here, at the storage edge.
@@ -535,13 +537,18 @@ class Store:
     async def create_key(
         self, *, account_id: str, name: str, key_type: str, plan: str, rpm: int, tpm: int,
         budget_limit: int | None, budget_duration: int, expires_at_us: int | None,
-        expires_in_seconds: int | None, secret_hash: str,
+        expires_in_seconds: int | None, secret_hash: str, max_keys: int = 100,
     ) -> KeyRecord:
         await self.get_account(account_id)
         now = await self.now_us()
+        key_id = str(uuid.uuid4())
+        added = await self._call(self._add_key(keys=[Names.account_keys(account_id)],
+                                               args=[key_id, max_keys]))
+        if not int(added):
+            raise LimitReached(f"the account already holds its maximum of {max_keys} keys "
+                               f"(max_keys_per_account)")
         if key_type == "subscription" and expires_at_us is None:
             expires_at_us = now + (expires_in_seconds or SUBSCRIPTION_DEFAULT_SECONDS) * 1_000_000
-        key_id = str(uuid.uuid4())
         record = {
             "id": key_id, "account_id": account_id, "name": name, "type": key_type,
             "plan": plan, "hash": secret_hash, "active": "1", "created_at": now,
@@ -552,7 +559,6 @@ class Store:
             "resets_at": now + budget_duration * 1_000_000, "total_spent": 0,
         }
         await self._call(self.client.hset(Names.key(account_id, key_id), mapping=record))
-        await self._call(self.client.sadd(Names.account_keys(account_id), key_id))
         await self._call(self.client.set(Names.key_index(key_id), account_id))
         # The secret mapping goes last: a key is usable only once its record is complete.
         await self._call(self.client.set(Names.secret(secret_hash), f"{account_id}:{key_id}"))

@@ -549,3 +549,41 @@ async def test_credit_limits_are_capped_at_the_entitlement_inclusive(store: Stor
     check(exact)
     assert exact.status_code == 201
     assert exact.json()["rate_limits"] == {"rpm": rpm, "tpm": tpm}
+
+
+async def test_keys_per_account_are_capped_over_http_and_cli_alike(
+        store: Store, metrics: Metrics, store_kind: str, request: pytest.FixtureRequest) -> None:
+    redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else ""
+    import asyncio
+
+    from gateway.admin import KeySpec, account_or_default, create_key
+    from gateway.errors import LimitReached
+
+    settings = Settings(api_plan_keys=True, max_keys_per_account=5)
+    account = await account_or_default(store, None)
+    # concurrent creations cannot pass the cap together
+    results = await asyncio.gather(*(
+        create_key(store, settings, account, KeySpec(name=f"k{i}", credit=True))
+        for i in range(12)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 5
+    assert all(isinstance(r, LimitReached) for r in results if isinstance(r, BaseException))
+    assert len(await store.list_keys(account)) == 5
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        over = await client.post("/api/keys", headers=bearer(mk),
+                                 json={"name": "one-more", "credit": True})
+    assert over.status_code == 403
+    assert over.json()["error"]["code"] == "key_limit_reached"
+    if store_kind == "redis":
+        import subprocess
+        import sys
+
+        config = Path(redis_url.removeprefix("unix://")).parent / "cap.toml"
+        config.write_text("max_keys_per_account = 5\n")
+        cli = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--name", "x",
+                              "--credit", "--account", account, "--redis", redis_url,
+                              "--config", str(config)], capture_output=True, text=True,
+                             timeout=60)
+        assert cli.returncode == 1
+        assert cli.stderr == ("gateway: error: the account already holds its maximum of 5 "
+                              "keys (max_keys_per_account)\n")
