@@ -16,7 +16,7 @@ from gateway.admin import KeySpec, account_json, account_or_default, create_key,
 from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable
 from gateway.keys import hash_secret, new_management_secret
 from gateway.logs import FORMATS, LEVELS, escape_control, logging_config
-from gateway.metrics import multiprocess_dir
+from gateway.metrics import multiprocess_dir, serve_metrics
 from gateway.server_protocol import LIMITS_ENV
 from gateway.settings import Settings, usd_to_micro
 from gateway.store import MgmtKey, Store, connect
@@ -143,6 +143,10 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _port_or_zero(text: str) -> int:
+    return 0 if text == "0" else _port(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--redis", metavar="URL", help="Redis URL (env GATEWAY_REDIS_URL)")
@@ -160,6 +164,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--metrics-host", metavar="HOST",
+                       help="where /metrics is served apart from clients; default 127.0.0.1 "
+                            "(env GATEWAY_METRICS_HOST)")
+    serve.add_argument("--metrics-port", type=_port_or_zero, metavar="PORT",
+                       help="default 9464, 0 for none (env GATEWAY_METRICS_PORT)")
     serve.add_argument("--log-level", choices=LEVELS,
                        help="default info (env GATEWAY_LOG_LEVEL)")
     serve.add_argument("--log-format", choices=FORMATS,
@@ -268,6 +277,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     _raise_fd_limit()
     # Before uvicorn spawns workers: they inherit PROMETHEUS_MULTIPROC_DIR from here.
     with multiprocess_dir(args.workers):
+        port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+        if port:
+            serve_metrics(args.metrics_host or settings.metrics_host, port)
         uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
                     log_level=level, access_log=False,

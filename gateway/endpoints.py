@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,6 +115,17 @@ class Endpoints:
         await send_json(send, status, body, [(b"cache-control", b"no-store")])
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.settings.metrics_token
+        if token is None:  # served on its own listener only (gateway serve --metrics-port)
+            await send_json(send, 404, error_body("Not found.", "invalid_request_error",
+                                                  "not_found"))
+            return
+        given = header(scope["headers"], b"authorization") or b""
+        if not hmac.compare_digest(given, b"Bearer " + token.encode()):
+            await send_json(send, 401, error_body(
+                "The metrics need 'Authorization: Bearer <metrics_token>'.",
+                "invalid_request_error", "invalid_metrics_token"))
+            return
         body, content_type = exposition(self.registry)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type.encode()),

@@ -24,6 +24,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -106,6 +107,19 @@ def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
         MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """/metrics on a listener of its own (a thread of this process), apart from the clients'
+    port: every worker's values in multiprocess mode, this process's otherwise."""
+    registry = REGISTRY
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
 
 
 def _clear(directory: Path) -> None:

@@ -224,9 +224,11 @@ def document() -> dict[str, Any]:
         "/readyz": {"get": _op("Readiness: Redis reachable", {
             "200": _json(_ref("Ready"), "Ready"),
             "503": _json(_ref("Ready"), "Redis unreachable")})},
-        "/metrics": {"get": _op("Prometheus metrics", {"200": {
+        "/metrics": {"get": _op("Prometheus metrics (with the metrics_token; gateway serve "
+                                "also serves them on its own --metrics-port)", {"200": {
             "description": "Prometheus text format",
-            "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+            "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(401, 404)})},
         "/openapi.json": {"get": _op("This document", {
             "200": _json({"type": "object"}, "OpenAPI 3.1")})},
         "/v1/chat/completions": _proxied("Chat completion, metered (forwarded upstream)"),

@@ -145,6 +145,22 @@ def _positive(value: object, what: str, maximum: int) -> int:
     return value
 
 
+def _port_number(value: object) -> int:
+    text = str(value)
+    if isinstance(value, bool) or not text.isdigit() or int(text) > 65535:
+        raise ConfigError(f"metrics_port must be a port from 1 to 65535, or 0 for none, "
+                          f"got {value!r}")
+    return int(text)
+
+
+def _token(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) < 16 or not value.isprintable():
+        raise ConfigError("metrics_token must be a string of at least 16 printable characters")
+    return value
+
+
 def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{what} must be {' or '.join(repr(c) for c in choices)}, "
@@ -228,6 +244,11 @@ class Settings:
     server_limits: ServerLimits = field(default_factory=ServerLimits)
     keep_alive_timeout: float = 5.0
     shutdown_timeout: float = 30.0  # SIGTERM: how long requests in flight may finish
+    # /metrics: its own listener in gateway serve (port 0: none), and on the main port only
+    # with this bearer token (spend per plan is revenue: never public)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    metrics_token: str | None = None
     log_level: str = "info"
     log_format: str = "json"
     highest_price: Price = field(init=False, repr=False, compare=False)
@@ -388,6 +409,11 @@ class Settings:
             server_limits=limits,
             keep_alive_timeout=deadline("keep_alive_timeout", 5.0),
             shutdown_timeout=deadline("shutdown_timeout", 30.0),
+            metrics_host=str(env.get("GATEWAY_METRICS_HOST") or data.get("metrics_host",
+                                                                          "127.0.0.1")),
+            metrics_port=_port_number(env.get("GATEWAY_METRICS_PORT")
+                                      or data.get("metrics_port", 9464)),
+            metrics_token=_token(env.get("GATEWAY_METRICS_TOKEN") or data.get("metrics_token")),
             log_level=log_level,
             log_format=log_format,
         )

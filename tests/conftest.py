@@ -30,6 +30,9 @@ from gateway.settings import Settings
 from gateway.store import Store, connect
 from gateway.types import ASGIApp, Scope
 
+METRICS_TOKEN = "metrics-token-for-tests"
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -132,7 +135,7 @@ async def store(store_kind: str, request: pytest.FixtureRequest) -> AsyncIterato
 @pytest.fixture
 def settings() -> Settings:
     # Tests create plan keys over the management API too; the default refusal has its own test.
-    return Settings(api_plan_keys=True)
+    return Settings(api_plan_keys=True, metrics_token=METRICS_TOKEN)
 
 
 @pytest.fixture

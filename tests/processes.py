@@ -60,8 +60,8 @@ def mock_upstream(chunk_delay: float = 0.0) -> Process:
 def gateway_serve(upstream: str, redis_url: str, *extra: str, replicas: int = 1,
                   env: dict[str, str] | None = None) -> list[Process]:
     """Starts `replicas` gateway processes side by side and waits until all answer."""
-    gateways = [Process(["-m", "gateway", "serve", "--upstream", upstream, "--redis",
-                         redis_url, "--log-level", "warning", *extra], env)
+    gateways = [Process(["-m", "gateway", "serve", "--metrics-port", "0", "--upstream",
+                         upstream, "--redis", redis_url, "--log-level", "warning", *extra], env)
                 for _ in range(replicas)]
     for gateway in gateways:
         gateway.wait_ready()

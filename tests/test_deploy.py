@@ -198,7 +198,7 @@ def test_prometheus_config_scrapes_gateway_and_loads_alerts() -> None:
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gateway"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert "gateway:8080" in targets
+    assert "gateway:9464" in targets  # the metrics listener, not the clients' port
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -254,6 +254,17 @@ def containers() -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in spec["containers"]}
 
 
+def pod_annotations() -> dict[str, str]:
+    annotations: dict[str, str] = k8s_one("Deployment")["spec"]["template"]["metadata"][
+        "annotations"]
+    return annotations
+
+
+def test_k8s_service_publishes_the_clients_port_only() -> None:
+    ports = {p["port"] for p in k8s_one("Service")["spec"]["ports"]}
+    assert ports == {8080}  # never the metrics listener
+
+
 def test_k8s_manifest_validates_against_schemas() -> None:
     docs = k8s_docs()
     assert {d["kind"] for d in docs} == {"Secret", "ConfigMap", "Deployment", "Service"}
@@ -284,7 +295,10 @@ def test_k8s_pod_runs_inference_and_gateway_sidecar() -> None:
     assert args[args.index("--upstream") + 1] == "http://127.0.0.1:8000"
     assert args[args.index("--port") + 1] == "8080"
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
-    assert ports == {"http": 8080}
+    assert ports == {"http": 8080, "metrics": 9464}
+    assert args[args.index("--metrics-port") + 1] == "9464"
+    annotations = pod_annotations()
+    assert annotations["prometheus.io/port"] == "9464"
 
     assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"

@@ -32,7 +32,7 @@ from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue
 from gateway.store import Ask, KeyRef, Store, connect
 from gateway.types import Receive, Scope, Send
-from tests.conftest import RedisServer, bearer, client_for, gateway, new_key
+from tests.conftest import METRICS_AUTH, RedisServer, bearer, client_for, gateway, new_key
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 
@@ -59,7 +59,7 @@ async def test_metrics_endpoint_serves_this_gateways_registry(
                                       headers=bearer(secret))).status_code == 200
         assert (await client.post("/v1/chat/completions", json=CHAT,
                                   headers=bearer("sk_live_" + "z" * 40))).status_code == 401
-        response = await client.get("/metrics")
+        response = await client.get("/metrics", headers=METRICS_AUTH)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -84,7 +84,7 @@ async def test_each_request_is_counted_once_by_its_outcome(
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         statuses = [(await client.post("/v1/chat/completions", json=CHAT,
                                        headers=bearer(secret))).status_code for _ in range(3)]
-        text = (await client.get("/metrics")).text
+        text = (await client.get("/metrics", headers=METRICS_AUTH)).text
     assert statuses == [200, 429, 429]
     assert sample(text, "gateway_requests_total", decision="allowed", reason="ok",
                   plan="standard") == 1
@@ -345,7 +345,7 @@ async def test_one_json_line_per_request(store: Store, settings: Settings, metri
         await client.post("/v1/chat/completions", content=b"nope",
                           headers={**bearer(secret), "X-Request-Id": "req-400"})
         await client.get("/healthz")  # probes log at DEBUG only
-        await client.get("/metrics")
+        await client.get("/metrics", headers=METRICS_AUTH)
     lines = access_lines(caplog)
     assert [line["request_id"] for line in lines] == ["req-ok", "req-401", "req-400"]
     ok, unknown, bad = lines

@@ -16,7 +16,7 @@ from gateway.mock_upstream import MockUpstream
 from gateway.openapi import document
 from gateway.settings import MAX_RATE, Settings
 from gateway.store import Store
-from tests.conftest import bearer, client_for, new_key
+from tests.conftest import METRICS_AUTH, bearer, client_for, new_key
 from tests.openapi_check import check, validate
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -48,7 +48,7 @@ async def test_real_responses_fit_the_document(store: Store, settings: Settings,
     async with client_for(app) as client:
         responses = [
             await client.get("/healthz"), await client.get("/readyz"),
-            await client.get("/metrics"), await client.get("/api/plans"),
+            await client.get("/metrics", headers=METRICS_AUTH), await client.get("/api/plans"),
             await client.get("/v1/usage", headers=user), await client.get("/v1/usage"),
             await client.post("/v1/usage", headers=user),
             await client.post("/v1/chat/completions", json=CHAT, headers=user),

@@ -195,12 +195,13 @@ def test_gateway_serve_as_a_user_runs_it(redis_server: RedisServer, redis_url: s
          "standard", "--rpm", "3", "--json"], env=env, capture_output=True, text=True,
         check=True, timeout=60)
     secret = json.loads(created.stdout)["key"]
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "gateway.mock_upstream", "--port",
                                  str(upstream_port)], env=env)
     served = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--upstream",
-         f"http://127.0.0.1:{upstream_port}", "--port", str(gateway_port)],
+         f"http://127.0.0.1:{upstream_port}", "--port", str(gateway_port),
+         "--metrics-port", str(metrics_port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{gateway_port}"
     try:
@@ -212,6 +213,10 @@ def test_gateway_serve_as_a_user_runs_it(redis_server: RedisServer, redis_url: s
                     for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
         usage = httpx.get(f"{base}/v1/usage", headers=bearer(secret), timeout=10).json()
+        # spend per plan is revenue: /metrics only on its own loopback listener
+        assert httpx.get(f"{base}/metrics", timeout=10).status_code == 404
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and "gateway_requests_total" in scraped.text
         assert round(usage["budget"]["spent"] * 1e6) == 3 * Settings().default_price.cost_micro(
             10, 8)
     finally:

@@ -50,6 +50,7 @@ tpm = 100000000
 class Served:
     base: str
     port: int
+    metrics_port: int  # /metrics: its own listener
     redis: RedisServer
     upstream: str
     config: Path
@@ -77,14 +78,15 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> Non
 
 
 def start_serve(served_env: dict[str, str], redis: RedisServer, upstream: str, config: Path,
-                port: int, log: Path) -> subprocess.Popen[bytes]:
+                port: int, log: Path, metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("GATEWAY_") and k != MULTIPROC_ENV}
     env.update(served_env)
     with log.open("wb") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--redis", redis.url, "--config",
-             str(config), "--upstream", upstream, "--port", str(port), "--workers", "2"],
+             str(config), "--upstream", upstream, "--port", str(port), "--workers", "2",
+             "--metrics-port", str(metrics_port)],
             stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
 
 
@@ -138,13 +140,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         metrics_dir = root / "metrics"
         metrics_dir.mkdir()
         bump_in_subprocess(metrics_dir, 1000, "alpha")  # a stale file from an earlier run
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         log = root / "serve.log"
         process = start_serve({MULTIPROC_ENV: str(metrics_dir), "GATEWAY_LOG_FORMAT": "json"},
-                              redis, f"http://127.0.0.1:{upstream_port}", config, port, log)
+                              redis, f"http://127.0.0.1:{upstream_port}", config, port, log,
+                              metrics_port)
         wait_for_workers(process, log, 2)
-        yield Served(f"http://127.0.0.1:{port}", port, redis, f"http://127.0.0.1:{upstream_port}",
-                     config, metrics_dir, log, keys)
+        yield Served(f"http://127.0.0.1:{port}", port, metrics_port, redis,
+                     f"http://127.0.0.1:{upstream_port}", config, metrics_dir, log, keys)
     finally:
         if process is not None:
             stop(process)
@@ -184,7 +187,8 @@ def scrape(base: str) -> str:
 
 async def test_metrics_are_one_view_across_workers(served: Served) -> None:
     secret, key_id, account_id = served.keys["alpha"]
-    before = sample(scrape(served.base), "gateway_admission_duration_seconds_count") or 0
+    metrics_url = f"http://127.0.0.1:{served.metrics_port}"
+    before = sample(scrape(metrics_url), "gateway_admission_duration_seconds_count") or 0
     # Until both workers have served some of them (bounded), so the counts must be merged.
     n = 0
     for _ in range(20):
@@ -195,7 +199,7 @@ async def test_metrics_are_one_view_across_workers(served: Served) -> None:
 
     allowed = {"decision": "allowed", "reason": "ok", "plan": "alpha"}
     for _ in range(8):  # several scrapes: whichever worker answers shows every worker's counts
-        text = scrape(served.base)
+        text = scrape(metrics_url)
         assert sample(text, "gateway_requests_total", **allowed) == n  # stale 1000 cleared
         assert sample(text, "gateway_tokens_total", kind="prompt", plan="alpha") == n * 10
         assert sample(text, "gateway_tokens_total", kind="completion", plan="alpha") == n * 8
@@ -288,7 +292,7 @@ async def test_prometheus_reads_the_gateways_counts(served: Served, tmp_path: Pa
     allowed = 'sum(gateway_requests_total{plan="beta",decision="allowed",reason="ok"})'
     rejected = 'sum(gateway_requests_total{decision="rejected",reason="invalid_api_key"})'
     prompt = 'sum(gateway_tokens_total{plan="beta",kind="prompt"})'
-    with prometheus(tmp_path, served.port) as url, httpx.Client(base_url=url) as client:
+    with prometheus(tmp_path, served.metrics_port) as url, httpx.Client(base_url=url) as client:
         deadline = time.monotonic() + 30
         seen: tuple[float | None, ...] = ()
         while time.monotonic() < deadline:
