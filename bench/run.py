@@ -193,7 +193,7 @@ class Bench:
             self.services[f"gateway{workers}"] = Service(f"gateway --workers {workers}", [
                 py, "-m", "gateway", "serve", "--upstream", upstream, "--redis", url,
                 "--config", str(config), "--port", str(port), "--workers", str(workers),
-                "--metrics-port", "0", "--log-level", "warning"], port, env,
+                "--metrics-port", "0"], port, env,
                 self.workdir / f"gateway{workers}.log")
         env["BENCH_UPSTREAM"] = upstream
         for name, factory in (("mock", "bench.apps:mock"),

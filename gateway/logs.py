@@ -48,8 +48,8 @@ def check_format(value: str) -> str:
     return fmt
 
 
-def request_id_from(headers: Headers) -> str:
-    """The client's X-Request-Id when it is 1-128 visible ASCII characters, else a new one.
+def client_request_id(headers: Headers) -> str | None:
+    """The client's X-Request-Id when it is 1-128 visible ASCII characters, else None.
 
     It only labels logs and is forwarded upstream; it never names a reservation, so a
     client that repeats an id cannot make two requests share one settlement.
@@ -59,7 +59,12 @@ def request_id_from(headers: Headers) -> str:
             if 0 < len(value) <= MAX_REQUEST_ID_LENGTH and all(0x21 <= b <= 0x7E for b in value):
                 return value.decode("ascii")
             break
-    return os.urandom(16).hex()
+    return None
+
+
+def request_id_from(headers: Headers) -> str:
+    """The client's X-Request-Id when it is valid (see client_request_id), else a new one."""
+    return client_request_id(headers) or os.urandom(16).hex()
 
 
 @dataclass(slots=True)
@@ -79,10 +84,14 @@ class RequestRecord:
     completion_tokens: int = 0
     cost_micro: int = 0
     admission_seconds: float | None = None
+    ours: bool = False  # the request id was made here, not chosen by the client
 
     @classmethod
     def start(cls, scope: Scope) -> RequestRecord:
-        return cls(request_id_from(scope["headers"]), scope["method"], scope["path"])
+        client_id = client_request_id(scope["headers"])
+        if client_id is None:
+            return cls(os.urandom(16).hex(), scope["method"], scope["path"], ours=True)
+        return cls(client_id, scope["method"], scope["path"])
 
     def outbound_scope(self, scope: Scope, body_length: int | None = None) -> Scope:
         """The scope sent on to the app: X-Request-Id replaced by this request's id and,

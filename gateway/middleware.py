@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from gateway import access_log
 from gateway.auth import KeyResolver, header
 from gateway.bounds import Bound, InvalidRequest, analyse
 from gateway.embedded import embedded_store
@@ -90,6 +91,8 @@ class GatewayMiddleware:
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
         self._outage = False
+        writer = access_log.installed()  # gateway serve's; else the stdlib logger
+        self._log_request = log_request if writer is None else writer.write
         self._routes = self.settings.routes
         self._public = PublicPaths(self.settings.public_paths)
 
@@ -129,7 +132,7 @@ class GatewayMiddleware:
                 task.uncancel()
             await self._shutting_down(scope, send, record)
         finally:
-            log_request(record)
+            self._log_request(record)
 
     async def _shutting_down(self, scope: Scope, send: Send, record: RequestRecord) -> None:
         record.decision, record.reason = "error", "shutting_down"
@@ -201,8 +204,9 @@ class GatewayMiddleware:
             ask, bound = self._bound(route, scope, body)
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
-        # requests share one reservation (and so one settlement).
-        reservation_id = os.urandom(16).hex()
+        # requests share one reservation (and so one settlement). One random id serves
+        # both when the request id is ours too.
+        reservation_id = record.request_id if record.ours else os.urandom(16).hex()
         started = time.perf_counter()
         try:
             decision = await self.store.admit(ref, secret_hash, reservation_id, ask)
@@ -352,6 +356,7 @@ class GatewayMiddleware:
     async def aclose(self) -> None:
         await self.drain()
         await self.store.close()
+        access_log.flush()
 
 
 def _canonical(path: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from gateway import access_log
 from gateway.middleware import GatewayMiddleware
 from gateway.proxy import UpstreamProxy
 from gateway.settings import Settings
@@ -11,6 +12,7 @@ from gateway.settings import Settings
 
 def create_app() -> GatewayMiddleware:
     settings = Settings.load()
+    access_log.install(settings.log_level, settings.log_format)
     upstream = UpstreamProxy(os.environ["GATEWAY_UPSTREAM"],
                              os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None,
                              routes=settings.routes, deadlines=settings.upstream_deadlines)
