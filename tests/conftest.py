@@ -225,3 +225,14 @@ def post_scope(path: str, secret: str, body: bytes) -> Scope:
 
 os.environ.pop("GATEWAY_REDIS_URL", None)
 os.environ.pop("GATEWAY_CONFIG", None)
+
+
+@pytest.fixture(autouse=True)
+def _stdlib_access_log() -> Iterator[None]:
+    """create_app() (gateway serve's worker factory) installs the batched access writer for
+    its process; a test that calls it must not leave it to the tests after it."""
+    yield
+    from gateway import access_log
+
+    access_log.flush()
+    access_log._writer = None
