@@ -59,7 +59,7 @@ async def test_wrong_password_is_unavailable_not_a_crash(redis_url: str) -> None
 def test_scripts_load_from_a_source_checkout_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m gateway` inside the repository imports gateway/ from the working tree,
     where there is no gateway.lua package: lua/ beside it must serve."""
-    import gateway.store as store_module
+    import gateway.store.scripts as store_module
 
     installed = store_module.lua_source("admit")
 

@@ -1,0 +1,92 @@
+"""The hot path: key lookup, admission, settlement and the usage read, one script each."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import hiredis
+
+from gateway.store.base import StoreBase
+from gateway.store.names import RESERVATION_TTL_SECONDS, HotNames, Names
+from gateway.store.records import Ask, Decision, KeyRef, KeyUsage, _optional_int, _text
+from gateway.store.replies import _hot_error
+from gateway.store.resp import _pack
+
+_MAX_CACHED_NAMES = 100_000
+
+
+class HotPath(StoreBase):
+    """Lookup, admission, settlement, and what /v1/usage reads."""
+
+    def _hot_names(self, ref: KeyRef) -> HotNames:
+        names = self._names.get(ref)
+        if names is None:
+            if len(self._names) >= _MAX_CACHED_NAMES:
+                self._names.clear()
+            names = self._names[ref] = Names.hot(ref)
+        return names
+
+    async def lookup(self, secret_hash: str) -> KeyRef | None:
+        value = await self._hot_call("GET", Names.secret(secret_hash))
+        if value is None:
+            return None
+        account_id, _, key_id = _text(value).partition(":")
+        return KeyRef(account_id, key_id)
+
+    async def admit(self, ref: KeyRef, secret_hash: str, request_id: str,
+                    ask: Ask) -> Decision:
+        names = self._hot_names(ref)
+        keys = [names.key, names.account, names.reservation_prefix + request_id]
+        args = [secret_hash, ask.prompt_tokens, ask.per_sequence, ask.sequences, ask.cost,
+                ask.prompt_cost, ask.output_price, RESERVATION_TTL_SECONDS,
+                "clamp" if ask.clamp else "reject"]
+        raw = await self._evalsha(self._admit, keys, args)
+        n = [int(v) for v in raw[:8]]
+        return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
+                        _text(raw[9]), int(raw[10]))
+
+    async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
+                     completion_tokens: int, cost: int, count_usage: bool = True) -> bool:
+        args = [prompt_tokens, completion_tokens, cost, 1 if count_usage else 0]
+        return bool(await self._evalsha(self._settle, self._settle_keys(ref, request_id), args))
+
+    def _settle_keys(self, ref: KeyRef, request_id: str) -> list[str]:
+        names = self._hot_names(ref)
+        return [names.key, names.account, names.reservation_prefix + request_id,
+                names.usage_prefix]
+
+    def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
+                       completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
+        """The settlement, queued on the hot connection before this returns, so that no
+        cancellation of the caller can stop it; it is written when the caller next yields
+        to the loop, before anything the caller writes after that. None when there is no
+        connected hot connection (then use settle()). Read the outcome with settled()."""
+        protocol = self._hot.connected() if self._hot is not None else None
+        if protocol is None:
+            return None
+        return protocol.request(_pack(("EVALSHA", self._settle.sha, 4,
+                                       *self._settle_keys(ref, request_id), prompt_tokens,
+                                       completion_tokens, cost, 1)))
+
+    @staticmethod
+    def settled(reply: asyncio.Future[Any]) -> bool:
+        """settle()'s answer from a settle_started() reply; raises what settle() raises
+        (a NOSCRIPT reply is StoreUnavailable: settle() loads the script and retries)."""
+        try:
+            return bool(reply.result())
+        except (TimeoutError, OSError, hiredis.ReplyError) as exc:
+            raise _hot_error(exc) from exc
+
+    async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
+        keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
+        raw = await self._call(self._usage(keys=keys, args=[secret_hash]))
+        if int(raw[0]) != 0:
+            return KeyUsage(code=int(raw[0]))
+        v = [_text(x) for x in raw]
+        return KeyUsage(
+            code=0, now_us=int(v[1]), name=v[2], key_type=v[3], plan=v[4],
+            created_at_us=int(v[5]), expires_at_us=_optional_int(v[6]), rpm=int(v[7]),
+            tpm=int(v[8]), budget_limit=_optional_int(v[9]), budget_duration=int(v[10]),
+            spent=int(v[11]), resets_at_us=int(v[12]), credits=int(v[13]),
+        )

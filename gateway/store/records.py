@@ -1,0 +1,154 @@
+"""The store's records: what Redis holds, typed. Money is integer micro-USD; time is Redis
+time in microseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    account_id: str
+    key_id: str
+
+
+@dataclass(slots=True)
+class Ask:
+    """What one admission reserves: an upper bound of the request's tokens and its cost."""
+
+    prompt_tokens: int
+    per_sequence: int  # completion tokens one sequence may generate
+    sequences: int
+    cost: int  # micro-USD of the whole bound
+    prompt_cost: int  # micro-USD of the prompt alone
+    output_price: int  # micro-USD per million completion tokens
+    clamp: bool = True  # lower the bound to what can be paid, rather than refuse
+
+    @classmethod
+    def flat(cls, tokens: int, cost: int) -> Ask:
+        """A reservation of `tokens` prompt tokens costing `cost`, that nothing can lower."""
+        return cls(tokens, 0, 1, cost, cost, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    code: int
+    rpm_limit: int
+    rpm_remaining: int
+    rpm_reset_us: int
+    tpm_limit: int
+    tpm_remaining: int
+    tpm_reset_us: int
+    retry_after_us: int
+    plan: str
+    key_type: str
+    per_sequence: int = 0  # the completion bound admitted (at most the one asked for)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    """What GET /v1/usage reports: one consistent read at Redis time `now_us`."""
+
+    code: int
+    now_us: int = 0
+    name: str = ""
+    key_type: str = ""
+    plan: str = ""
+    created_at_us: int = 0
+    expires_at_us: int | None = None
+    rpm: int = 0
+    tpm: int = 0
+    budget_limit: int | None = None
+    budget_duration: int = 0
+    spent: int = 0
+    resets_at_us: int = 0
+    credits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    name: str
+    credits: int
+    created_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    account_id: str
+    name: str
+    key_type: str
+    plan: str
+    active: bool
+    created_at_us: int
+    expires_at_us: int | None
+    rpm: int
+    tpm: int
+    budget_limit: int | None
+    budget_duration: int
+    spent: int
+    resets_at_us: int
+    total_spent: int
+
+
+@dataclass(frozen=True, slots=True)
+class MgmtKey:
+    id: str
+    account_id: str
+    created_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class MgmtRef:
+    account_id: str
+    mgmt_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    allowed: bool
+    remaining: int
+    retry_after_us: int
+    reset_us: int
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCounters:
+    record: KeyRecord
+    minute_hashes: dict[int, dict[str, int]]
+    hour_hashes: dict[int, dict[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSnapshot:
+    now_us: int
+    keys: list[KeyCounters]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    text = _text(value) if value is not None else ""
+    return int(text) if text else None
+
+
+def _key_record(raw: dict[Any, Any]) -> KeyRecord:
+    f = {_text(k): _text(v) for k, v in raw.items()}
+    return KeyRecord(
+        id=f["id"], account_id=f["account_id"], name=f["name"], key_type=f["type"],
+        plan=f["plan"], active=f["active"] == "1", created_at_us=int(f["created_at"]),
+        expires_at_us=_optional_int(f.get("expires_at")), rpm=int(f["rpm"]), tpm=int(f["tpm"]),
+        budget_limit=_optional_int(f.get("budget_limit")),
+        budget_duration=int(f["budget_duration"]), spent=int(f["spent"]),
+        resets_at_us=int(f["resets_at"]), total_spent=int(f.get("total_spent", "0")),
+    )
+
+
+def _counters(raw: dict[Any, Any]) -> dict[str, int]:
+    return {_text(k): int(v) for k, v in raw.items()}
