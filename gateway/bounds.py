@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from gateway.config.limits import RunningUsage
 from gateway.routes import (
     AUDIO,
     BOUND_FIELD_ADDED,
@@ -157,16 +158,6 @@ def prompt_count(prompt: Any) -> int:
     return len(prompt)
 
 
-@dataclass(frozen=True, slots=True)
-class RunningUsage:
-    """What to ask a stream for beyond its final usage, so that a stream cut short is
-    billed the server's own count: vLLM's (and SGLang's) `continuous_usage_stats`,
-    llama.cpp's `timings_per_token`."""
-
-    continuous_usage: bool = False
-    timings_per_token: bool = False
-
-
 def _stream(payload: dict[str, Any], kind: Kind,
             running: RunningUsage) -> tuple[bool, bool, bool, bool]:
     """(streamed, ask for the usage chunk, for running usage, for per-token timings)."""
@@ -187,9 +178,12 @@ def _stream(payload: dict[str, Any], kind: Kind,
     return stream, not asked, inject_running, running.timings_per_token and not timings
 
 
+_NO_RUNNING = RunningUsage()
+
+
 def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | None,
             max_output_tokens: int, media_tokens: int,
-            running: RunningUsage = RunningUsage()) -> Bound:
+            running: RunningUsage = _NO_RUNNING) -> Bound:
     """The bound of a request on `route`; `kind` is the route's own, or for /invocations
     the one its body asks for. Raises InvalidRequest naming a field that cannot be read."""
     if payload is None or kind is AUDIO:  # priced per request

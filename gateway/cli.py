@@ -13,11 +13,12 @@ from typing import Any, NoReturn
 import orjson
 
 from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
+from gateway.config.levels import FORMATS, LEVELS
+from gateway.config.limits import LIMITS_ENV
 from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable
 from gateway.keys import hash_secret, new_management_secret
-from gateway.logs import FORMATS, LEVELS, escape_control, logging_config
+from gateway.logs import escape_control, logging_config
 from gateway.metrics import multiprocess_dir, serve_metrics
-from gateway.server_protocol import LIMITS_ENV
 from gateway.settings import Settings, usd_to_micro
 from gateway.store import MgmtKey, Store, connect
 from gateway.timefmt import iso_from_us

@@ -16,13 +16,11 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import ConfigError
+from gateway.config.levels import check_format, check_level
 from gateway.types import Headers, Message, Scope, Send
 
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
-LEVELS = ("debug", "info", "warning", "error", "critical")
-FORMATS = ("json", "text")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _REPLACED_WITH_BODY = frozenset({REQUEST_ID_HEADER, b"content-length", b"transfer-encoding"})
 
@@ -32,20 +30,6 @@ access_log = logging.getLogger("gateway.access")
 # ANSI-coloured copy of its message is dropped too).
 _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message", "asctime", "color_message"}
-
-
-def check_level(value: str) -> str:
-    level = value.strip().lower()
-    if level not in LEVELS:
-        raise ConfigError(f"log level must be one of {', '.join(LEVELS)}, got {value!r}")
-    return level
-
-
-def check_format(value: str) -> str:
-    fmt = value.strip().lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"log format must be 'json' or 'text', got {value!r}")
-    return fmt
 
 
 def client_request_id(headers: Headers) -> str | None:

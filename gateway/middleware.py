@@ -24,12 +24,12 @@ from gateway.errors import (
     send_rejection,
 )
 from gateway.exchange import Exchange
+from gateway.hooks import HOOKS, RequestHooks
 from gateway.logs import RequestRecord, log_request
 from gateway.management import Verifier
 from gateway.metrics import Metrics, default_metrics
 from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
 from gateway.routes import AUDIO, INVOCATIONS, PublicPaths, Route, invocation_kind
-from gateway.server_protocol import HOOKS, RequestHooks
 from gateway.settings import Settings
 from gateway.settlement import Settlement, SettlementQueue, release
 from gateway.store import Ask, Decision, Store, connect

@@ -13,42 +13,14 @@ same-turn grouping.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-HOOKS = "gateway.connection"  # the scope["extensions"] key of a request's RequestHooks
-LIMITS_ENV = "GATEWAY_SERVER_LIMITS"  # "header_bytes,header_timeout,body_timeout,connections"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    """What one client may hold of a worker: bytes of a request head (431 beyond),
-    seconds to send a head, seconds of silence inside a body (408 after either), and
-    connections open at once; over that cap a new connection makes the one that has waited
-    longest for its head make room, and if none is waiting it is refused with a 503."""
-
-    header_bytes: int = 64 * 1024
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    connections: int = 10_000
-
-    def encode(self) -> str:
-        return (f"{self.header_bytes},{self.header_timeout},{self.body_timeout},"
-                f"{self.connections}")
-
-    @classmethod
-    def from_env(cls) -> ServerLimits:
-        text = os.environ.get(LIMITS_ENV)
-        if not text:
-            return cls()
-        header_bytes, header_timeout, body_timeout, connections = text.split(",")
-        return cls(int(header_bytes), float(header_timeout), float(body_timeout),
-                   int(connections))
+from gateway.config.limits import ServerLimits
+from gateway.hooks import HOOKS, RequestHooks
 
 
 def _refusal(status: bytes, message: bytes) -> bytes:
@@ -94,26 +66,6 @@ class _CoalescingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
-
-
-class RequestHooks:
-    """What the server tells an app about one request's connection, without a task per
-    request: `lost` once the client is gone, `on_lost` called right then (the proxy hangs
-    the abandoning of its upstream exchange there), and `abort()` to end a response whose
-    body was cut short by closing the connection, so the client sees it incomplete."""
-
-    __slots__ = ("_protocol", "lost", "on_lost")
-
-    def __init__(self, protocol: CoalescingHttpToolsProtocol) -> None:
-        self._protocol = protocol
-        self.lost = False
-        self.on_lost: Callable[[], None] | None = None
-
-    def abort(self) -> None:
-        cycle = self._protocol.cycle
-        if cycle is not None:
-            cycle.disconnected = True  # uvicorn then expects no more of this response
-        self._protocol.transport.close()
 
 
 _limits: ServerLimits | None = None
@@ -210,10 +162,16 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._set_deadline(self._limits.body_timeout, self._body_too_slow)
         scope = self.scope
         super().on_headers_complete()
-        hooks = RequestHooks(self)
+        hooks = RequestHooks(self._abort_response)
         self._hooks.append(hooks)
         extensions: dict[str, Any] = scope.setdefault("extensions", {})
         extensions[HOOKS] = hooks  # the app's task has not started: it will see this
+
+    def _abort_response(self) -> None:
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.disconnected = True  # uvicorn then expects no more of this response
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         _waiting.pop(self, None)

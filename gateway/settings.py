@@ -12,12 +12,10 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.bounds import RunningUsage
+from gateway.config.levels import check_format, check_level
+from gateway.config.limits import Deadlines, RunningUsage, ServerLimits
 from gateway.errors import ConfigError
-from gateway.logs import check_format, check_level
 from gateway.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
-from gateway.server_protocol import ServerLimits
-from gateway.upstream_client import Deadlines
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

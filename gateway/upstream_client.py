@@ -17,13 +17,14 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
 from urllib.parse import urlsplit
 
 # Recent httptools releases ship type hints; older ones do not.
 import httptools  # type: ignore[import-untyped, unused-ignore]
+
+from gateway.config.limits import Deadlines
 
 # Unread body bytes buffered per connection before the socket stops being read: a slow
 # consumer then slows the upstream (TCP flow control) instead of growing our memory.
@@ -48,17 +49,6 @@ class UpstreamTimeout(UpstreamError):
 
 class _Unsent(UpstreamError):
     """The request could not be written at all: safe to send again elsewhere."""
-
-
-@dataclass(frozen=True, slots=True)
-class Deadlines:
-    """Seconds: to connect, from the request to the response head (a slow prefill can be
-    long), of silence between body bytes, and in all (None: no total deadline)."""
-
-    connect: float = 5.0
-    first_byte: float = 300.0
-    idle: float = 60.0
-    total: float | None = None
 
 
 class _StopParsing(Exception):

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.bounds import RunningUsage
+from gateway.config.limits import RunningUsage
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.proxy import UpstreamProxy

@@ -1,0 +1,1 @@
+"""Configuration: settings from TOML and GATEWAY_* environment, routes, limits."""
