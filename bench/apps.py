@@ -1,6 +1,6 @@
 """ASGI factories served by uvicorn in their own processes.
 
-`mock` is gateway.mock_upstream.MockUpstream alone; `gateway_mock` is the same app wrapped in
+`mock` is gateway.demo.mock_upstream.MockUpstream alone; `gateway_mock` is the same app wrapped in
 GatewayMiddleware (settings and Redis from GATEWAY_* environment), as a user embeds it.
 
 Two yardsticks make the gateway's CPU comparable across machines, because they are measured
@@ -17,9 +17,9 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as redis
 
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.middleware import GatewayMiddleware
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 _BARE_BODY = (b'{"id":"cmpl-bare","object":"chat.completion","choices":[{"index":0,'

@@ -1,6 +1,6 @@
 """An ASGI gateway that enforces rate limits, budgets and credits for LLM inference APIs."""
 
-from gateway.middleware import GatewayMiddleware
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.http.middleware import GatewayMiddleware
 
 __all__ = ["GatewayMiddleware", "Settings"]

@@ -22,12 +22,12 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from gateway.admin import KeySpec, account_or_default, create_key
-from gateway.embedded import embedded_store
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.http.admin import KeySpec, account_or_default, create_key
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
+from gateway.store.embedded import embedded_store
 from gateway.types import ASGIApp, Scope
 
 METRICS_TOKEN = "metrics-token-for-tests"
@@ -202,7 +202,7 @@ def sent_body(body: dict[str, Any]) -> bytes:
 
 def prompt_bound_of(body: dict[str, Any]) -> int:
     """The prompt tokens the gateway reserves for `body` (see gateway/bounds.py)."""
-    from gateway.bounds import prompt_bound
+    from gateway.core.bounds import prompt_bound
 
     return prompt_bound(sent_body(body), Settings().media_part_tokens)
 
@@ -232,7 +232,7 @@ def _stdlib_access_log() -> Iterator[None]:
     """create_app() (gateway serve's worker factory) installs the batched access writer for
     its process; a test that calls it must not leave it to the tests after it."""
     yield
-    from gateway import access_log
+    from gateway.obs import access_log
 
     access_log.flush()
     access_log._writer = None

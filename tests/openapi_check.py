@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from jsonschema import Draft202012Validator
 
-from gateway.openapi import document
+from gateway.http.openapi import document
 
 DOC = document()
 _TEMPLATES = [(re.compile("^" + re.sub(r"\{[^/]+\}", "[^/]+", p) + "$"), p) for p in DOC["paths"]]

@@ -52,7 +52,7 @@ class Process:
 
 
 def mock_upstream(chunk_delay: float = 0.0) -> Process:
-    upstream = Process(["-m", "gateway.mock_upstream", "--chunk-delay", str(chunk_delay)])
+    upstream = Process(["-m", "gateway.demo.mock_upstream", "--chunk-delay", str(chunk_delay)])
     upstream.wait_ready("/v1/models")
     return upstream
 

@@ -8,8 +8,8 @@ import logging
 
 import orjson
 
-from gateway.access_log import FLUSH_SECONDS, AccessWriter
-from gateway.logs import JsonFormatter, RequestRecord, TextFormatter
+from gateway.obs.access_log import FLUSH_SECONDS, AccessWriter
+from gateway.obs.logs import JsonFormatter, RequestRecord, TextFormatter
 
 
 class CountingStream(io.BytesIO):

@@ -7,13 +7,13 @@ from typing import Any
 
 import httpx
 
-from gateway.embedded import embedded_store
-from gateway.keys import hash_secret
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Price, Settings
+from gateway.config.settings import Price, Settings
+from gateway.core.keys import hash_secret
+from gateway.core.timefmt import iso_from_us
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.obs.metrics import Metrics
 from gateway.store import Ask, KeyRef, Names, Store, connect
-from gateway.timefmt import iso_from_us
+from gateway.store.embedded import embedded_store
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
 
 

@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.bounds import (
+from gateway.config.routes import Kind, Route
+from gateway.core.bounds import (
     MAX_COMPLETION_TOKENS,
     TEMPLATE_ALLOWANCE_TOKENS,
     Bound,
@@ -15,7 +16,6 @@ from gateway.bounds import (
     analyse,
     prompt_bound,
 )
-from gateway.routes import Kind, Route
 
 CHAT = Route("/v1/chat/completions", Kind.CHAT)
 COMPLETIONS = Route("/v1/completions", Kind.COMPLETIONS)

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.cli import main
-from gateway.proxy import UpstreamProxy
-from gateway.serving import create_app
+from gateway.serve.cli import main
+from gateway.serve.serving import create_app
 from gateway.store import Store, connect
+from gateway.upstream.proxy import UpstreamProxy
 from tests.conftest import free_port
 
 
@@ -171,7 +171,7 @@ def test_serve_hands_its_options_to_the_worker_apps(
     assert (code, err) == (0, "")
     [started] = runs
     assert (started["app"], started["factory"], started["port"], started["workers"]) == (
-        "gateway.serving:create_app", True, 8099, 1)
+        "gateway.serve.serving:create_app", True, 8099, 1)
     assert started["log_level"] == "debug"  # the flag wins over the file
     built = started["built"]
     assert built.settings.fail_mode == "open"  # the workers read the same config file
@@ -219,7 +219,7 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gateway.cli.Settings.load", interrupted)
+    monkeypatch.setattr("gateway.serve.cli.Settings.load", interrupted)
     assert run(capsys, "plans") == (130, "", "")
 
 
@@ -232,7 +232,7 @@ def test_commands_give_redis_at_least_two_seconds(redis_url: str,
         timeouts.append(timeout)
         return connect(url, timeout)
 
-    monkeypatch.setattr("gateway.cli.connect", recording)
+    monkeypatch.setattr("gateway.serve.cli.connect", recording)
     for configured in ("0.1", "5"):
         monkeypatch.setenv("GATEWAY_REDIS_TIMEOUT", configured)
         assert run(capsys, "accounts", "list", "--redis", redis_url)[0] == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.cli import main
-from gateway.keys import hash_secret
+from gateway.core.keys import hash_secret
+from gateway.serve.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -12,10 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import cli
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.obs.metrics import Metrics
+from gateway.serve import cli
 from gateway.store import Store, connect
 from tests.burst import CHAT, CHAT_COST, burst, refill_bound
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
 from gateway.errors import StoreUnavailable
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
 from gateway.store import Names, Store, connect
 from tests.burst import CHAT, CHAT_COST
 from tests.cluster import RedisCluster

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.config.settings import Settings
 from gateway.errors import ConfigError
-from gateway.settings import Settings
+from gateway.serve.cli import main
 
 
 @pytest.mark.parametrize("data", [

@@ -449,7 +449,7 @@ def test_compose_gateway_and_upstream_use_the_dockerfile() -> None:
     assert up["entrypoint"] + up["command"] == [
         "python",
         "-m",
-        "gateway.mock_upstream",
+        "gateway.demo.mock_upstream",
         "--host",
         "0.0.0.0",
         "--port",
@@ -552,7 +552,7 @@ def test_alerts_and_dashboard_match_only_emitted_label_values() -> None:
 
 
 def test_gateway_commands_parse_with_the_real_cli() -> None:
-    from gateway.cli import _parser
+    from gateway.serve.cli import _parser
 
     k8s_args = containers()["gateway"]["args"]
     compose_args = compose()["services"]["gateway"]["command"]
@@ -564,7 +564,7 @@ def test_gateway_commands_parse_with_the_real_cli() -> None:
 
 
 def test_mock_upstream_accepts_the_compose_arguments() -> None:
-    res = run([sys.executable, "-m", "gateway.mock_upstream", "--help"])
+    res = run([sys.executable, "-m", "gateway.demo.mock_upstream", "--help"])
     assert res.returncode == 0, res.stderr
     up = compose()["services"]["upstream"]
     for flag in (a for a in up["command"] if a.startswith("--")):

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.keys import hash_secret
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
-from gateway.settlement import Settlement, SettlementQueue
+from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.middleware import GatewayMiddleware
+from gateway.http.settlement import Settlement, SettlementQueue
+from gateway.obs.metrics import Metrics
 from gateway.store import Ask, KeyRef, Names, Store, connect
 from tests.burst import CHAT, CHAT_COST
 from tests.conftest import RedisServer, bearer, client_for, new_key

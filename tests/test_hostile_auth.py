@@ -7,12 +7,12 @@ import resource
 
 import pytest
 
-import gateway.auth as auth_module
-from gateway.auth import MAX_AUTHORIZATION_BYTES, KeyResolver
-from gateway.keys import new_consumption_secret
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+import gateway.http.auth as auth_module
+from gateway.config.settings import Settings
+from gateway.core.keys import new_consumption_secret
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.auth import MAX_AUTHORIZATION_BYTES, KeyResolver
+from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import bearer, client_for, gateway, new_key
 

@@ -8,10 +8,10 @@ import logging
 import orjson
 import pytest
 
+from gateway.config.settings import Settings
 from gateway.errors import StoreUnavailable
-from gateway.logs import TextFormatter
-from gateway.metrics import Metrics
-from gateway.settings import Settings
+from gateway.obs.logs import TextFormatter
+from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from gateway.types import Receive, Scope, Send
 from tests.conftest import bearer, client_for, gateway, new_key

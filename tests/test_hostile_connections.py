@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from gateway.store import Store, connect
 from tests.conftest import bearer, new_key
 from tests.processes import Process, gateway_serve, mock_upstream

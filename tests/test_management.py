@@ -12,14 +12,14 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.keys import hash_secret, new_management_secret
-from gateway.management import usage_row
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret, new_management_secret
+from gateway.core.usage_windows import aggregate
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.management import usage_row
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
 from gateway.store import KeyRecord, KeyRef, Names, Store, connect
-from gateway.usage_windows import aggregate
 from tests.conftest import bearer, client_for, new_key
 from tests.openapi_check import check
 
@@ -556,8 +556,8 @@ async def test_keys_per_account_are_capped_over_http_and_cli_alike(
     redis_url = request.getfixturevalue("redis_url") if store_kind == "redis" else ""
     import asyncio
 
-    from gateway.admin import KeySpec, account_or_default, create_key
     from gateway.errors import LimitReached
+    from gateway.http.admin import KeySpec, account_or_default, create_key
 
     settings = Settings(api_plan_keys=True, max_keys_per_account=5)
     account = await account_or_default(store, None)

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from gateway.embedded import embedded_store
-from gateway.keys import hash_secret, new_management_secret
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret, new_management_secret
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
+from gateway.store.embedded import embedded_store
 from tests.conftest import client_for, new_key
 from tests.openapi_check import check
 

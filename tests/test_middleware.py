@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from gateway.bounds import prompt_bound
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.core.bounds import prompt_bound
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from gateway.types import Message, Receive, Scope, Send
 from tests.conftest import bearer, client_for, gateway, new_key, post_scope, prompt_bound_of

@@ -12,12 +12,12 @@ import httpx
 import orjson
 import pytest
 
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.proxy import UpstreamProxy
-from gateway.settings import Price, Settings
+from gateway.config.settings import Price, Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.upstream.proxy import UpstreamProxy
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of, serving
 
 PRICE = Price(1_000_000, 2_000_000)  # $1 in, $2 out per million tokens

@@ -15,21 +15,21 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.auth import header
-from gateway.cli import main
+from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret
+from gateway.demo.mock_upstream import MockUpstream
 from gateway.errors import ConfigError
-from gateway.keys import hash_secret
-from gateway.logs import (
+from gateway.http.auth import header
+from gateway.http.settlement import Settlement, SettlementQueue
+from gateway.obs.logs import (
     JsonFormatter,
     RequestRecord,
     TextFormatter,
     logging_config,
     request_id_from,
 )
-from gateway.metrics import MULTIPROC_ENV, Metrics, exposition, multiprocess_dir
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
-from gateway.settlement import Settlement, SettlementQueue
+from gateway.obs.metrics import MULTIPROC_ENV, Metrics, exposition, multiprocess_dir
+from gateway.serve.cli import main
 from gateway.store import Ask, KeyRef, Store, connect
 from gateway.types import Receive, Scope, Send
 from tests.conftest import METRICS_AUTH, RedisServer, bearer, client_for, gateway, new_key
@@ -114,7 +114,7 @@ async def test_a_replayed_settlement_counts_its_tokens_and_spend_once(
 def _bump_script(allowed: int, plan: str) -> str:
     return textwrap.dedent(f"""
         from prometheus_client import CollectorRegistry
-        from gateway.metrics import Metrics
+        from gateway.obs.metrics import Metrics
         m = Metrics.create(CollectorRegistry())
         m.requests.labels("allowed", "ok", {plan!r}).inc({allowed})
         m.admission_seconds.observe(0.001)
@@ -390,8 +390,8 @@ def test_text_format_is_key_value() -> None:
 def test_logging_config_applies_level_and_format() -> None:
     config = logging_config("warning", "text")
     assert config["loggers"]["gateway"]["level"] == "WARNING"
-    assert config["formatters"]["gateway"]["()"] == "gateway.logs.TextFormatter"
-    assert logging_config()["formatters"]["gateway"]["()"] == "gateway.logs.JsonFormatter"
+    assert config["formatters"]["gateway"]["()"] == "gateway.obs.logs.TextFormatter"
+    assert logging_config()["formatters"]["gateway"]["()"] == "gateway.obs.logs.JsonFormatter"
     with pytest.raises(ConfigError, match="log format"):
         logging_config("info", "xml")
     with pytest.raises(ConfigError, match="log level"):

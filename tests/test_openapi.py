@@ -9,12 +9,12 @@ import uuid
 import pytest
 from jsonschema import ValidationError
 
-from gateway.keys import hash_secret, new_management_secret
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.openapi import document
-from gateway.settings import MAX_RATE, Settings
+from gateway.config.settings import MAX_RATE, Settings
+from gateway.core.keys import hash_secret, new_management_secret
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.middleware import GatewayMiddleware
+from gateway.http.openapi import document
+from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import METRICS_AUTH, bearer, client_for, new_key
 from tests.openapi_check import check, validate

@@ -15,13 +15,13 @@ import aiohttp
 import httpx
 import orjson
 
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.proxy import UpstreamProxy
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
 from gateway.store import Names, Store
 from gateway.types import Message, Receive, Scope, Send
+from gateway.upstream.proxy import UpstreamProxy
 from tests.conftest import (
     RedisServer,
     bearer,
@@ -196,7 +196,7 @@ def test_gateway_serve_as_a_user_runs_it(redis_server: RedisServer, redis_url: s
         check=True, timeout=60)
     secret = json.loads(created.stdout)["key"]
     upstream_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "gateway.mock_upstream", "--port",
+    upstream = subprocess.Popen([sys.executable, "-m", "gateway.demo.mock_upstream", "--port",
                                  str(upstream_port)], env=env)
     served = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--upstream",

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-import gateway.auth as auth_module
-from gateway.auth import KeyResolver
+import gateway.http.auth as auth_module
+from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret
+from gateway.demo.mock_upstream import MockUpstream
 from gateway.errors import StoreUnavailable
-from gateway.keys import hash_secret
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.ratelimit import (
+from gateway.http.auth import KeyResolver
+from gateway.http.ratelimit import (
     BUDGET_EXHAUSTED,
     CREDITS_EXHAUSTED,
     DEACTIVATED,
@@ -26,7 +26,7 @@ from gateway.ratelimit import (
     rate_headers,
     rejection,
 )
-from gateway.settings import Settings
+from gateway.obs.metrics import Metrics
 from gateway.store import Decision, Names, Store, connect
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
 

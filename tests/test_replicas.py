@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from gateway.store import Store
 from tests.burst import CHAT, CHAT_COST, burst, refill_bound
 from tests.conftest import RedisServer, bearer, new_key

@@ -11,13 +11,13 @@ import httpx
 import orjson
 import pytest
 
-from gateway.metrics import Metrics
-from gateway.proxy import UpstreamProxy
-from gateway.routes import Kind as RouteKind
-from gateway.routes import Route
-from gateway.settings import Price, Settings
+from gateway.config.routes import Kind as RouteKind
+from gateway.config.routes import Route
+from gateway.config.settings import Price, Settings
+from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.upstream.proxy import UpstreamProxy
 from tests.conftest import bearer, client_for, gateway, new_key, serving
 
 SERVED = Price(1_000_000, 2_000_000, 250_000)

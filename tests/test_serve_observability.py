@@ -2,7 +2,7 @@
 logs from every worker, and a real Prometheus server scraping it.
 
 The server runs against a private redis-server and the mock upstream
-(`python -m gateway.mock_upstream`), all on loopback, started once for this module.
+(`python -m gateway.demo.mock_upstream`), all on loopback, started once for this module.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import orjson
 import pytest
 import yaml
 
-from gateway.metrics import MULTIPROC_ENV
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.obs.metrics import MULTIPROC_ENV
 from gateway.store import connect
 from tests.conftest import RedisServer, bearer, free_port, new_key
 from tests.test_observability import bump_in_subprocess, sample
@@ -119,7 +119,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     redis.start()
     upstream_port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "gateway.mock_upstream", "--port", str(upstream_port)],
+        [sys.executable, "-m", "gateway.demo.mock_upstream", "--port", str(upstream_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     process: subprocess.Popen[bytes] | None = None
     try:

@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from gateway.server_protocol import CoalescingHttpToolsProtocol, _CoalescingTransport
+from gateway.serve.server_protocol import CoalescingHttpToolsProtocol, _CoalescingTransport
 from gateway.types import Receive, Scope, Send
 from tests.conftest import free_port
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import ConfigError
-from gateway.settings import (
+from gateway.config.settings import (
     MAX_RATE,
     MAX_USD,
     Price,
@@ -17,6 +16,7 @@ from gateway.settings import (
     parse_duration,
     usd_to_micro,
 )
+from gateway.errors import ConfigError
 
 
 @pytest.mark.parametrize("text,seconds", [

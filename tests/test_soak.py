@@ -22,10 +22,10 @@ import httpx
 import orjson
 from prometheus_client import CollectorRegistry
 
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Price, Settings
+from gateway.config.settings import Price, Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
 from tests.conftest import RedisServer, bearer, new_key, serving
 

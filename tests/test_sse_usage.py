@@ -7,8 +7,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.metering import SseUsage, Usage
-from gateway.routes import Kind
+from gateway.config.routes import Kind
+from gateway.core.metering import SseUsage, Usage
 
 
 def _event(doc: object, newline: bytes) -> bytes:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret
 from gateway.errors import StoreCommandError, StoreUnavailable
-from gateway.keys import hash_secret
-from gateway.settings import Settings
 from gateway.store import Ask, connect
 from tests.conftest import RedisServer, free_port, new_key
 

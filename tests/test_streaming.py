@@ -11,9 +11,9 @@ import redis
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.obs.metrics import Metrics
 from gateway.store import Names, Store, connect
 from gateway.types import Message
 from tests.burst import CHAT

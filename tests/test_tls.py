@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
 from gateway.errors import ConfigError
-from gateway.metrics import Metrics
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.obs.metrics import Metrics
+from gateway.serve.cli import main
 from gateway.store import Store, connect
 from tests.conftest import bearer, client_for, gateway, new_key
 from tests.tls import Certificates, TLSCluster, TLSRedis

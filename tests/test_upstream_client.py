@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from gateway.upstream_client import _HIGH_WATER, UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.upstream.connection import _HIGH_WATER
 
 
 class Request(NamedTuple):

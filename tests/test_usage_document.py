@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.endpoints import usage_document
+from gateway.http.endpoints import usage_document
 from gateway.store import KeyUsage
 
 NOW = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z

@@ -7,7 +7,7 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.usage_windows import aggregate, buckets_needed
+from gateway.core.usage_windows import aggregate, buckets_needed
 
 H = 490_000  # an hour number divisible by 24: hour H starts a new day
 DAY = H // 24

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+from gateway.core.usage_windows import buckets_needed
 from gateway.errors import (
     NotFound,
 )
@@ -22,7 +23,6 @@ from gateway.store.records import (
     _key_record,
     _text,
 )
-from gateway.usage_windows import buckets_needed
 
 
 class Management(Administration):

@@ -14,11 +14,11 @@ import orjson
 import pytest
 
 from gateway.config.limits import RunningUsage
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
-from gateway.proxy import UpstreamProxy
-from gateway.settings import Price, Settings
+from gateway.config.settings import Price, Settings
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
+from gateway.upstream.proxy import UpstreamProxy
 from tests.conftest import bearer, new_key, prompt_bound_of, serving
 from tests.e2e.conftest import MODEL_ALIAS, LlamaServer
 from tests.processes import gateway_serve

@@ -16,9 +16,16 @@ from typing import Any
 
 import orjson
 
-from gateway import openapi
-from gateway.admin import KeySpec, create_key, key_json
-from gateway.auth import header
+from gateway.config.settings import Settings, parse_duration, usd_to_micro
+from gateway.core.keys import (
+    MANAGEMENT_PREFIX,
+    bearer_token,
+    hash_secret,
+    looks_like,
+    new_consumption_secret,
+)
+from gateway.core.timefmt import iso_from_us, parse_iso_to_us
+from gateway.core.usage_windows import aggregate, usage_document
 from gateway.errors import (
     ConfigError,
     LimitReached,
@@ -28,19 +35,12 @@ from gateway.errors import (
     send_json,
     send_rejection,
 )
-from gateway.keys import (
-    MANAGEMENT_PREFIX,
-    bearer_token,
-    hash_secret,
-    looks_like,
-    new_consumption_secret,
-)
-from gateway.ratelimit import format_reset
-from gateway.settings import Settings, parse_duration, usd_to_micro
+from gateway.http import openapi
+from gateway.http.admin import KeySpec, create_key, key_json
+from gateway.http.auth import header
+from gateway.http.ratelimit import format_reset
 from gateway.store import KeyRecord, Store, Throttle
-from gateway.timefmt import iso_from_us, parse_iso_to_us
 from gateway.types import Headers, Receive, Scope, Send
-from gateway.usage_windows import aggregate, usage_document
 
 log = logging.getLogger("gateway")
 

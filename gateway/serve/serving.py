@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from gateway import access_log
-from gateway.middleware import GatewayMiddleware
-from gateway.proxy import UpstreamProxy
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.http.middleware import GatewayMiddleware
+from gateway.obs import access_log
+from gateway.upstream.proxy import UpstreamProxy
 
 
 def create_app() -> GatewayMiddleware:

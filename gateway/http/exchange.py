@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from gateway import metering
-from gateway.bounds import Bound
+from gateway.core import metering
+from gateway.core.bounds import Bound
+from gateway.core.metering import Usage
 from gateway.errors import ClientDisconnected
-from gateway.logs import REQUEST_ID_HEADER, RequestRecord
-from gateway.metering import Usage
-from gateway.ratelimit import rate_headers
-from gateway.settlement import Settlement
+from gateway.http.ratelimit import rate_headers
+from gateway.http.settlement import Settlement
+from gateway.obs.logs import REQUEST_ID_HEADER, RequestRecord
 from gateway.store import Decision, KeyRef
 from gateway.types import Headers, Message, Receive, Send
 
 if TYPE_CHECKING:
-    from gateway.middleware import GatewayMiddleware
+    from gateway.http.middleware import GatewayMiddleware
 
 _JSON_TAIL_BYTES = 256 * 1024
 

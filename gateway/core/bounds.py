@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from gateway.config.limits import RunningUsage
-from gateway.routes import (
+from gateway.config.routes import (
     AUDIO,
     BOUND_FIELD_ADDED,
     BOUND_FIELDS,

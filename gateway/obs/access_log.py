@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from gateway.logs import QUIET_PATHS, RequestRecord, escape_control
+from gateway.obs.logs import QUIET_PATHS, RequestRecord, escape_control
 
 FLUSH_SECONDS = 0.1
 FLUSH_BYTES = 64 * 1024

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import ConfigError
-from gateway.keys import hash_secret, new_consumption_secret
-from gateway.settings import (
+from gateway.config.settings import (
     Settings,
     check_rate,
     format_duration,
@@ -15,8 +13,10 @@ from gateway.settings import (
     parse_duration,
     usd_to_micro,
 )
+from gateway.core.keys import hash_secret, new_consumption_secret
+from gateway.core.timefmt import iso_from_us, parse_iso_to_us
+from gateway.errors import ConfigError
 from gateway.store import Account, KeyRecord, Store
-from gateway.timefmt import iso_from_us, parse_iso_to_us
 
 DEFAULT_ACCOUNT = "default"
 

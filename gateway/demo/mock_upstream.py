@@ -1,7 +1,7 @@
 """A small OpenAI-compatible upstream for the demo, tests and benchmarks.
 
 Usage is deterministic: prompt tokens = characters / 4 of the prompt text (rounded up),
-completion tokens = min(max_tokens, 16) words. `python -m gateway.mock_upstream` serves it.
+completion tokens = min(max_tokens, 16) words. `python -m gateway.demo.mock_upstream` serves it.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class MockUpstream:
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m gateway.mock_upstream")
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.mock_upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--chunk-delay", type=float, default=0.0)

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from typing import TypeVar
 
-from gateway.keys import CONSUMPTION_PREFIX, SECRET_LENGTH, bearer_token, hash_secret
+from gateway.core.keys import CONSUMPTION_PREFIX, SECRET_LENGTH, bearer_token, hash_secret
 from gateway.store import KeyRef, Store
 
 _K = TypeVar("_K")

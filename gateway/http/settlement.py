@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import StoreCommandError, StoreUnavailable
-from gateway.metrics import Metrics
+from gateway.obs.metrics import Metrics
 from gateway.store import KeyRef, Store
 
 log = logging.getLogger("gateway.settlement")

@@ -9,14 +9,14 @@ from typing import Any
 import orjson
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.auth import KeyResolver, header
+from gateway.config.settings import Settings, format_duration, micro_to_usd
+from gateway.core.timefmt import iso_from_us
 from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
-from gateway.management import Management, Verifier
-from gateway.metrics import exposition
-from gateway.ratelimit import invalid_key
-from gateway.settings import Settings, format_duration, micro_to_usd
+from gateway.http.auth import KeyResolver, header
+from gateway.http.management import Management, Verifier
+from gateway.http.ratelimit import invalid_key
+from gateway.obs.metrics import exposition
 from gateway.store import KeyUsage, Store
-from gateway.timefmt import iso_from_us
 from gateway.types import Receive, Scope, Send
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from gateway.admin import KeySpec, account_or_default, create_key
-from gateway.embedded import embedded_store
-from gateway.middleware import GatewayMiddleware
-from gateway.mock_upstream import MockUpstream
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.demo.mock_upstream import MockUpstream
+from gateway.http.admin import KeySpec, account_or_default, create_key
+from gateway.http.middleware import GatewayMiddleware
+from gateway.store.embedded import embedded_store
 from gateway.types import Receive, Scope, Send
 
 DEMO_KEYS = (

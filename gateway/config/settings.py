@@ -14,8 +14,8 @@ from typing import Any
 
 from gateway.config.levels import check_format, check_level
 from gateway.config.limits import Deadlines, RunningUsage, ServerLimits
+from gateway.config.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
 from gateway.errors import ConfigError
-from gateway.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

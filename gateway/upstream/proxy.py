@@ -9,11 +9,11 @@ from collections.abc import Collection
 from urllib.parse import quote
 
 from gateway.config.limits import Deadlines
+from gateway.config.routes import DEFAULT_ROUTES
 from gateway.errors import error_body, send_json
 from gateway.hooks import HOOKS, RequestHooks
-from gateway.routes import DEFAULT_ROUTES
 from gateway.types import Headers, Receive, Scope, Send
-from gateway.upstream_client import UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 # RFC 9110 hop-by-hop headers, plus the ones the client connection defines for itself.
 _DROP_REQUEST = frozenset({

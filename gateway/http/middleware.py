@@ -11,11 +11,9 @@ from typing import Any
 
 import orjson
 
-from gateway import access_log
-from gateway.auth import KeyResolver, header
-from gateway.bounds import Bound, InvalidRequest, analyse
-from gateway.embedded import embedded_store
-from gateway.endpoints import Endpoints
+from gateway.config.routes import AUDIO, INVOCATIONS, PublicPaths, Route, invocation_kind
+from gateway.config.settings import Settings
+from gateway.core.bounds import Bound, InvalidRequest, analyse
 from gateway.errors import (
     ClientDisconnected,
     Rejected,
@@ -23,16 +21,18 @@ from gateway.errors import (
     StoreUnavailable,
     send_rejection,
 )
-from gateway.exchange import Exchange
 from gateway.hooks import HOOKS, RequestHooks
-from gateway.logs import RequestRecord, log_request
-from gateway.management import Verifier
-from gateway.metrics import Metrics, default_metrics
-from gateway.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
-from gateway.routes import AUDIO, INVOCATIONS, PublicPaths, Route, invocation_kind
-from gateway.settings import Settings
-from gateway.settlement import Settlement, SettlementQueue, release
+from gateway.http.auth import KeyResolver, header
+from gateway.http.endpoints import Endpoints
+from gateway.http.exchange import Exchange
+from gateway.http.management import Verifier
+from gateway.http.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
+from gateway.http.settlement import Settlement, SettlementQueue, release
+from gateway.obs import access_log
+from gateway.obs.logs import RequestRecord, log_request
+from gateway.obs.metrics import Metrics, default_metrics
 from gateway.store import Ask, Decision, Store, connect
+from gateway.store.embedded import embedded_store
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway")

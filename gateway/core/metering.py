@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from gateway.routes import Kind
-from gateway.sse import SseEvents
+from gateway.config.routes import Kind
+from gateway.core.sse import SseEvents
 
 _USAGE_KEY = b'"usage"'
 _MODEL_KEY = b'"model"'

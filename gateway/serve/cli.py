@@ -12,17 +12,17 @@ from typing import Any, NoReturn
 
 import orjson
 
-from gateway.admin import KeySpec, account_json, account_or_default, create_key, key_json
 from gateway.config.levels import FORMATS, LEVELS
 from gateway.config.limits import LIMITS_ENV
+from gateway.config.settings import Settings, usd_to_micro
+from gateway.core.keys import hash_secret, new_management_secret
+from gateway.core.timefmt import iso_from_us
 from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable
-from gateway.keys import hash_secret, new_management_secret
-from gateway.logs import escape_control, logging_config
-from gateway.metrics import multiprocess_dir, serve_metrics
-from gateway.settings import Settings, usd_to_micro
+from gateway.http.admin import KeySpec, account_json, account_or_default, create_key, key_json
+from gateway.obs.logs import escape_control, logging_config
+from gateway.obs.metrics import multiprocess_dir, serve_metrics
 from gateway.store import MgmtKey, Store, connect
-from gateway.timefmt import iso_from_us
-from gateway.upstream_client import UpstreamClient
+from gateway.upstream.client import UpstreamClient
 
 
 def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
@@ -250,7 +250,7 @@ async def _run_with_store(args: argparse.Namespace, settings: Settings) -> None:
 
 
 # uvicorn's httptools protocol, writing head and body of a response in one system call.
-SERVER_PROTOCOL = "gateway.server_protocol:CoalescingHttpToolsProtocol"
+SERVER_PROTOCOL = "gateway.serve.server_protocol:CoalescingHttpToolsProtocol"
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -281,7 +281,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port = settings.metrics_port if args.metrics_port is None else args.metrics_port
         if port:
             serve_metrics(args.metrics_host or settings.metrics_host, port)
-        uvicorn.run("gateway.serving:create_app", factory=True, host=args.host, port=args.port,
+        uvicorn.run("gateway.serve.serving:create_app", factory=True, host=args.host,
+                    port=args.port,
                     workers=args.workers, log_config=logging_config(level, fmt),
                     log_level=level, access_log=False,
                     timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
@@ -306,7 +307,7 @@ def _raise_fd_limit() -> None:
 def _demo(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.demo import DemoApp
+    from gateway.demo.app import DemoApp
 
     uvicorn.run(DemoApp(args.host, args.port), host=args.host, port=args.port,
                 log_level="warning", http=SERVER_PROTOCOL, loop="uvloop")

@@ -1,0 +1,1 @@
+"""`gateway demo`: the embedded store, a mock upstream and demo keys."""

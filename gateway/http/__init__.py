@@ -1,0 +1,1 @@
+"""The gateway as ASGI: middleware, the exchange, settlement, auth, endpoints, management."""

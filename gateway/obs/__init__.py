@@ -1,0 +1,1 @@
+"""Observability: request records and logs, the access log, Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Running it: the CLI, the worker app factory, the server protocol."""
