@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import cast
+
+from gateway.types import Scope
 
 
 class Kind(StrEnum):
@@ -102,3 +105,16 @@ class PublicPaths:
 
     def __contains__(self, path: str) -> bool:
         return path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes))
+
+
+def route_path(scope: Scope) -> str:
+    """The path an app under this scope routes on: `path` without the `root_path` it is
+    mounted at (uvicorn's --root-path, Starlette's Mount, FastAPI(root_path=...) all put the
+    prefix in both), the way Starlette's own router reads it. Matching the full path would
+    let `/prefix/v1/chat/completions` reach the app's chat route unmetered."""
+    path = cast(str, scope["path"])
+    root = scope.get("root_path")
+    if not root or not isinstance(root, str) or not path.startswith(root):
+        return path
+    rest = path[len(root):]
+    return rest if not rest or rest.startswith("/") else path  # "/apiv1" is not under "/api"

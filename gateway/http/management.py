@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from gateway.config.routes import route_path
 from gateway.config.settings import Settings, parse_duration, usd_to_micro
 from gateway.core.keys import (
     MANAGEMENT_PREFIX,
@@ -129,7 +130,7 @@ class Management:
         return self.handle
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
+        path = route_path(scope)
         usage = path.startswith("/api/usage")
         try:
             await self._dispatch(scope, receive, send)
@@ -146,7 +147,7 @@ class Management:
                     "api_error"))
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
+        path = route_path(scope)
         method: str = scope["method"]
         if path == "/openapi.json":
             _allow(method, "GET")

@@ -11,7 +11,14 @@ from typing import Any
 
 import orjson
 
-from gateway.config.routes import AUDIO, INVOCATIONS, PublicPaths, Route, invocation_kind
+from gateway.config.routes import (
+    AUDIO,
+    INVOCATIONS,
+    PublicPaths,
+    Route,
+    invocation_kind,
+    route_path,
+)
 from gateway.config.settings import Settings
 from gateway.core.bounds import Bound, InvalidRequest, analyse
 from gateway.errors import (
@@ -105,7 +112,7 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        path = route_path(scope)
         record = RequestRecord.start(scope)
         raw_send, send = send, record.wrap(send)
         try:
@@ -174,7 +181,7 @@ class GatewayMiddleware:
         """Every path but the public ones needs a key; inference routes are metered.
         `send` records the response for the log line; `raw_send` is the server's own, for
         the exchange, which records the response itself (one header pass, not two)."""
-        path: str = scope["path"]
+        path = route_path(scope)
         route = self._routes.get(path)
         if route is None and not _canonical(path):
             # The upstream would resolve `/v1/./chat/completions` to a metered route that
@@ -293,7 +300,7 @@ class GatewayMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket cannot be metered: it reaches the app only on a route that allows it,
         and only with a valid key that admission lets through."""
-        route = self.settings.routes.get(scope["path"])
+        route = self.settings.routes.get(route_path(scope))
         if route is not None and route.websocket:
             found: tuple[str, Any] | None = None
             decision: Decision | None = None
