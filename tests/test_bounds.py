@@ -70,6 +70,10 @@ def test_the_prompt_bound_is_the_body_in_bytes_plus_the_template_allowance() -> 
     ({"max_tokens": 10, "prompt": [1, 2, 3]}, COMPLETIONS, 10, 1),  # one tokenized prompt
     ({"max_tokens": 10, "prompt": "abc"}, COMPLETIONS, 10, 1),
     ({"max_output_tokens": 40, "max_tokens": 999}, RESPONSES, 40, 1),
+    # llama.cpp serves a response as a chat request of the same body
+    ({"n_predict": 30}, RESPONSES, 30, 1),
+    ({"max_output_tokens": 0, "max_completion_tokens": 50}, RESPONSES, 50, 1),
+    ({"n": 1, "n_cmpl": 1}, RESPONSES, 1024, 1),
     ({"max_tokens": 40}, MESSAGES, 40, 1),
     ({"max_tokens": 50, "n": 3}, EMBEDDINGS, 0, 1),  # embeddings generate nothing
 ])
@@ -95,6 +99,7 @@ def test_completion_bound(payload: dict[str, Any], route: Route, per_sequence: i
     ({"stream": True, "stream_options": "yes"}, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "true"}}, "include_usage"),
     ({"min_tokens": -1}, "min_tokens"),
+    ({"n": 2, "n_cmpl": 3}, "n_cmpl"),  # llama.cpp reads n_cmpl, vLLM n: two readings
 ])
 def test_fields_that_decide_money_must_be_well_typed(payload: dict[str, Any],
                                                      field: str) -> None:
@@ -111,7 +116,47 @@ def test_the_bound_reserved_is_written_over_every_field_that_could_raise_it() ->
     assert forwarded({"input": "x"}, RESPONSES)["max_output_tokens"] == 1024
     clamped = forwarded({"max_completion_tokens": 100, "min_tokens": 50}, admitted=7)
     assert (clamped["max_completion_tokens"], clamped["min_tokens"]) == (7, 7)
-    assert "max_tokens" not in clamped  # the client's own field carries the bound
+    assert clamped["max_tokens"] == 7  # and the one field every upstream reads
+
+
+@pytest.mark.parametrize("payload,route,added", [
+    ({"n_predict": 30}, CHAT, "max_tokens"),  # vLLM ignores n_predict: unbounded there
+    ({"max_completion_tokens": 30}, COMPLETIONS, "max_tokens"),
+    ({"n_predict": 30}, RESPONSES, "max_output_tokens"),
+    ({"max_tokens": 30}, RESPONSES, "max_output_tokens"),
+])
+def test_a_bound_in_a_field_some_upstream_ignores_is_also_written_where_all_read_it(
+        payload: dict[str, Any], route: Route, added: str) -> None:
+    doc = forwarded(payload, route)
+    assert doc[added] == 30
+    assert all(doc[name] == 30 for name in payload)
+
+
+def test_responses_bound_every_chat_field_llama_cpp_reads() -> None:
+    doc = forwarded({"input": "x", "max_output_tokens": 10, "n_predict": 5000,
+                     "max_completion_tokens": 5000, "max_tokens": 5000}, RESPONSES)
+    assert [doc[f] for f in ("max_output_tokens", "n_predict", "max_completion_tokens",
+                             "max_tokens")] == [10, 10, 10, 10]
+
+
+@pytest.mark.parametrize("payload", [{"n": 2}, {"n_cmpl": 4}, {"n": 1, "n_cmpl": 2}])
+def test_a_response_is_one_response(payload: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest, match="n"):
+        bound({"input": "x", **payload}, RESPONSES)
+
+
+@pytest.mark.parametrize("payload,choices", [
+    ({"prompt": ["a", "b"], "n": 2}, 2),
+    ({"prompt": ["a", "b"], "n_cmpl": 3}, 3),
+    ({"prompt": ["a", "b"], "n": 3, "n_cmpl": 3}, 3),
+    ({"prompt": ["a", "b"], "best_of": 4}, 1),  # best_of makes more, answers one
+    ({"prompt": ["a", "b"], "best_of": 4, "n": 2}, 2),
+])
+def test_choices_per_prompt_group_the_indices_of_a_prompt_list(payload: dict[str, Any],
+                                                               choices: int) -> None:
+    b = bound(payload, COMPLETIONS)
+    assert b.choices == choices
+    assert b.sequences == 2 * max(choices, payload.get("best_of", 1))
 
 
 def test_a_body_that_already_says_the_bound_is_forwarded_as_it_came() -> None:

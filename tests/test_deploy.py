@@ -21,6 +21,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+
+from gateway.obs.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -35,19 +38,10 @@ GATEWAY_TOML = DEPLOY / "gateway.toml"
 # Kubernetes version whose schemas kubernetes-validate ships (validated offline).
 K8S_VERSION = "1.30.0"
 
-# What the gateway exports (DESIGN.md, "Metrics"), as the series names Prometheus sees.
-COUNTERS = {
-    "gateway_requests_total",
-    "gateway_tokens_total",
-    "gateway_spend_usd_total",
-    "gateway_store_errors_total",
-    "gateway_settlements_total",
-    "gateway_fail_open_requests_total",
-}
-HISTOGRAMS = {
-    "gateway_admission_duration_seconds",
-    "gateway_upstream_duration_seconds",
-}
+# What the gateway exports, as the series names Prometheus sees: read from its own metrics.
+_EXPORTED = Metrics.create(CollectorRegistry())
+COUNTERS = {f"{m.name}_total" for m in _EXPORTED.registry.collect() if m.type == "counter"}
+HISTOGRAMS = {m.name for m in _EXPORTED.registry.collect() if m.type == "histogram"}
 EXPORTED_SERIES = COUNTERS | {
     f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
 }

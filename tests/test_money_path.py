@@ -222,3 +222,83 @@ async def test_usage_above_the_forwarded_bound_is_billed_at_the_bound(
     assert response.status_code == 200
     assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(9, 20)
     assert metrics.registry.get_sample_value("gateway_usage_over_bound_total") == 1
+
+
+def reporting(model: str, prompt_tokens: int, completion_tokens: int) -> ASGIApp:
+    """An upstream that answers as `model` with the given usage, whatever was asked."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        body = orjson.dumps({"model": model, "choices": [], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def test_a_model_served_dearer_than_the_one_asked_is_billed_at_most_the_reservation(
+        store: Store, metrics: Metrics) -> None:
+    """A llama.cpp alias: the request names a cheap model, the server answers as a dear
+    one. Priced as served, the bill would pass what the budget let through."""
+    cheap, dear = Price(100_000, 200_000), Price(10_000_000, 20_000_000)
+    config = Settings(model_prices={"cheap": cheap, "dear": dear})
+    secret, key_id, _ = await new_key(store, config, budget_usd="0.01")
+    body = chat({"model": "cheap", "max_tokens": 20})
+    async with client_for(gateway(reporting("dear", 9, 20), store, config, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body,
+                                     headers=bearer(secret))
+    assert response.status_code == 200
+    reserved = cheap.cost_micro(prompt_bound_of(body), 20)
+    assert dear.cost_micro(9, 20) > reserved  # the case this test is about
+    assert (await store.get_key(key_id)).spent == reserved
+    assert metrics.registry.get_sample_value("gateway_cost_over_reservation_total") == 1
+
+
+async def test_a_prompt_counted_above_its_bound_is_billed_within_the_reservation(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    secret, key_id, _ = await new_key(store, settings)
+    body = chat({"max_tokens": 20})
+    bound = prompt_bound_of(body)
+    async with client_for(gateway(reporting("m", bound * 10, 5), store, settings,
+                                  metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body,
+                                     headers=bearer(secret))
+    assert response.status_code == 200
+    price = settings.default_price
+    assert (await store.get_key(key_id)).spent == price.cost_micro(bound, 20)
+    # within the reservation, the bill is the server's own count
+    async with client_for(gateway(reporting("m", bound + 3, 5), store, settings,
+                                  metrics)) as client:
+        await client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+    assert (await store.get_key(key_id)).spent == (price.cost_micro(bound, 20)
+                                                   + price.cost_micro(bound + 3, 5))
+
+
+async def test_a_prompt_list_stream_with_best_of_bills_every_prompt(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    """best_of makes more sequences but answers one per prompt: the blocks' indices run one
+    per prompt, and each prompt is billed, not one in best_of."""
+    secret, key_id, _ = await new_key(store, settings)
+
+    async def completions(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for index, prompt in enumerate((40, 50, 60)):
+            chunk = {"model": "m", "choices": [
+                {"index": index, "text": "x", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": 2}}
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"data: " + orjson.dumps(chunk) + b"\n\n"})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    body = {"model": "m", "prompt": ["a" * 40, "b" * 50, "c" * 60], "max_tokens": 2,
+            "best_of": 2, "stream": True}
+    async with client_for(gateway(completions, store, settings, metrics)) as client:
+        response = await client.post("/v1/completions", json=body, headers=bearer(secret))
+    assert response.status_code == 200
+    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(150, 6)

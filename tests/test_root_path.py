@@ -23,7 +23,7 @@ from gateway.types import ASGIApp
 from tests.conftest import bearer, client_for, free_port, gateway, new_key
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
-USAGE = {"prompt_tokens": 1000, "completion_tokens": 8, "total_tokens": 1008}
+USAGE = {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18}
 
 
 def inference_app() -> tuple[Starlette, list[str]]:
@@ -65,8 +65,8 @@ async def test_a_mounted_gateway_meters_the_route_the_app_serves(
         assert response.headers["x-ratelimit-limit-tokens"] == "3333"
         usage = (await client.get("/api/v1/usage", headers=bearer(secret))).json()
     assert served == ["/api/v1/chat/completions"]
-    # default price 0.50 in / 1.50 out per million: ceil(1000*0.5 + 8*1.5) = 512 micro-USD
-    assert usage["budget"]["spent"] == pytest.approx(512e-6)
+    # default price 0.50 in / 1.50 out per million: ceil(10*0.5 + 8*1.5) = 17 micro-USD
+    assert usage["budget"]["spent"] == pytest.approx(17e-6)
 
 
 @contextlib.asynccontextmanager
@@ -99,4 +99,4 @@ async def test_uvicorn_root_path_is_metered(store: Store, settings: Settings,
         assert response.status_code == 200
         usage = (await client.get("/v1/usage", headers=bearer(secret))).json()
     assert len(served) == 1
-    assert usage["budget"]["spent"] == pytest.approx(512e-6)
+    assert usage["budget"]["spent"] == pytest.approx(17e-6)

@@ -29,17 +29,21 @@ GENERATING = frozenset({Kind.CHAT, Kind.COMPLETIONS, Kind.RESPONSES, Kind.MESSAG
 # The members as plain module attributes: the hot path compares against them, and an
 # Enum class attribute costs a metaclass __getattr__ call each time.
 CHAT, COMPLETIONS, AUDIO, INVOCATIONS = Kind.CHAT, Kind.COMPLETIONS, Kind.AUDIO, Kind.INVOCATIONS
+RESPONSES = Kind.RESPONSES
 WITH_CHOICES = frozenset({CHAT, COMPLETIONS})
 
 # Fields that bound what one sequence may generate, in the upstreams' own precedence
 # (vLLM and SGLang: `max_completion_tokens or max_tokens`; llama.cpp adds `n_predict`).
+# llama.cpp serves the Responses API by copying the whole body into a chat request, so its
+# chat fields bound a response too; its Messages API copies `max_tokens` alone.
 BOUND_FIELDS: dict[Kind, tuple[str, ...]] = {
     Kind.CHAT: ("max_completion_tokens", "max_tokens", "n_predict"),
     Kind.COMPLETIONS: ("max_tokens", "max_completion_tokens", "n_predict"),
-    Kind.RESPONSES: ("max_output_tokens",),
+    Kind.RESPONSES: ("max_output_tokens", "max_completion_tokens", "max_tokens", "n_predict"),
     Kind.MESSAGES: ("max_tokens",),
 }
-# The field written when a request names no bound: the one every upstream reads.
+# The field every upstream reads: always in the forwarded body (a bound written only in a
+# field some upstream ignores, such as llama.cpp's `n_predict` on vLLM, would not bind it).
 BOUND_FIELD_ADDED: dict[Kind, str] = {
     Kind.CHAT: "max_tokens", Kind.COMPLETIONS: "max_tokens",
     Kind.RESPONSES: "max_output_tokens", Kind.MESSAGES: "max_tokens",

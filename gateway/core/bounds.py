@@ -25,6 +25,7 @@ from gateway.config.routes import (
     BOUND_FIELD_ADDED,
     BOUND_FIELDS,
     COMPLETIONS,
+    RESPONSES,
     WITH_CHOICES,
     Kind,
     Route,
@@ -59,6 +60,7 @@ class Bound:
     payload: dict[str, Any] | None = None
     prompts: int = 1
     _rewrite: bool = False  # the body does not already say `per_sequence` alone
+    choices: int = 1  # the choices answered per prompt (their indices run prompt by prompt)
 
     @property
     def completion_tokens(self) -> int:
@@ -71,9 +73,10 @@ class Bound:
         if payload is None or (not self._rewrite and admitted_per_sequence == self.per_sequence):
             return body
         if self.kind in BOUND_FIELDS:
-            present = [f for f in BOUND_FIELDS[self.kind] if f in payload]
-            for name in present or [BOUND_FIELD_ADDED[self.kind]]:
-                payload[name] = admitted_per_sequence
+            payload[BOUND_FIELD_ADDED[self.kind]] = admitted_per_sequence
+            for name in BOUND_FIELDS[self.kind]:
+                if name in payload:
+                    payload[name] = admitted_per_sequence
             minimum = payload.get("min_tokens")
             if isinstance(minimum, int) and minimum > admitted_per_sequence:
                 payload["min_tokens"] = admitted_per_sequence
@@ -140,6 +143,18 @@ def _count(payload: dict[str, Any], name: str) -> int:
     return value
 
 
+def _choices(payload: dict[str, Any]) -> int:
+    """The choices answered per prompt: llama.cpp reads `n_cmpl` before its alias `n`, the
+    others read `n` alone; a body where they disagree would be read two ways."""
+    n = _count(payload, "n")
+    if "n_cmpl" not in payload:
+        return n
+    n_cmpl = _count(payload, "n_cmpl")
+    if "n" in payload and n != n_cmpl:
+        raise InvalidRequest("n and n_cmpl must be equal when both are given")
+    return n_cmpl
+
+
 def _flag(value: Any, name: str) -> bool:
     if value is None:
         return False
@@ -196,10 +211,11 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
         return Bound(kind, prompt, 0, 1, stream, False, model=model)
     requested = None
     fields = BOUND_FIELDS[kind]
-    present = 0
+    added = BOUND_FIELD_ADDED[kind]
+    only_added = added in payload  # the one field every upstream reads, and no other
     for name in fields:
         if name in payload:
-            present += 1
+            only_added = only_added and name == added
             value = _limit(payload, name)
             if requested is None:
                 requested = value
@@ -209,22 +225,25 @@ def analyse(route: Route, kind: Kind, body: bytes, payload: dict[str, Any] | Non
     if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int)
                                 or minimum < 0):
         raise InvalidRequest("min_tokens must be a non-negative integer")
-    sequences = prompts = 1
+    sequences = prompts = choices = 1
     if kind in WITH_CHOICES and (
             "n" in payload or "best_of" in payload or "n_cmpl" in payload):
-        # llama.cpp reads `n_cmpl` before its alias `n`; vLLM's best_of generates more.
-        sequences = max(_count(payload, "n"), _count(payload, "best_of"),
-                        _count(payload, "n_cmpl"))
+        choices = _choices(payload)
+        sequences = max(choices, _count(payload, "best_of"))  # vLLM's best_of makes more
+    elif kind is RESPONSES and ("n" in payload or "n_cmpl" in payload) \
+            and _choices(payload) != 1:
+        # llama.cpp would answer a list of responses, one usage each: one response only.
+        raise InvalidRequest("n must be 1 on this route")
     if kind is COMPLETIONS:
         prompts = prompt_count(payload.get("prompt"))
         sequences *= prompts
     stream = inject = inject_running = inject_timings = False
     if "stream" in payload or "stream_options" in payload or "timings_per_token" in payload:
         stream, inject, inject_running, inject_timings = _stream(payload, kind, running)
-    rewrite = (inject or inject_running or inject_timings or present != 1
+    rewrite = (inject or inject_running or inject_timings or not only_added
                or requested != per_sequence
                or (isinstance(minimum, int) and minimum > per_sequence)
                or _ambiguous(body, payload))
     return Bound(kind, prompt, per_sequence, sequences, stream, inject, inject_running,
-                 inject_timings, model, payload, prompts, rewrite)
+                 inject_timings, model, payload, prompts, rewrite, choices)
 

@@ -110,7 +110,7 @@ class Exchange:
                     if self.sse is None:
                         self.sse = metering.SseUsage(
                             bound.kind, bound.inject_usage, bound.inject_running,
-                            bound.sequences // bound.prompts)
+                            bound.choices)
                         self.json = None
                         self._watch()
                 elif b"json" in media and self.sse is None:
@@ -173,7 +173,23 @@ class Exchange:
         return None, None
 
     def bill(self) -> tuple[Usage, int]:
-        """The usage to settle and its cost in micro-USD."""
+        """The usage to settle and its cost in micro-USD: priced as served, and never more
+        than admission reserved. A model served under another name than the one asked
+        (a llama.cpp alias, a router) may cost more than was reserved for: what the budget
+        and the credits let through is the reservation, so the bill stops there (counted in
+        gateway_cost_over_reservation_total)."""
+        usage, cost = self._bill()
+        bound = self.bound
+        if bound is None or cost == 0:
+            return usage, cost
+        reserved = (self.gateway.settings.reservation_price(bound.model).cost_micro(
+            bound.prompt_tokens, self.completion_bound) + self.request_micro)
+        if cost > reserved:
+            self.gateway.metrics.over_reservation.inc()
+            return usage, reserved
+        return usage, cost
+
+    def _bill(self) -> tuple[Usage, int]:
         bound = self.bound
         if bound is None:
             return Usage(0, 0), 0

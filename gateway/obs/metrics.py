@@ -47,6 +47,7 @@ class Metrics:
     settlements: Counter
     fail_open: Counter
     over_bound: Counter
+    over_reservation: Counter
     registry: CollectorRegistry
     _children: dict[tuple[Counter, tuple[str, ...]], Counter] = field(default_factory=dict)
 
@@ -84,6 +85,10 @@ class Metrics:
             over_bound=Counter("gateway_usage_over_bound_total",
                                "Responses whose reported completion tokens exceeded the bound "
                                "forwarded (billed at the bound)", registry=registry),
+            over_reservation=Counter(
+                "gateway_cost_over_reservation_total",
+                "Answers whose cost, priced as served, exceeded what admission reserved "
+                "(billed at the reservation)", registry=registry),
             registry=registry,
         )
 

@@ -198,6 +198,26 @@ async def test_a_request_without_a_model_is_priced_as_the_model_served(
             assert await spent(redis_store, key_id) - before == cost
 
 
+async def test_a_cheap_name_for_a_dear_model_never_spends_past_the_budget(
+        llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
+    """llama.cpp answers any model name with its own: a request naming a cheap model is
+    reserved at that price and billed at most that reservation."""
+    cheap = Price(10_000, 20_000)
+    config = settings(model_prices={MODEL_ALIAS: TINY, "cheap": cheap})
+    secret, key_id, _ = await new_key(redis_store, config, budget_usd="0.0005",
+                                      rpm=100_000, tpm=100_000_000)
+    body = chat(max_tokens=200, model="cheap")
+    async with gateway_in_front(llama, redis_store, config, metrics) as base, \
+            httpx.AsyncClient(base_url=base, timeout=120) as client:
+        responses = await asyncio.gather(*(
+            client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+            for _ in range(20)))
+    assert all(r.json()["model"] == MODEL_ALIAS for r in responses if r.status_code == 200)
+    assert any(r.status_code == 200 for r in responses)
+    assert (await redis_store.get_key(key_id)).spent <= 500
+    assert metrics.registry.get_sample_value("gateway_cost_over_reservation_total") >= 1
+
+
 async def test_hostile_bounds_on_a_small_budget_never_overshoot_the_servers_count(
         llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
     config = settings(max_output_tokens=2000)
@@ -306,6 +326,54 @@ async def test_responses_and_messages_apis_are_billed_the_servers_count(
             assert completion == 6, path
             assert await spent(redis_store, key_id) - before_spent == TINY.cost_micro(
                 prompt, completion, cached), path
+
+
+async def test_a_response_is_bounded_in_every_field_llama_cpp_reads(
+        llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
+    """llama.cpp serves /v1/responses by copying the body into a chat request: its chat
+    fields (n_predict first) bound a response too."""
+    config = settings()
+    secret, key_id, _ = await new_key(redis_store, config)
+    tricks = [{"max_output_tokens": 6, "n_predict": 200},
+              {"max_output_tokens": 6, "max_completion_tokens": 200, "max_tokens": 200},
+              {"n_predict": 6}]
+    async with gateway_in_front(llama, redis_store, config, metrics) as base, \
+            httpx.AsyncClient(base_url=base, timeout=60) as client:
+        for trick in tricks:
+            before_spent = await spent(redis_store, key_id)
+            before = llama.counters()
+            body = {"input": "hello there", "temperature": 0, **trick}
+            response = await client.post("/v1/responses", json=body, headers=bearer(secret))
+            assert response.status_code == 200, response.text
+            prompt, cached, completion = served(before, llama.settled())
+            assert completion == 6, trick
+            assert await spent(redis_store, key_id) - before_spent == TINY.cost_micro(
+                prompt, completion, cached)
+        before = llama.counters()
+        for path, body in (("/v1/responses", {"input": "hi", "n": 2}),
+                           ("/v1/responses", {"input": "hi", "n_cmpl": 3}),
+                           ("/v1/completions", {"prompt": ["a", "b"], "n": 3, "n_cmpl": 1,
+                                                "stream": True})):
+            response = await client.post(path, json=body, headers=bearer(secret))
+            assert response.status_code == 400, body
+            assert response.json()["error"]["code"] == "invalid_request"
+    assert llama.counters() == before  # refused before the server
+
+
+async def test_a_completions_prompt_list_with_n_cmpl_bills_each_prompt_once(
+        llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
+    config = settings()
+    secret, key_id, _ = await new_key(redis_store, config)
+    before = llama.counters()
+    body = {"prompt": ["hello there", "abc", "a third prompt"], "max_tokens": 3,
+            "n_cmpl": 2, "temperature": 0, "stream": True}
+    async with gateway_in_front(llama, redis_store, config, metrics) as base, \
+            httpx.AsyncClient(base_url=base, timeout=60) as client:
+        response = await client.post("/v1/completions", json=body, headers=bearer(secret))
+    assert response.status_code == 200
+    prompt, cached, completion = served(before, llama.settled())
+    assert completion == 18
+    assert await spent(redis_store, key_id) == TINY.cost_micro(prompt, completion, cached)
 
 
 async def test_embeddings_are_billed_the_servers_prompt_count(
