@@ -45,6 +45,11 @@ def test_the_prompt_bound_is_the_body_in_bytes_plus_the_template_allowance() -> 
     image = b'{"messages":[{"content":[{"type":"image_url","image_url":{"url":"x"}}]}]}'
     # "image_url" appears twice (the type and the key): each media marker adds an allowance
     assert prompt_bound(image, 100) == len(image) + TEMPLATE_ALLOWANCE_TOKENS + 2 * 100
+    anthropic = (b'{"messages":[{"role":"user","content":[{"type":"image","source":'
+                 b'{"type":"url","url":"https://example.com/cat.png"}}]}]}')
+    assert prompt_bound(anthropic, 100) == len(anthropic) + TEMPLATE_ALLOWANCE_TOKENS + 100
+    llama = b'{"prompt":{"prompt_string":"<__media__>","multimodal_data":["aGk="]}}'
+    assert prompt_bound(llama, 100) == len(llama) + TEMPLATE_ALLOWANCE_TOKENS + 100
 
 
 @pytest.mark.parametrize("payload,route,per_sequence,sequences", [

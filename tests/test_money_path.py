@@ -302,3 +302,66 @@ async def test_a_prompt_list_stream_with_best_of_bills_every_prompt(
         response = await client.post("/v1/completions", json=body, headers=bearer(secret))
     assert response.status_code == 200
     assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(150, 6)
+
+
+@pytest.mark.parametrize("media", [b"application/json", b"text/event-stream"])
+async def test_a_compressed_answer_is_billed_at_the_bound(
+        store: Store, settings: Settings, metrics: Metrics, media: bytes) -> None:
+    """An app that compresses its own answers (middleware shape): the usage inside cannot
+    be read, so the bill is the bound forwarded, never the prompt alone or nothing."""
+    import gzip
+
+    secret, key_id, _ = await new_key(store, settings)
+    usage = {"prompt_tokens": 3, "completion_tokens": 1}
+    if media == b"text/event-stream":
+        plain = b"data: " + orjson.dumps({"model": "m", "choices": [], "usage": usage}) + \
+            b"\n\ndata: [DONE]\n\n"
+    else:
+        plain = orjson.dumps({"model": "m", "choices": [], "usage": usage})
+
+    async def compressing(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", media), (b"content-encoding", b"gzip")]})
+        await send({"type": "http.response.body", "body": gzip.compress(plain)})
+
+    body = chat({"max_tokens": 20, "stream": media == b"text/event-stream"})
+    async with client_for(gateway(compressing, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body,
+                                     headers=bearer(secret))
+    assert response.status_code == 200
+    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(
+        prompt_bound_of(body), 20)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_large_llama_cpp_answer_in_pieces_reporting_its_first_result_only(
+        store: Store, settings: Settings, metrics: Metrics, n: int) -> None:
+    """llama.cpp's non-streamed n > 1 answer carries the first choice's usage only; over the
+    256 KiB the middleware holds, its head (the choices) is gone: `timings` in the tail
+    still tell, and the bill is the bound forwarded. With n = 1 the usage is exact."""
+    secret, key_id, _ = await new_key(store, settings)
+
+    async def llama(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        choices = [{"index": i, "message": {"role": "assistant", "content": "x" * 200_000},
+                    "finish_reason": "length"} for i in range(n)]
+        doc = orjson.dumps({"choices": choices, "model": "m", "object": "chat.completion",
+                            "usage": {"prompt_tokens": 9, "completion_tokens": 5},
+                            "timings": {"predicted_n": 5}})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        for start in range(0, len(doc), 64 * 1024):
+            await send({"type": "http.response.body", "body": doc[start:start + 64 * 1024],
+                        "more_body": start + 64 * 1024 < len(doc)})
+
+    body = chat({"max_tokens": 20, "n": n})
+    async with client_for(gateway(llama, store, settings, metrics)) as client:
+        response = await client.post("/v1/chat/completions", json=body,
+                                     headers=bearer(secret))
+    assert response.status_code == 200
+    price = settings.default_price
+    expected = price.cost_micro(9, 5) if n == 1 else price.cost_micro(9, 20 * n)
+    assert (await store.get_key(key_id)).spent == expected

@@ -35,8 +35,10 @@ MAX_COMPLETION_TOKENS = 10_000_000
 MAX_CHOICES = 128
 MAX_PROMPTS = 10_000
 TEMPLATE_ALLOWANCE_TOKENS = 32
+# OpenAI chat and Responses parts, vLLM's audio and video parts, Anthropic's image parts
+# ("type": "image") and llama.cpp's multimodal_data lists.
 _MEDIA_MARKERS = (b'"image_url"', b'"input_image"', b'"input_audio"', b'"video_url"',
-                  b'"audio_url"')
+                  b'"audio_url"', b'"image"', b'"multimodal_data"')
 
 
 class InvalidRequest(ValueError):
@@ -110,8 +112,9 @@ def _ambiguous(body: bytes, payload: dict[str, Any]) -> bool:
 
 
 def media_parts(body: bytes) -> int:
-    if b"_url" not in body and b"input_" not in body:
-        return 0  # the common text-only body: one scan instead of five
+    if (b"_url" not in body and b"input_" not in body and b'"image"' not in body
+            and b"multimodal_data" not in body):
+        return 0  # the common text-only body: four scans instead of seven
     return sum(body.count(marker) for marker in _MEDIA_MARKERS)
 
 

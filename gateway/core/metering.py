@@ -218,6 +218,9 @@ class JsonUsage:
                     model = doc["response"].get("model")
                 return read_usage(usage), model if isinstance(model, str) else None
         head = self._first[:_HEAD_BYTES]
+        # Too large to hold: llama.cpp's `timings` in the tail say its server answered, and
+        # for n > 1 or a prompt list (the caller knows) only the first result's usage.
+        self.first_result_only = self._dropped and b'"timings"' in body
         usage = usage_from_json(body)
         if usage is None:
             usage = usage_from_json(head)

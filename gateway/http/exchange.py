@@ -100,6 +100,7 @@ class Exchange:
         bound = self.bound
         strip = bound is not None and (bound.inject_usage or bound.inject_running)
         headers: Headers = []
+        encoded = False
         for name, value in message.get("headers", []):
             lowered = name.lower()
             if lowered == REQUEST_ID_HEADER:
@@ -117,9 +118,15 @@ class Exchange:
                     self.json = metering.JsonUsage(_JSON_TAIL_BYTES)
             elif lowered == b"content-length" and strip:
                 continue  # the body may shrink by the usage chunk we remove
+            elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
+                encoded = True
             elif lowered.startswith(b"x-ratelimit-"):
                 continue
             headers.append((name, value))
+        if encoded and (self.sse is not None or self.json is not None):
+            # A compressed body (an app's own gzip, in the middleware shape) cannot be read
+            # for its usage: it is billed as unread, at the bound forwarded.
+            self.sse = self.json = None
         if self.sse is None and strip:
             original = message.get("headers", [])
             headers.extend(h for h in original if h[0].lower() == b"content-length")
@@ -198,7 +205,7 @@ class Exchange:
         price = settings.price_for(model or bound.model)
         limit = self.completion_bound
         if found is not None:
-            if self.json is not None and self.json.first_result_only:
+            if self.json is not None and self.json.first_result_only and bound.sequences > 1:
                 # The others' usage is missing: bill what they may have used, their bound.
                 prompt = found.prompt if bound.prompts == 1 else max(found.prompt,
                                                                      bound.prompt_tokens)
