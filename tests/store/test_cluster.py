@@ -19,27 +19,27 @@ from gateway.serve import cli
 from gateway.store import Store, connect
 from tests.burst import CHAT, CHAT_COST, burst, refill_bound
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
-from tests.test_admission import (  # noqa: F401  (collected here, on the cluster)
-    test_budget_is_never_overshot_by_a_burst,
-    test_credits_are_shared_by_the_keys_of_one_account,
-    test_rpm_admits_exactly_the_limit_across_two_instances,
-    test_spend_equals_reported_usage_times_price,
-    test_tpm_is_never_exceeded_by_a_concurrent_burst,
-)
-from tests.test_middleware import (  # noqa: F401
+from tests.http.test_middleware import (  # noqa: F401
     test_bad_bodies_are_rejected_before_the_upstream,
     test_chat_is_admitted_billed_and_reported,
     test_missing_and_unknown_keys_are_401,
 )
-from tests.test_rejections import (  # noqa: F401
+from tests.http.test_rejections import (  # noqa: F401
     test_deactivated_key_is_403_at_once_even_when_cached,
     test_request_larger_than_the_tpm_bucket_is_admitted_once_then_waits,
     test_rpm_retry_after_is_the_true_wait,
     test_usage_is_404_when_the_record_is_gone,
 )
-from tests.test_streaming import (  # noqa: F401
+from tests.http.test_streaming import (  # noqa: F401
     test_stream_is_billed_when_the_client_did_not_ask_for_usage,
     test_stream_keeps_the_usage_chunk_the_client_asked_for,
+)
+from tests.store.test_admission import (  # noqa: F401  (collected here, on the cluster)
+    test_budget_is_never_overshot_by_a_burst,
+    test_credits_are_shared_by_the_keys_of_one_account,
+    test_rpm_admits_exactly_the_limit_across_two_instances,
+    test_spend_equals_reported_usage_times_price,
+    test_tpm_is_never_exceeded_by_a_concurrent_burst,
 )
 
 

@@ -30,9 +30,9 @@ from gateway.config.settings import Settings
 from gateway.obs.metrics import MULTIPROC_ENV
 from gateway.store import connect
 from tests.conftest import RedisServer, bearer, free_port, new_key
-from tests.test_observability import bump_in_subprocess, sample
+from tests.obs.test_observability import bump_in_subprocess, sample
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 CONFIG = """
