@@ -19,8 +19,9 @@
 --           'reject' to refuse a request they cannot pay in full
 -- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
 --          tpm_reset_us, retry_after_us, plan, key_type, per_sequence}
---   code: 0 admitted, 1 unknown key, 2 deactivated, 3 subscription expired,
---         4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted, 7 credits exhausted
+--   code (AdmitCode in gateway/store/codes.py): 0 admitted, 1 unknown key, 2 deactivated,
+--         3 subscription expired, 4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted,
+--         7 credits exhausted
 --   retry_after_us is -1 when no wait helps.
 --   per_sequence: the completion bound admitted (ARGV[3], or less when clamped); the
 --   caller writes it into the forwarded request, so the upstream cannot generate more.

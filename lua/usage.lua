@@ -6,7 +6,8 @@
 -- ARGV[1] = SHA-256 of the presented secret (hex)
 -- returns {code, now_us, name, type, plan, created_at, expires_at, rpm, tpm,
 --          budget_limit, budget_duration, spent, resets_at, credits}
---   code: 0 ok, 1 secret does not match, 2 deactivated, 4 record gone
+--   code (UsageCode in gateway/store/codes.py): 0 ok, 1 secret does not match,
+--         2 deactivated, 4 record gone
 
 local function fmt(x) return string.format('%.0f', x) end
 

@@ -17,6 +17,7 @@ from gateway.http.management import Management, Verifier
 from gateway.http.ratelimit import invalid_key
 from gateway.obs.metrics import exposition
 from gateway.store import KeyUsage, Store
+from gateway.store.codes import UsageCode
 from gateway.types import Receive, Scope, Send
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -82,12 +83,12 @@ class Endpoints:
             await send_rejection(send, Rejected(
                 502, "usage_unavailable", "Usage data is temporarily unavailable.", "api_error"))
             return
-        if usage is None or usage.code == 1:
+        if usage is None or usage.code == UsageCode.SECRET_MISMATCH:
             await send_rejection(send, invalid_key())
-        elif usage.code == 2:
+        elif usage.code == UsageCode.DEACTIVATED:
             await send_rejection(send, Rejected(
                 403, "key_deactivated", "This API key has been deactivated.", "permission_error"))
-        elif usage.code == 4:
+        elif usage.code == UsageCode.RECORD_GONE:
             await send_rejection(send, Rejected(
                 404, "key_not_found", "This API key is not known to the gateway.",
                 "invalid_request_error"))

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from gateway.errors import Rejected
 from gateway.store import Decision
+from gateway.store.codes import AdmitCode
 from gateway.types import Headers
 
-ADMITTED, UNKNOWN_KEY, DEACTIVATED, EXPIRED = 0, 1, 2, 3
-RPM_EXHAUSTED, TPM_EXHAUSTED, BUDGET_EXHAUSTED, CREDITS_EXHAUSTED = 4, 5, 6, 7
+# Plain ints on the hot path: comparing an IntEnum member costs an attribute lookup each time.
+ADMITTED, UNKNOWN_KEY, DEACTIVATED, EXPIRED = (
+    int(AdmitCode.ADMITTED), int(AdmitCode.UNKNOWN_KEY), int(AdmitCode.DEACTIVATED),
+    int(AdmitCode.EXPIRED))
+RPM_EXHAUSTED, TPM_EXHAUSTED, BUDGET_EXHAUSTED, CREDITS_EXHAUSTED = (
+    int(AdmitCode.RPM_EXHAUSTED), int(AdmitCode.TPM_EXHAUSTED),
+    int(AdmitCode.BUDGET_EXHAUSTED), int(AdmitCode.CREDITS_EXHAUSTED))
 
 
 def format_reset(micros: int) -> str:

@@ -1,0 +1,28 @@
+"""The reply codes of the Lua scripts, by name. Each script's header lists the same codes;
+tests/store/test_codes.py reads the headers and fails when the two disagree."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class AdmitCode(IntEnum):
+    """lua/admit.lua's first reply element."""
+
+    ADMITTED = 0
+    UNKNOWN_KEY = 1
+    DEACTIVATED = 2
+    EXPIRED = 3
+    RPM_EXHAUSTED = 4
+    TPM_EXHAUSTED = 5
+    BUDGET_EXHAUSTED = 6
+    CREDITS_EXHAUSTED = 7
+
+
+class UsageCode(IntEnum):
+    """lua/usage.lua's first reply element."""
+
+    OK = 0
+    SECRET_MISMATCH = 1
+    DEACTIVATED = 2
+    RECORD_GONE = 4
