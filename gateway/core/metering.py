@@ -260,6 +260,8 @@ class SseUsage(SseEvents):
         # per-token `timings` give a running count, what a stream cut short has used
         self._progress: dict[object, Usage] = {}
         self._prompt: int | None = None  # known early (Anthropic's message_start)
+        self._start: Usage | None = None  # message_start's usage: the prompt and its cache
+        self.prompt_missing = False  # a Messages stream's usage without its prompt count
         self.model: str | None = None
         self.ended = False  # the stream's own end marker ([DONE], response.completed...)
         self.streamed_chars = 0
@@ -376,15 +378,21 @@ class SseUsage(SseEvents):
                     self.model = message["model"]
                 usage = read_usage(message.get("usage"))
                 if usage is not None:
+                    # The prompt only: its output count is no running count (llama.cpp
+                    # always says 0), so a stream left early counts its streamed text.
                     self._prompt = usage.prompt
-                    self._running = usage
+                    self._start = usage
         elif kind == "message_delta":
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 completion = _count(usage.get("output_tokens"))
                 if completion is not None:
-                    previous = self._running or Usage(self._prompt or 0, 0)
-                    self._running = Usage(previous.prompt, completion, previous.cached)
+                    start = self._start
+                    prompt = _count(usage.get("input_tokens")) or self._prompt
+                    if prompt is None:
+                        self.prompt_missing = True  # no message_start (llama.cpp skips it)
+                    self._running = Usage(prompt or 0, completion,
+                                          start.cached if start is not None else 0)
         elif kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):

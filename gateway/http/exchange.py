@@ -173,8 +173,13 @@ class Exchange:
             await answer
 
     def _reported(self) -> tuple[Usage | None, str | None]:
-        if self.sse is not None:
-            return self.sse.usage(), self.sse.model
+        sse = self.sse
+        if sse is not None:
+            found = sse.usage()
+            if found is not None and sse.prompt_missing and self.bound is not None:
+                # The stream never said its prompt count: bill the prompt's bound.
+                found = Usage(self.bound.prompt_tokens, found.completion, found.cached)
+            return found, sse.model
         if self.json is not None and self.finished:
             return self.json.result()
         return None, None

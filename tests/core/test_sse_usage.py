@@ -125,3 +125,28 @@ def test_messages_api_stream_usage_from_start_and_delta() -> None:
         + b"event: message_stop\n" + _event({"type": "message_stop"}, b"\n"))
     assert reader.usage() == Usage(11, 6) and reader.ended
     assert reader.model == "claude-ish"
+
+
+def test_message_start_is_the_prompt_not_a_running_count() -> None:
+    """llama.cpp's message_start always says output_tokens 0: a stream left before its
+    message_delta has no usage yet, so the streamed text is what counts."""
+    reader = SseUsage(Kind.MESSAGES, False)
+    reader.feed(b"event: message_start\n" + _event({"type": "message_start", "message": {
+        "usage": {"input_tokens": 20, "output_tokens": 0}}}, b"\n")
+        + b"event: content_block_delta\n" + _event(
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "abc"}},
+            b"\n"))
+    assert reader.usage() is None
+    assert reader.known_prompt() == 20
+    assert reader.streamed_tokens() >= 1
+
+
+def test_a_messages_stream_without_its_prompt_count_says_so() -> None:
+    reader = SseUsage(Kind.MESSAGES, False)
+    reader.feed(b"event: message_delta\n" + _event(
+        {"type": "message_delta", "usage": {"output_tokens": 5}}, b"\n"))
+    assert reader.usage() == Usage(0, 5) and reader.prompt_missing
+    told = SseUsage(Kind.MESSAGES, False)
+    told.feed(b"event: message_delta\n" + _event(
+        {"type": "message_delta", "usage": {"input_tokens": 9, "output_tokens": 5}}, b"\n"))
+    assert told.usage() == Usage(9, 5) and not told.prompt_missing

@@ -276,6 +276,35 @@ async def test_a_client_that_leaves_mid_stream_is_billed_tokens_not_chunks(
         match=f"gw:{{acct:{account_id}}}:res:*")]  # the key is not left holding anything
 
 
+async def test_a_messages_stream_left_early_is_billed_what_it_streamed(
+        llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
+    """llama.cpp's message_start says output_tokens 0 and is no running count: a client
+    that leaves before message_delta pays for the text it received, at least."""
+    config = settings(max_output_tokens=4000)
+    secret, key_id, _ = await new_key(redis_store, config)
+    before = llama.counters()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
+            "temperature": 0, "stream": True}
+    async with gateway_in_front(llama, redis_store, config, metrics) as base, \
+            aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/messages", json=body,
+                                headers=bearer(secret)) as response:
+            received = b""
+            while received.count(b"event: content_block_delta") < 200:
+                received += await response.content.readany()
+            response.close()
+        for _ in range(200):
+            if (await redis_store.get_key(key_id)).total_spent:
+                break
+            await asyncio.sleep(0.05)
+    deltas = received.count(b"event: content_block_delta")
+    prompt, _cached, completion = served(before, llama.settled())
+    billed = await spent(redis_store, key_id)
+    assert deltas >= 200
+    assert billed >= TINY.cost_micro(prompt, deltas)  # one token per delta at least
+    assert billed <= TINY.cost_micro(prompt_bound_of(body), completion)
+
+
 async def test_a_completions_stream_left_early_counts_a_token_per_chunk(
         llama: LlamaServer, redis_store: Store, metrics: Metrics) -> None:
     """Without running usage: llama.cpp's completions send a chunk per token (its text

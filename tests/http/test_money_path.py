@@ -365,3 +365,32 @@ async def test_a_large_llama_cpp_answer_in_pieces_reporting_its_first_result_onl
     price = settings.default_price
     expected = price.cost_micro(9, 5) if n == 1 else price.cost_micro(9, 20 * n)
     assert (await store.get_key(key_id)).spent == expected
+
+
+async def test_a_messages_stream_without_message_start_bills_the_prompt_bound(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    """llama.cpp sometimes leaves message_start out: the prompt count never arrives, and the
+    prompt is billed at its bound, not at 0."""
+    secret, key_id, _ = await new_key(store, settings)
+
+    async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        events = [("message_delta", {"type": "message_delta",
+                                     "usage": {"output_tokens": 5}}),
+                  ("message_stop", {"type": "message_stop"})]
+        for name, doc in events:
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"event: " + name.encode() + b"\ndata: " + orjson.dumps(doc)
+                        + b"\n\n"})
+        await send({"type": "http.response.body", "body": b""})
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello " * 60}],
+            "max_tokens": 5, "stream": True}
+    async with client_for(gateway(messages, store, settings, metrics)) as client:
+        response = await client.post("/v1/messages", json=body, headers=bearer(secret))
+    assert response.status_code == 200
+    assert (await store.get_key(key_id)).spent == settings.default_price.cost_micro(
+        prompt_bound_of(body), 5)
