@@ -159,6 +159,14 @@ def _token(value: object) -> str | None:
     return value
 
 
+def _text(value: object, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.isprintable():
+        raise ConfigError(f"{what} must be a string of printable characters")
+    return value
+
+
 def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{what} must be {' or '.join(repr(c) for c in choices)}, "
@@ -249,6 +257,10 @@ class Settings:
     metrics_token: str | None = None
     log_level: str = "info"
     log_format: str = "json"
+    # [upstream] url and api_key (GATEWAY_UPSTREAM, GATEWAY_UPSTREAM_API_KEY): where
+    # `gateway serve` forwards, and the key it sends instead of the client's
+    upstream_url: str | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
     highest_price: Price = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -349,10 +361,10 @@ class Settings:
         per_request = usd_to_micro(pricing.get("per_request", "0.006"), "pricing.per_request")
         routes = routes_from_config(_table(data.get("routes"), "routes"), per_request)
         upstream = _table(data.get("upstream"), "upstream")
-        unknown = set(upstream) - {"continuous_usage", "timings_per_token"}
+        unknown = set(upstream) - {"url", "api_key", "continuous_usage", "timings_per_token"}
         if unknown:
             raise ConfigError(f"[upstream] has unknown field(s) {', '.join(sorted(unknown))}; "
-                              f"valid: continuous_usage, timings_per_token")
+                              f"valid: url, api_key, continuous_usage, timings_per_token")
         running = RunningUsage(
             _flag(upstream.get("continuous_usage", False), "upstream.continuous_usage"),
             _flag(upstream.get("timings_per_token", False), "upstream.timings_per_token"))
@@ -414,4 +426,8 @@ class Settings:
             metrics_token=_token(env.get("GATEWAY_METRICS_TOKEN") or data.get("metrics_token")),
             log_level=log_level,
             log_format=log_format,
+            upstream_url=_text(env.get("GATEWAY_UPSTREAM") or upstream.get("url"),
+                               "upstream.url"),
+            upstream_api_key=_text(env.get("GATEWAY_UPSTREAM_API_KEY")
+                                   or upstream.get("api_key"), "upstream.api_key"),
         )

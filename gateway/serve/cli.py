@@ -158,10 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the reverse proxy")
-    serve.add_argument("--upstream", required=True, metavar="URL")
+    serve.add_argument("--upstream", metavar="URL",
+                       help="where to forward (env GATEWAY_UPSTREAM, [upstream] url)")
     serve.add_argument("--upstream-api-key", metavar="KEY",
                        help="sent upstream instead of the client's key (env "
-                            "GATEWAY_UPSTREAM_API_KEY)")
+                            "GATEWAY_UPSTREAM_API_KEY, [upstream] api_key)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--workers", type=int, default=1)
@@ -261,11 +262,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                           "GATEWAY_REDIS_URL (or try `gateway demo`, which needs none)")
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
+    upstream = args.upstream or settings.upstream_url
+    if not upstream:
+        raise ConfigError("gateway serve needs an upstream: pass --upstream URL, set "
+                          "GATEWAY_UPSTREAM or [upstream] url")
     try:
-        UpstreamClient(args.upstream)
+        UpstreamClient(upstream)
     except ValueError as exc:
         raise ConfigError(f"--upstream: {exc}") from None
-    os.environ["GATEWAY_UPSTREAM"] = args.upstream
+    # uvicorn's workers are started from an import string, so what the command line says
+    # reaches their Settings.load() as the GATEWAY_* variables it reads anyway.
+    os.environ["GATEWAY_UPSTREAM"] = upstream
     os.environ["GATEWAY_REDIS_URL"] = settings.redis_url
     if args.config:
         os.environ["GATEWAY_CONFIG"] = args.config

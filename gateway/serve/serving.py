@@ -1,10 +1,9 @@
-"""The ASGI app `gateway serve` runs in each worker, built from GATEWAY_* environment."""
+"""The ASGI app `gateway serve` runs in each worker, built from its Settings."""
 
 from __future__ import annotations
 
-import os
-
 from gateway.config.settings import Settings
+from gateway.errors import ConfigError
 from gateway.http.middleware import GatewayMiddleware
 from gateway.obs import access_log
 from gateway.upstream.proxy import UpstreamProxy
@@ -12,8 +11,9 @@ from gateway.upstream.proxy import UpstreamProxy
 
 def create_app() -> GatewayMiddleware:
     settings = Settings.load()
+    if settings.upstream_url is None:
+        raise ConfigError("no upstream: set GATEWAY_UPSTREAM or [upstream] url")
     access_log.install(settings.log_level, settings.log_format)
-    upstream = UpstreamProxy(os.environ["GATEWAY_UPSTREAM"],
-                             os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None,
+    upstream = UpstreamProxy(settings.upstream_url, settings.upstream_api_key,
                              routes=settings.routes, deadlines=settings.upstream_deadlines)
     return GatewayMiddleware(upstream, settings=settings)

@@ -181,6 +181,35 @@ def test_serve_hands_its_options_to_the_worker_apps(
     assert built.app._auth == (b"authorization", b"Bearer sk-upstream")
 
 
+def test_serve_reads_its_upstream_from_the_config_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for name in SERVE_ENV:
+        monkeypatch.setenv(name, "")
+    config = tmp_path / "gateway.toml"
+    config.write_text('[upstream]\nurl = "http://127.0.0.1:9"\napi_key = "sk-from-file"\n')
+    built: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: built.append(create_app()))
+    code, _, err = run(capsys, "serve", "--redis", "redis://127.0.0.1:1/0", "--config",
+                       str(config))
+    assert (code, err) == (0, "")
+    [app] = built
+    assert app.settings.upstream_url == "http://127.0.0.1:9"
+    assert app.app._auth == (b"authorization", b"Bearer sk-from-file")
+    assert "sk-from-file" not in repr(app.settings)  # a secret never in a repr or a log
+
+
+def test_serve_without_an_upstream_says_so_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in SERVE_ENV:
+        monkeypatch.setenv(name, "")
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("started"))
+    code, _, err = run(capsys, "serve", "--redis", "redis://127.0.0.1:1/0")
+    assert code == 1
+    assert err.startswith("gateway: error: gateway serve needs an upstream")
+    assert err.count("\n") == 1
+
+
 def test_serve_refuses_zero_workers_before_starting(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("started"))
