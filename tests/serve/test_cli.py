@@ -191,7 +191,7 @@ def test_serve_reads_its_upstream_from_the_config_file(
     built: list[Any] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: built.append(create_app()))
     code, _, err = run(capsys, "serve", "--redis", "redis://127.0.0.1:1/0", "--config",
-                       str(config))
+                       str(config), "--metrics-port", "0")
     assert (code, err) == (0, "")
     [app] = built
     assert app.settings.upstream_url == "http://127.0.0.1:9"
