@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.config.settings import Settings, format_duration, micro_to_usd
 from gateway.core.timefmt import iso_from_us
-from gateway.errors import Rejected, StoreUnavailable, error_body, send_json, send_rejection
+from gateway.errors import Rejected, StoreUnavailable, send_json, send_rejection
 from gateway.http.auth import KeyResolver, header
 from gateway.http.management import Management, Verifier
 from gateway.http.ratelimit import invalid_key
@@ -118,14 +118,13 @@ class Endpoints:
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = self.settings.metrics_token
         if token is None:  # served on its own listener only (gateway serve --metrics-port)
-            await send_json(send, 404, error_body("Not found.", "invalid_request_error",
-                                                  "not_found"))
+            await send_rejection(send, Rejected(404, "not_found", "Not found."))
             return
         given = header(scope["headers"], b"authorization") or b""
         if not hmac.compare_digest(given, b"Bearer " + token.encode()):
-            await send_json(send, 401, error_body(
-                "The metrics need 'Authorization: Bearer <metrics_token>'.",
-                "invalid_request_error", "invalid_metrics_token"))
+            await send_rejection(send, Rejected(
+                401, "invalid_metrics_token",
+                "The metrics need 'Authorization: Bearer <metrics_token>'."))
             return
         body, content_type = exposition(self.registry)
         await send({"type": "http.response.start", "status": 200,
@@ -135,5 +134,5 @@ class Endpoints:
 
 
 async def _method_not_allowed(send: Send) -> None:
-    body = error_body("Method not allowed.", "invalid_request_error", "method_not_allowed")
-    await send_json(send, 405, body, [(b"allow", b"GET")])
+    await send_rejection(send, Rejected(405, "method_not_allowed", "Method not allowed.",
+                                        headers=[(b"allow", b"GET")]))

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from gateway.config.limits import Deadlines
 from gateway.config.routes import DEFAULT_ROUTES
-from gateway.errors import error_body, send_json
+from gateway.errors import Rejected, send_rejection
 from gateway.hooks import HOOKS, RequestHooks
 from gateway.types import Headers, Receive, Scope, Send
 from gateway.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
@@ -54,10 +54,9 @@ class UpstreamProxy:
         if not self._proxied(method, scope["path"]):
             # Only what the gateway meters reaches the upstream (and its key): the metered
             # POST routes and the model list. Anything else could be inference unbilled.
-            await send_json(send, 404, error_body(
-                "Not found: the gateway forwards POST to its inference routes (such as "
-                "/v1/chat/completions) and GET /v1/models.", "invalid_request_error",
-                "not_found"))
+            await send_rejection(send, Rejected(
+                404, "not_found", "Not found: the gateway forwards POST to its inference "
+                "routes (such as /v1/chat/completions) and GET /v1/models."))
             return
         body = await _request_body(receive)
         if body is None:
@@ -81,13 +80,13 @@ class UpstreamProxy:
             if hooks is not None and hooks.lost:
                 return  # the client left: nobody to answer
             if exc.timed_out:
-                await send_json(send, 504, error_body(
-                    "The upstream inference server did not answer in time.", "api_error",
-                    "upstream_timeout"))
+                await send_rejection(send, Rejected(
+                    504, "upstream_timeout",
+                    "The upstream inference server did not answer in time.", "api_error"))
             else:
-                await send_json(send, 502, error_body(
-                    "The upstream inference server is unreachable.", "api_error",
-                    "upstream_unavailable"))
+                await send_rejection(send, Rejected(
+                    502, "upstream_unavailable",
+                    "The upstream inference server is unreachable.", "api_error"))
             return
         async with response:
             await send({"type": "http.response.start", "status": response.status,
