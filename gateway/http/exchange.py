@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 from gateway.core import metering
 from gateway.core.bounds import Bound
 from gateway.core.metering import Usage
+from gateway.core.request_id import REQUEST_ID_HEADER
 from gateway.errors import ClientDisconnected
 from gateway.http.ratelimit import rate_headers
 from gateway.http.settlement import Settlement
-from gateway.obs.logs import REQUEST_ID_HEADER, RequestRecord
+from gateway.obs.logs import RequestRecord
 from gateway.store import Decision, KeyRef
 from gateway.types import Headers, Message, Receive, Send
 

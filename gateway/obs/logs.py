@@ -8,7 +8,6 @@ drown the log. Lines never carry a secret: the key is logged by its id only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,12 +16,15 @@ from typing import Any
 import orjson
 
 from gateway.config.levels import check_format, check_level
-from gateway.types import Headers, Message, Scope, Send
+from gateway.core.request_id import (
+    client_request_id,
+    new_request_id,
+    outbound_scope,
+    with_request_id,
+)
+from gateway.types import Message, Scope, Send
 
-REQUEST_ID_HEADER = b"x-request-id"
-MAX_REQUEST_ID_LENGTH = 128
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_REPLACED_WITH_BODY = frozenset({REQUEST_ID_HEADER, b"content-length", b"transfer-encoding"})
 
 access_log = logging.getLogger("gateway.access")
 
@@ -30,25 +32,6 @@ access_log = logging.getLogger("gateway.access")
 # ANSI-coloured copy of its message is dropped too).
 _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message", "asctime", "color_message"}
-
-
-def client_request_id(headers: Headers) -> str | None:
-    """The client's X-Request-Id when it is 1-128 visible ASCII characters, else None.
-
-    It only labels logs and is forwarded upstream; it never names a reservation, so a
-    client that repeats an id cannot make two requests share one settlement.
-    """
-    for name, value in headers:
-        if name == REQUEST_ID_HEADER:
-            if 0 < len(value) <= MAX_REQUEST_ID_LENGTH and all(0x21 <= b <= 0x7E for b in value):
-                return value.decode("ascii")
-            break
-    return None
-
-
-def request_id_from(headers: Headers) -> str:
-    """The client's X-Request-Id when it is valid (see client_request_id), else a new one."""
-    return client_request_id(headers) or os.urandom(16).hex()
 
 
 @dataclass(slots=True)
@@ -74,31 +57,22 @@ class RequestRecord:
     def start(cls, scope: Scope) -> RequestRecord:
         client_id = client_request_id(scope["headers"])
         if client_id is None:
-            return cls(os.urandom(16).hex(), scope["method"], scope["path"], ours=True)
+            return cls(new_request_id(), scope["method"], scope["path"], ours=True)
         return cls(client_id, scope["method"], scope["path"])
 
     def outbound_scope(self, scope: Scope, body_length: int | None = None) -> Scope:
-        """The scope sent on to the app: X-Request-Id replaced by this request's id and,
-        when the body was read (and perhaps rewritten), its length declared anew."""
-        if body_length is None:
-            headers = [(k, v) for k, v in scope["headers"] if k != REQUEST_ID_HEADER]
-        else:
-            headers = [(k, v) for k, v in scope["headers"] if k not in _REPLACED_WITH_BODY]
-            headers.append((b"content-length", b"%d" % body_length))
-        headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
-        return {**scope, "headers": headers}
+        """The scope sent on to the app (see gateway.core.request_id.outbound_scope)."""
+        return outbound_scope(scope, self.request_id, body_length)
 
     def wrap(self, send: Send) -> Send:
         """A send that records the status and returns the request id to the client."""
-        own = (REQUEST_ID_HEADER, self.request_id.encode())
+        own = self.request_id.encode()
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.status = int(message["status"])
-                headers = [h for h in message.get("headers", [])
-                           if h[0].lower() != REQUEST_ID_HEADER]
-                headers.append(own)
-                message = {**message, "headers": headers}
+                message = {**message,
+                           "headers": with_request_id(message.get("headers", []), own)}
             await send(message)
 
         return recording_send

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config.settings import Settings
 from gateway.core.keys import hash_secret
+from gateway.core.request_id import request_id_from
 from gateway.demo.mock_upstream import MockUpstream
 from gateway.errors import ConfigError
 from gateway.http.auth import header
@@ -26,7 +27,6 @@ from gateway.obs.logs import (
     RequestRecord,
     TextFormatter,
     logging_config,
-    request_id_from,
 )
 from gateway.obs.metrics import MULTIPROC_ENV, Metrics, exposition, multiprocess_dir
 from gateway.serve.cli import main
