@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import TYPE_CHECKING
 
 from gateway.core import metering
@@ -157,21 +158,8 @@ class Exchange:
 
     async def _send_settling(self, message: Message) -> None:
         """Settles and sends `message`, which lets the client see the end of the answer."""
-        item = self._settlement()
-        answer = self.gateway.settlements.begin(item)
-        if answer is None:
-            await self.gateway.settlements.settle_detached(item)  # spend lands first
-            await self.downstream(message)
-            return
-        # Read-your-writes without waiting a round trip: one turn of the loop writes the
-        # settlement (with the others queued in this turn: one system call for all) before
-        # the client can see the message, so its next question to any replica reaches
-        # Redis after the spend.
-        try:
-            await asyncio.sleep(0)
-            await self.downstream(message)
-        finally:
-            await answer
+        await self.gateway.settlements.settle_before(
+            self._settlement(), functools.partial(self.downstream, message))
 
     def _reported(self) -> tuple[Usage | None, str | None]:
         sse = self.sse

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,25 @@ class SettlementQueue:
             return None
         self._track(reply)
         return self._answer(item, reply)
+
+    async def settle_before(self, item: Settlement,
+                            last: Callable[[], Awaitable[None]]) -> None:
+        """Settles, and calls `last` (the send that lets the client see the end of the
+        answer) once the settlement is on its way: read-your-writes without waiting a round
+        trip. One turn of the loop writes the settlement (with the others queued in this
+        turn: one system call for all) before the client can see the end, so its next
+        question to any replica reaches Redis after the spend; Redis's answer is awaited
+        after. Without a hot connection the spend lands first."""
+        answer = self.begin(item)
+        if answer is None:
+            await self.settle_detached(item)
+            await last()
+            return
+        try:
+            await asyncio.sleep(0)
+            await last()
+        finally:
+            await answer
 
     async def settle_shielded(self, item: Settlement) -> None:
         """Settles now, such that cancelling the caller (a client disconnect, a shutdown
