@@ -9,7 +9,7 @@ length is declared anew. Back to the client, the response carries the request's 
 
 from __future__ import annotations
 
-import os
+from random import getrandbits
 
 from gateway.types import Headers, Scope
 
@@ -34,7 +34,11 @@ def request_id_from(headers: Headers) -> str:
 
 
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    """128 random bits as 32 hex digits. An id must be unique, not secret (it is returned
+    to the client, and a reservation id is never client-chosen), so the process's Mersenne
+    Twister (seeded from the OS, reseeded in a forked child) serves: a third of the cost of
+    os.urandom's system call, which profiled at 11% of a request under load here."""
+    return getrandbits(128).to_bytes(16).hex()
 
 
 def outbound_scope(scope: Scope, request_id: str, body_length: int | None = None) -> Scope:

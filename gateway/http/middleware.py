@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from gateway.config.routes import (
 )
 from gateway.config.settings import Settings
 from gateway.core.bounds import Bound, InvalidRequest, analyse
+from gateway.core.request_id import new_request_id
 from gateway.errors import (
     ClientDisconnected,
     Rejected,
@@ -213,7 +213,7 @@ class GatewayMiddleware:
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement). One random id serves
         # both when the request id is ours too.
-        reservation_id = record.request_id if record.ours else os.urandom(16).hex()
+        reservation_id = record.request_id if record.ours else new_request_id()
         started = time.perf_counter()
         try:
             decision = await self.store.admit(ref, secret_hash, reservation_id, ask)
@@ -309,7 +309,7 @@ class GatewayMiddleware:
                     header(scope["headers"], b"authorization"))
             if found is not None:
                 secret_hash, ref = found
-                reservation_id = os.urandom(16).hex()
+                reservation_id = new_request_id()
                 with contextlib.suppress(StoreUnavailable):
                     decision = await self.store.admit(ref, secret_hash, reservation_id,
                                                       _NOTHING)
