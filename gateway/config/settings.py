@@ -2,71 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gateway.config.levels import check_format, check_level
 from gateway.config.limits import Deadlines, RunningUsage, ServerLimits
 from gateway.config.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
+from gateway.config.units import (
+    DEFAULT_REQUEST_PRICE,
+    MAX_OUTPUT_TOKENS,
+    check_choice,
+    check_flag,
+    check_port,
+    check_positive,
+    check_rate,
+    check_seconds,
+    check_table,
+    check_text,
+    check_token,
+    usd_to_micro,
+)
 from gateway.errors import ConfigError
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_RATE = 100_000_000
-MAX_OUTPUT_TOKENS = 10_000_000
-DEFAULT_REQUEST_PRICE = 6_000  # micro-USD per audio request when pricing names none
-MAX_USD = 1_000_000_000  # micro-USD stay exact in Lua's doubles far beyond this
-
-
-MAX_DURATION_SECONDS = 100 * 365 * 86400  # a century: Redis time in microseconds stays exact
-
-
-def parse_duration(text: str) -> int:
-    """'30d' -> seconds. Units s, m, h, d; the amount must be a positive integer."""
-    match = _DURATION.match(text)
-    if not match or int(match.group(1)) == 0:
-        raise ConfigError(f"invalid duration {text!r}: use a positive integer with s, m, h or d")
-    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds > MAX_DURATION_SECONDS:
-        raise ConfigError(f"duration {text!r} is longer than the maximum of 36500d")
-    return seconds
-
-
-def format_duration(seconds: int) -> str:
-    for unit in ("d", "h", "m"):
-        size = _UNIT_SECONDS[unit]
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def usd_to_micro(value: object, what: str) -> int:
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise ConfigError(f"invalid amount for {what}: {value!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise ConfigError(f"invalid amount for {what}: {value!r}")
-    if amount > MAX_USD:
-        raise ConfigError(f"amount for {what} is above the maximum of {MAX_USD:,} USD")
-    return int((amount * 1_000_000).to_integral_value())
-
-
-def micro_to_usd(micro: int) -> float:
-    return micro / 1_000_000
-
-
-def check_rate(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE:
-        raise ConfigError(f"{what} must be an integer between 1 and {MAX_RATE}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,63 +76,6 @@ def _price(raw: Any, what: str) -> Price:
                  None if cached is None else usd_to_micro(cached, f"{what}.cached_input"))
 
 
-def _table(value: object, what: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"[{what}] must be a table, got {value!r}")
-    return value
-
-
-def _seconds(value: object, what: str, zero_allowed: bool) -> float:
-    """A duration in seconds from TOML or the environment (a number, or text of one)."""
-    seconds = math.nan
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        with contextlib.suppress(ValueError):  # not a number: refused below
-            seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_allowed):
-        bound = "at least 0" if zero_allowed else "above 0"
-        raise ConfigError(f"{what} must be a number of seconds {bound}, got {value!r}")
-    return seconds
-
-
-def _positive(value: object, what: str, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise ConfigError(f"{what} must be an integer between 1 and {maximum}, got {value!r}")
-    return value
-
-
-def _port_number(value: object) -> int:
-    text = str(value)
-    if isinstance(value, bool) or not text.isdigit() or int(text) > 65535:
-        raise ConfigError(f"metrics_port must be a port from 1 to 65535, or 0 for none, "
-                          f"got {value!r}")
-    return int(text)
-
-
-def _token(value: object) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) < 16 or not value.isprintable():
-        raise ConfigError("metrics_token must be a string of at least 16 printable characters")
-    return value
-
-
-def _text(value: object, what: str) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or not value.isprintable():
-        raise ConfigError(f"{what} must be a string of printable characters")
-    return value
-
-
-def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{what} must be {' or '.join(repr(c) for c in choices)}, "
-                          f"got {value!r}")
-    return str(value)
-
-
 def routes_with_prices(routes: dict[str, Route], per_request: int) -> dict[str, Route]:
     """Audio routes carry no token usage: they cost `per_request` unless a route says."""
     return {path: replace(route, request_micro=per_request) if route.kind is Kind.AUDIO
@@ -204,14 +106,8 @@ def routes_from_config(table: Mapping[str, Any], per_request: int) -> dict[str, 
         price = (usd_to_micro(raw["request_usd"], f"{what}.request_usd")
                  if "request_usd" in raw else per_request if kind is Kind.AUDIO else 0)
         routes[path] = Route(path, kind, price,
-                             _flag(raw.get("websocket", False), f"{what}.websocket"))
+                             check_flag(raw.get("websocket", False), f"{what}.websocket"))
     return routes
-
-
-def _flag(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what} must be true or false, got {value!r}")
-    return value
 
 
 DEFAULT_PLANS = {
@@ -315,7 +211,7 @@ class Settings:
         if fail_mode not in ("closed", "open"):
             raise ConfigError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
         plans = dict(DEFAULT_PLANS)
-        for slug, raw in _table(data.get("plans"), "plans").items():
+        for slug, raw in check_table(data.get("plans"), "plans").items():
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"[plans.{slug}] must be a table")
             base = plans.get(slug)
@@ -326,11 +222,11 @@ class Settings:
                 rpm=check_rate(raw.get("rpm", base.rpm if base else None), f"plans.{slug}.rpm"),
                 tpm=check_rate(raw.get("tpm", base.tpm if base else None), f"plans.{slug}.tpm"),
             )
-        credit = _table(data.get("credit"), "credit")
-        pricing = _table(data.get("pricing"), "pricing")
+        credit = check_table(data.get("credit"), "credit")
+        pricing = check_table(data.get("pricing"), "pricing")
         default_price = (_price(pricing["default"], "pricing.default") if "default" in pricing
                          else Price(500_000, 1_500_000))
-        model_tables = _table(pricing.get("models"), "pricing.models")
+        model_tables = check_table(pricing.get("models"), "pricing.models")
         models = {name: _price(raw, f"pricing.models.{name}")
                   for name, raw in model_tables.items()}
         model_max_output = {}
@@ -341,54 +237,55 @@ class Settings:
                                   f"{', '.join(sorted(unknown))}; valid: "
                                   f"{', '.join(sorted(_MODEL_FIELDS))}")
             if "max_output_tokens" in raw:
-                model_max_output[name] = _positive(
+                model_max_output[name] = check_positive(
                     raw["max_output_tokens"], f"pricing.models.{name}.max_output_tokens",
                     MAX_OUTPUT_TOKENS)
         if "max_output_tokens" in data and "default_max_tokens" in data:
             raise ConfigError("set max_output_tokens only (default_max_tokens is its old name)")
-        max_output = _positive(data.get("max_output_tokens", data.get("default_max_tokens", 1024)),
-                               "max_output_tokens" if "default_max_tokens" not in data
-                               else "default_max_tokens", MAX_OUTPUT_TOKENS)
-        max_body = _positive(data.get("max_body_bytes", 10 * 1024 * 1024), "max_body_bytes",
+        max_output = check_positive(
+            data.get("max_output_tokens", data.get("default_max_tokens", 1024)),
+            "max_output_tokens" if "default_max_tokens" not in data else "default_max_tokens",
+            MAX_OUTPUT_TOKENS)
+        max_body = check_positive(data.get("max_body_bytes", 10 * 1024 * 1024), "max_body_bytes",
                              2**40)
-        media_tokens = _positive(data.get("media_part_tokens", 4096), "media_part_tokens",
+        media_tokens = check_positive(data.get("media_part_tokens", 4096), "media_part_tokens",
                                  MAX_OUTPUT_TOKENS)
-        unknown_models = _choice(pricing.get("unknown_models", "highest"),
+        unknown_models = check_choice(pricing.get("unknown_models", "highest"),
                                  "pricing.unknown_models", ("highest", "reject"))
-        on_insufficient = _choice(env.get("GATEWAY_ON_INSUFFICIENT")
+        on_insufficient = check_choice(env.get("GATEWAY_ON_INSUFFICIENT")
                                   or data.get("on_insufficient", "clamp"),
                                   "on_insufficient", ("clamp", "reject"))
         per_request = usd_to_micro(pricing.get("per_request", "0.006"), "pricing.per_request")
-        routes = routes_from_config(_table(data.get("routes"), "routes"), per_request)
-        upstream = _table(data.get("upstream"), "upstream")
+        routes = routes_from_config(check_table(data.get("routes"), "routes"), per_request)
+        upstream = check_table(data.get("upstream"), "upstream")
         unknown = set(upstream) - {"url", "api_key", "continuous_usage", "timings_per_token"}
         if unknown:
             raise ConfigError(f"[upstream] has unknown field(s) {', '.join(sorted(unknown))}; "
                               f"valid: url, api_key, continuous_usage, timings_per_token")
         running = RunningUsage(
-            _flag(upstream.get("continuous_usage", False), "upstream.continuous_usage"),
-            _flag(upstream.get("timings_per_token", False), "upstream.timings_per_token"))
+            check_flag(upstream.get("continuous_usage", False), "upstream.continuous_usage"),
+            check_flag(upstream.get("timings_per_token", False), "upstream.timings_per_token"))
         public = data.get("public_paths", list(DEFAULT_PUBLIC_PATHS))
         if not isinstance(public, list) or not all(isinstance(p, str) and p.startswith("/")
                                                    for p in public):
             raise ConfigError(f"public_paths must be a list of paths starting with /, "
                               f"got {public!r}")
-        timeout = _seconds(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25),
+        timeout = check_seconds(env.get("GATEWAY_REDIS_TIMEOUT") or data.get("redis_timeout", 0.25),
                            "redis_timeout", zero_allowed=False)
         def deadline(name: str, default: float) -> float:
-            return _seconds(env.get(f"GATEWAY_{name.upper()}") or data.get(name, default), name,
-                            zero_allowed=False)
+            return check_seconds(env.get(f"GATEWAY_{name.upper()}") or data.get(name, default),
+                                 name, zero_allowed=False)
 
-        total = _seconds(env.get("GATEWAY_UPSTREAM_TOTAL_TIMEOUT")
+        total = check_seconds(env.get("GATEWAY_UPSTREAM_TOTAL_TIMEOUT")
                          or data.get("upstream_total_timeout", 0), "upstream_total_timeout",
                          zero_allowed=True)
         deadlines = Deadlines(deadline("upstream_connect_timeout", 5.0),
                               deadline("upstream_first_byte_timeout", 300.0),
                               deadline("upstream_idle_timeout", 60.0), total or None)
         limits = ServerLimits(
-            _positive(data.get("max_header_bytes", 64 * 1024), "max_header_bytes", 2**24),
+            check_positive(data.get("max_header_bytes", 64 * 1024), "max_header_bytes", 2**24),
             deadline("header_timeout", 10.0), deadline("body_timeout", 30.0),
-            _positive(data.get("max_connections", 10_000), "max_connections", 10_000_000))
+            check_positive(data.get("max_connections", 10_000), "max_connections", 10_000_000))
         log_level = check_level(str(env.get("GATEWAY_LOG_LEVEL") or data.get("log_level", "info")))
         log_format = check_format(
             str(env.get("GATEWAY_LOG_FORMAT") or data.get("log_format", "json")))
@@ -409,10 +306,10 @@ class Settings:
             credit_tpm=check_rate(credit.get("tpm", 3333), "credit.tpm"),
             default_price=default_price,
             model_prices=models,
-            auth_cache_seconds=_seconds(data.get("auth_cache_seconds", 5.0),
+            auth_cache_seconds=check_seconds(data.get("auth_cache_seconds", 5.0),
                                         "auth_cache_seconds", zero_allowed=True),
-            api_plan_keys=_flag(data.get("api_plan_keys", False), "api_plan_keys"),
-            max_keys_per_account=_positive(data.get("max_keys_per_account", 100),
+            api_plan_keys=check_flag(data.get("api_plan_keys", False), "api_plan_keys"),
+            max_keys_per_account=check_positive(data.get("max_keys_per_account", 100),
                                            "max_keys_per_account", 10_000_000),
             redis_timeout_seconds=timeout,
             upstream_deadlines=deadlines,
@@ -421,13 +318,14 @@ class Settings:
             shutdown_timeout=deadline("shutdown_timeout", 30.0),
             metrics_host=str(env.get("GATEWAY_METRICS_HOST") or data.get("metrics_host",
                                                                           "127.0.0.1")),
-            metrics_port=_port_number(env.get("GATEWAY_METRICS_PORT")
+            metrics_port=check_port(env.get("GATEWAY_METRICS_PORT")
                                       or data.get("metrics_port", 9464)),
-            metrics_token=_token(env.get("GATEWAY_METRICS_TOKEN") or data.get("metrics_token")),
+            metrics_token=check_token(env.get("GATEWAY_METRICS_TOKEN")
+                                      or data.get("metrics_token")),
             log_level=log_level,
             log_format=log_format,
-            upstream_url=_text(env.get("GATEWAY_UPSTREAM") or upstream.get("url"),
+            upstream_url=check_text(env.get("GATEWAY_UPSTREAM") or upstream.get("url"),
                                "upstream.url"),
-            upstream_api_key=_text(env.get("GATEWAY_UPSTREAM_API_KEY")
+            upstream_api_key=check_text(env.get("GATEWAY_UPSTREAM_API_KEY")
                                    or upstream.get("api_key"), "upstream.api_key"),
         )

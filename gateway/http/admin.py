@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config.settings import (
-    Settings,
+from gateway.config.settings import Settings
+from gateway.config.units import (
     check_rate,
     format_duration,
     micro_to_usd,

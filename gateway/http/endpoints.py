@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.config.settings import Settings, format_duration, micro_to_usd
+from gateway.config.settings import Settings
+from gateway.config.units import format_duration, micro_to_usd
 from gateway.core.timefmt import iso_from_us
 from gateway.errors import Rejected, StoreUnavailable, send_json, send_rejection
 from gateway.http.auth import KeyResolver, header

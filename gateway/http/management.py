@@ -17,7 +17,8 @@ from typing import Any
 import orjson
 
 from gateway.config.routes import route_path
-from gateway.config.settings import Settings, parse_duration, usd_to_micro
+from gateway.config.settings import Settings
+from gateway.config.units import parse_duration, usd_to_micro
 from gateway.core.keys import (
     MANAGEMENT_PREFIX,
     bearer_token,

@@ -14,7 +14,8 @@ import orjson
 
 from gateway.config.levels import FORMATS, LEVELS
 from gateway.config.limits import LIMITS_ENV
-from gateway.config.settings import Settings, usd_to_micro
+from gateway.config.settings import Settings
+from gateway.config.units import usd_to_micro
 from gateway.core.keys import hash_secret, new_management_secret
 from gateway.core.timefmt import iso_from_us
 from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable

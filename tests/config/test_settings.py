@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.settings import (
+from gateway.config.settings import Price, Settings
+from gateway.config.units import (
     MAX_RATE,
     MAX_USD,
-    Price,
-    Settings,
     check_rate,
     format_duration,
     parse_duration,

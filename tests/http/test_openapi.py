@@ -9,7 +9,8 @@ import uuid
 import pytest
 from jsonschema import ValidationError
 
-from gateway.config.settings import MAX_RATE, Settings
+from gateway.config.settings import Settings
+from gateway.config.units import MAX_RATE
 from gateway.core.keys import hash_secret, new_management_secret
 from gateway.demo.mock_upstream import MockUpstream
 from gateway.http.middleware import GatewayMiddleware
