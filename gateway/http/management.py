@@ -18,7 +18,6 @@ import orjson
 
 from gateway.config.routes import route_path
 from gateway.config.settings import Settings
-from gateway.config.units import parse_duration, usd_to_micro
 from gateway.core.keys import (
     MANAGEMENT_PREFIX,
     bearer_token,
@@ -26,7 +25,7 @@ from gateway.core.keys import (
     looks_like,
     new_consumption_secret,
 )
-from gateway.core.timefmt import iso_from_us, parse_iso_to_us
+from gateway.core.timefmt import iso_from_us
 from gateway.core.usage_windows import aggregate, usage_document
 from gateway.errors import (
     ConfigError,
@@ -40,6 +39,13 @@ from gateway.errors import (
 from gateway.http import openapi
 from gateway.http.admin import KeySpec, create_key, key_json
 from gateway.http.auth import header
+from gateway.http.management_body import (
+    bad_request,
+    checked_name,
+    json_object,
+    key_spec,
+    only_fields,
+)
 from gateway.http.ratelimit import format_reset
 from gateway.store import KeyRecord, Store, Throttle
 from gateway.types import Headers, Receive, Scope, Send
@@ -52,14 +58,7 @@ Verifier = Callable[[str], "str | Awaitable[str | None] | None"]
 
 USAGE_CAPACITY = 12
 USAGE_PERIOD_SECONDS = 12 * 3600
-MAX_BODY_BYTES = 64 * 1024
-MAX_NAME_LENGTH = 200
-MAX_DURATION_SECONDS = 3650 * 86400
-MAX_BUDGET_MICRO = 10**15  # one billion USD: stays exact as a Lua (double) number
-_LATEST_EXPIRY_US = 253_402_214_400 * 1_000_000  # 9999-12-31: still printable as ISO 8601
-_CREATE_FIELDS = ("name", "plan", "credit", "rpm", "tpm", "budget", "budget_duration",
-                  "expires_at", "expires_in")
-_PATCH_FIELDS = ("isActive", "name")
+PATCH_FIELDS = ("isActive", "name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +71,6 @@ def _unauthorized() -> Rejected:
     return Rejected(401, "invalid_api_key", "Invalid or missing management key. Send "
                     "'Authorization: Bearer mk_...' or a dashboard session token.")
 
-
-def _bad(message: str) -> Rejected:
-    return Rejected(400, "invalid_request", message)
 
 
 def _not_found() -> Rejected:
@@ -167,7 +163,7 @@ class Management:
             if method == "GET":
                 await self._list_keys(principal, send)
             else:
-                await self._create_key(principal, await _json_object(scope, receive), send)
+                await self._create_key(principal, await json_object(scope, receive), send)
         elif len(parts) == 2 and parts[0] == "keys":
             _allow(method, "GET, PATCH")
             principal = await self._authenticate(scope)
@@ -175,7 +171,7 @@ class Management:
             if method == "GET":
                 await self._show_key(principal, key_id, send)
             else:
-                await self._update_key(principal, key_id, await _json_object(scope, receive),
+                await self._update_key(principal, key_id, await json_object(scope, receive),
                                        send)
         elif len(parts) == 3 and parts[0] == "keys" and parts[2] == "rotate":
             _allow(method, "POST")
@@ -260,7 +256,7 @@ class Management:
             record, secret = await create_key(self.store, self.settings, principal.account_id,
                                               spec)
         except ConfigError as exc:
-            raise _bad(str(exc)) from None
+            raise bad_request(str(exc)) from None
         except LimitReached as exc:
             raise Rejected(403, "key_limit_reached", str(exc), "permission_error") from None
         except NotFound:
@@ -274,7 +270,7 @@ class Management:
         if spec.plan is not None:
             plan = self.settings.plans.get(spec.plan)
             if plan is None:
-                raise _bad(f"plan: unknown plan {spec.plan!r}")
+                raise bad_request(f"plan: unknown plan {spec.plan!r}")
             if not self.settings.api_plan_keys:
                 raise Rejected(403, "plan_keys_not_allowed",
                                "Plan keys are issued by the operator; the management API "
@@ -284,17 +280,17 @@ class Management:
             rpm, tpm = self.settings.credit_rpm, self.settings.credit_tpm
         for field, asked, allowed in (("rpm", spec.rpm, rpm), ("tpm", spec.tpm, tpm)):
             if asked is not None and asked > allowed:
-                raise _bad(f"{field} must be at most {allowed} for this key type")
+                raise bad_request(f"{field} must be at most {allowed} for this key type")
 
     async def _update_key(self, principal: Principal, key_id: str, body: dict[str, Any],
                           send: Send) -> None:
-        _only(body, _PATCH_FIELDS)
+        only_fields(body, PATCH_FIELDS)
         if not body:
-            raise _bad("nothing to update: give isActive and/or name")
+            raise bad_request("nothing to update: give isActive and/or name")
         active = body.get("isActive")
         if "isActive" in body and not isinstance(active, bool):
-            raise _bad("isActive must be true or false")
-        name = _name(body["name"]) if "name" in body else None
+            raise bad_request("isActive must be true or false")
+        name = checked_name(body["name"]) if "name" in body else None
         record = await self.store.update_key(principal.account_id, key_id, name=name,
                                              active=active)
         if record is None:
@@ -320,115 +316,4 @@ def _key_id(text: str) -> str:
     try:
         return str(uuid.UUID(text))
     except ValueError:
-        raise _bad("keyId must be a UUID") from None
-
-
-async def _json_object(scope: Scope, receive: Receive) -> dict[str, Any]:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Rejected(400, "invalid_request", "The client went away.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise Rejected(413, "request_too_large", "Request body is larger than 64 KiB.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    try:
-        body = orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
-        raise _bad("Request body must be a JSON object.")
-    return body
-
-
-def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    for field in body:
-        if field not in allowed:
-            raise _bad(f"unknown field {field[:50]!r} (allowed: {', '.join(allowed)})")
-
-
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _bad("name must be a non-empty string")
-    if len(value) > MAX_NAME_LENGTH:
-        raise _bad(f"name must be at most {MAX_NAME_LENGTH} characters")
-    return value
-
-
-def _optional_str(body: dict[str, Any], field: str) -> str | None:
-    value = body.get(field)
-    if value is not None and not isinstance(value, str):
-        raise _bad(f"{field} must be a string")
-    return value
-
-
-def _optional_int(body: dict[str, Any], field: str) -> int | None:
-    value = body.get(field)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise _bad(f"{field} must be an integer")
-    return value
-
-
-def _duration(body: dict[str, Any], field: str) -> str | None:
-    text = _optional_str(body, field)
-    if text is not None:
-        try:
-            seconds = parse_duration(text)
-        except ConfigError:
-            raise _bad(f"{field} must be a positive integer with s, m, h or d, like '30d'") \
-                from None
-        if seconds > MAX_DURATION_SECONDS:
-            raise _bad(f"{field} must be at most 3650d")
-    return text
-
-
-def key_spec(body: dict[str, Any]) -> KeySpec:
-    """A POST /api/keys body as the KeySpec the CLI builds from its options."""
-    _only(body, _CREATE_FIELDS)
-    if "name" not in body:
-        raise _bad("name is required")
-    name = _name(body["name"])
-    plan = _optional_str(body, "plan")
-    credit = body.get("credit", False)
-    if credit is None:
-        credit = False
-    if not isinstance(credit, bool):
-        raise _bad("credit must be true or false")
-    if credit == (plan is not None):
-        raise _bad("give exactly one of plan (a plan slug) or credit: true")
-    budget = body.get("budget")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float | str):
-            raise _bad("budget must be a USD amount (number or string)")
-        try:
-            micro = usd_to_micro(budget, "budget")
-        except ConfigError:
-            raise _bad("budget must be a non-negative USD amount, like 10 or \"10.50\"") \
-                from None
-        if micro > MAX_BUDGET_MICRO:
-            raise _bad("budget must be at most 1000000000 USD")
-        budget = str(budget)
-    duration = _duration(body, "budget_duration")
-    expires_in = _duration(body, "expires_in")
-    expires_at = _optional_str(body, "expires_at")
-    if expires_at is not None:
-        try:
-            moment = parse_iso_to_us(expires_at)
-        except (ValueError, OverflowError):
-            raise _bad("expires_at must be an ISO 8601 date-time") from None
-        if not 0 <= moment <= _LATEST_EXPIRY_US:
-            raise _bad("expires_at must be between 1970 and 9999")
-    if expires_at is not None and expires_in is not None:
-        raise _bad("give expires_at or expires_in, not both")
-    if credit and (expires_at is not None or expires_in is not None):
-        raise _bad("expires_at and expires_in apply to plan keys; credit keys do not expire")
-    return KeySpec(name=name, plan=plan, credit=credit, rpm=_optional_int(body, "rpm"),
-                   tpm=_optional_int(body, "tpm"), budget_usd=budget,
-                   budget_duration=duration or "30d", expires_at=expires_at,
-                   expires_in=expires_in)
-
+        raise bad_request("keyId must be a UUID") from None
