@@ -165,11 +165,11 @@ def gateway(app: ASGIApp, store: Store, settings: Settings,
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
+async def serving(app: ASGIApp, root_path: str = "") -> AsyncIterator[str]:
     """Runs `app` on a real uvicorn server on loopback in this event loop."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="off")
+                            lifespan="off", root_path=root_path)
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
     while not server.started:

@@ -63,6 +63,14 @@ async def spent(store: Store, key_id: str) -> int:
     return (await store.get_key(key_id)).total_spent
 
 
+async def spend_settled(store: Store, key_id: str) -> None:
+    """Waits (up to 10 s) for a request whose client left to be settled."""
+    for _ in range(200):
+        if await spent(store, key_id):
+            return
+        await asyncio.sleep(0.05)
+
+
 def served(before: tuple[int, int, int], after: tuple[int, int, int]) -> tuple[int, int, int]:
     """(prompt tokens, of them cached, completion tokens) the server counted in between."""
     evaluated, cached, predicted = (b - a for a, b in zip(before, after, strict=True))
@@ -256,10 +264,7 @@ async def test_a_client_that_leaves_mid_stream_is_billed_tokens_not_chunks(
             while received.count(b"\n\n") < 30:
                 received += await response.content.readany()
             response.close()
-        for _ in range(200):
-            if (await redis_store.get_key(key_id)).total_spent:
-                break
-            await asyncio.sleep(0.05)
+        await spend_settled(redis_store, key_id)
     events = sse(received)
     chunks = sum(1 for e in events for c in e.get("choices", [])
                  if (c.get("delta") or {}).get("content"))
@@ -293,10 +298,7 @@ async def test_a_messages_stream_left_early_is_billed_what_it_streamed(
             while received.count(b"event: content_block_delta") < 200:
                 received += await response.content.readany()
             response.close()
-        for _ in range(200):
-            if (await redis_store.get_key(key_id)).total_spent:
-                break
-            await asyncio.sleep(0.05)
+        await spend_settled(redis_store, key_id)
     deltas = received.count(b"event: content_block_delta")
     prompt, _cached, completion = served(before, llama.settled())
     billed = await spent(redis_store, key_id)
@@ -322,10 +324,7 @@ async def test_a_completions_stream_left_early_counts_a_token_per_chunk(
             while received.count(b"\n\n") < 40:
                 received += await response.content.readany()
             response.close()
-        for _ in range(200):
-            if (await redis_store.get_key(key_id)).total_spent:
-                break
-            await asyncio.sleep(0.05)
+        await spend_settled(redis_store, key_id)
     chunks = sum(1 for e in sse(received) for c in e.get("choices", [])
                  if c.get("finish_reason") is None)
     prompt, _, completion = served(before, llama.settled())

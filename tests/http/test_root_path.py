@@ -3,13 +3,8 @@ route the app serves, not the full path (uvicorn --root-path, Starlette's Mount)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -19,8 +14,7 @@ from gateway.config.routes import route_path
 from gateway.config.settings import Settings
 from gateway.obs.metrics import Metrics
 from gateway.store import Store
-from gateway.types import ASGIApp
-from tests.conftest import bearer, client_for, free_port, gateway, new_key
+from tests.conftest import bearer, client_for, gateway, new_key, serving
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 USAGE = {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18}
@@ -69,28 +63,11 @@ async def test_a_mounted_gateway_meters_the_route_the_app_serves(
     assert usage["budget"]["spent"] == pytest.approx(17e-6)
 
 
-@contextlib.asynccontextmanager
-async def serving_under(app: ASGIApp, root_path: str) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning", root_path=root_path))
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 async def test_uvicorn_root_path_is_metered(store: Store, settings: Settings,
                                             metrics: Metrics) -> None:
     secret, _, _ = await new_key(store, settings)
     inner, served = inference_app()
-    async with serving_under(gateway(inner, store, settings, metrics), "/api") as url, \
+    async with serving(gateway(inner, store, settings, metrics), "/api") as url, \
             httpx.AsyncClient(base_url=url) as client:
         response = await client.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 401
