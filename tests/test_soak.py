@@ -28,6 +28,7 @@ from gateway.http.middleware import GatewayMiddleware
 from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
 from tests.conftest import RedisServer, bearer, new_key, serving
+from tests.redis_inspect import redis_of
 
 SECONDS = 6.0
 RESTART_AT = 2.0
@@ -191,7 +192,7 @@ async def _check(store: Store, keys: list[Key], tally: Tally,
     fell_back = _metric(registries, "gateway_settlements_total", outcome="failed")
     assert fell_back == 0  # every failed settlement was retried into Redis
     # Settled exactly once: no reservation is left over.
-    leftovers = [k async for k in store.client.scan_iter(match="*:res:*", count=1000)]
+    leftovers = [k async for k in redis_of(store).scan_iter(match="*:res:*", count=1000)]
     assert leftovers == []
     credits: dict[str, int] = defaultdict(int)
     for key in keys:

@@ -21,32 +21,32 @@ class Administration(HotPath):
         if not name.strip():
             raise ConfigError("account name must not be empty")
         account_id = str(uuid.uuid4())
-        if not await self._call(self.client.set(Names.account_name(name), account_id, nx=True)):
+        if not await self._cmd("SET", Names.account_name(name), account_id, "NX"):
             raise ConfigError(f"an account named {name!r} already exists")
         now = await self.now_us()
-        await self._call(self.client.hset(Names.account(account_id), mapping={
-            "id": account_id, "name": name, "credits": 0, "created_at": now, "total_spent": 0}))
-        await self._call(self.client.sadd(Names.ACCOUNTS, account_id))
+        await self._hset(Names.account(account_id), {
+            "id": account_id, "name": name, "credits": 0, "created_at": now, "total_spent": 0})
+        await self._cmd("SADD", Names.ACCOUNTS, account_id)
         return Account(account_id, name, 0, now)
 
     async def account_by_name(self, name: str) -> Account | None:
-        account_id = await self._call(self.client.get(Names.account_name(name)))
+        account_id = await self._cmd("GET", Names.account_name(name))
         return None if account_id is None else await self.get_account(_text(account_id))
 
     async def get_account(self, account_id: str) -> Account:
-        raw = await self._call(self.client.hgetall(Names.account(account_id)))
+        raw = await self._hash(Names.account(account_id))
         if not raw:
             raise NotFound(f"no account with id {account_id}")
         f = {_text(k): _text(v) for k, v in raw.items()}
         return Account(f["id"], f["name"], int(f["credits"]), int(f["created_at"]))
 
     async def list_accounts(self) -> list[Account]:
-        ids = sorted(_text(i) for i in await self._call(self.client.smembers(Names.ACCOUNTS)))
+        ids = sorted(_text(i) for i in await self._cmd("SMEMBERS", Names.ACCOUNTS))
         return [await self.get_account(i) for i in ids]
 
     async def add_credits(self, account_id: str, micro: int) -> Account:
         await self.get_account(account_id)
-        await self._call(self.client.hincrby(Names.account(account_id), "credits", micro))
+        await self._cmd("HINCRBY", Names.account(account_id), "credits", micro)
         return await self.get_account(account_id)
 
     async def create_key(
@@ -57,8 +57,8 @@ class Administration(HotPath):
         await self.get_account(account_id)
         now = await self.now_us()
         key_id = str(uuid.uuid4())
-        added = await self._call(self._add_key(keys=[Names.account_keys(account_id)],
-                                               args=[key_id, max_keys]))
+        added = await self._evalsha(self._add_key, [Names.account_keys(account_id)],
+                                    [key_id, max_keys])
         if not int(added):
             raise LimitReached(f"the account already holds its maximum of {max_keys} keys "
                                f"(max_keys_per_account)")
@@ -73,36 +73,36 @@ class Administration(HotPath):
             "budget_duration": budget_duration, "spent": 0,
             "resets_at": now + budget_duration * 1_000_000, "total_spent": 0,
         }
-        await self._call(self.client.hset(Names.key(account_id, key_id), mapping=record))
-        await self._call(self.client.set(Names.key_index(key_id), account_id))
+        await self._hset(Names.key(account_id, key_id), record)
+        await self._cmd("SET", Names.key_index(key_id), account_id)
         # The secret mapping goes last: a key is usable only once its record is complete.
-        await self._call(self.client.set(Names.secret(secret_hash), f"{account_id}:{key_id}"))
+        await self._cmd("SET", Names.secret(secret_hash), f"{account_id}:{key_id}")
         return await self.get_key(key_id)
 
     async def key_account(self, key_id: str) -> str:
-        account_id = await self._call(self.client.get(Names.key_index(key_id)))
+        account_id = await self._cmd("GET", Names.key_index(key_id))
         if account_id is None:
             raise NotFound(f"no key with id {key_id}")
         return _text(account_id)
 
     async def get_key(self, key_id: str) -> KeyRecord:
         account_id = await self.key_account(key_id)
-        raw = await self._call(self.client.hgetall(Names.key(account_id, key_id)))
+        raw = await self._hash(Names.key(account_id, key_id))
         if not raw:
             raise NotFound(f"no key with id {key_id}")
         return _key_record(raw)
 
     async def list_keys(self, account_id: str) -> list[KeyRecord]:
-        ids = await self._call(self.client.smembers(Names.account_keys(account_id)))
+        ids = await self._cmd("SMEMBERS", Names.account_keys(account_id))
         records = []
         for key_id in ids:
-            raw = await self._call(self.client.hgetall(Names.key(account_id, _text(key_id))))
+            raw = await self._hash(Names.key(account_id, _text(key_id)))
             if raw:  # a record deleted by hand is skipped, not fatal to the listing
                 records.append(_key_record(raw))
         return sorted(records, key=lambda r: (r.created_at_us, r.id))
 
     async def set_active(self, key_id: str, active: bool) -> KeyRecord:
         account_id = await self.key_account(key_id)
-        await self._call(self.client.hset(Names.key(account_id, key_id), "active",
-                                          "1" if active else "0"))
+        await self._cmd("HSET", Names.key(account_id, key_id), "active",
+                                          "1" if active else "0")
         return await self.get_key(key_id)

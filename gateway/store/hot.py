@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import hiredis
-
 from gateway.store.base import StoreBase
 from gateway.store.names import RESERVATION_TTL_SECONDS, HotNames, Names
 from gateway.store.records import Ask, Decision, KeyRef, KeyUsage, _optional_int, _text
-from gateway.store.replies import _hot_error
-from gateway.store.resp import _pack
+from gateway.store.replies import FAILURES, store_error
 
 _MAX_CACHED_NAMES = 100_000
 
@@ -28,7 +25,7 @@ class HotPath(StoreBase):
         return names
 
     async def lookup(self, secret_hash: str) -> KeyRef | None:
-        value = await self._hot_call("GET", Names.secret(secret_hash))
+        value = await self._cmd("GET", Names.secret(secret_hash))
         if value is None:
             return None
         account_id, _, key_id = _text(value).partition(":")
@@ -62,12 +59,8 @@ class HotPath(StoreBase):
         cancellation of the caller can stop it; it is written when the caller next yields
         to the loop, before anything the caller writes after that. None when there is no
         connected hot connection (then use settle()). Read the outcome with settled()."""
-        protocol = self._hot.connected() if self._hot is not None else None
-        if protocol is None:
-            return None
-        return protocol.request(_pack(("EVALSHA", self._settle.sha, 4,
-                                       *self._settle_keys(ref, request_id), prompt_tokens,
-                                       completion_tokens, cost, 1)))
+        return self.client.started(self._settle, self._settle_keys(ref, request_id),
+                                   [prompt_tokens, completion_tokens, cost, 1])
 
     @staticmethod
     def settled(reply: asyncio.Future[Any]) -> bool:
@@ -75,12 +68,12 @@ class HotPath(StoreBase):
         (a NOSCRIPT reply is StoreUnavailable: settle() loads the script and retries)."""
         try:
             return bool(reply.result())
-        except (TimeoutError, OSError, hiredis.ReplyError) as exc:
-            raise _hot_error(exc) from exc
+        except FAILURES as exc:
+            raise store_error(exc) from exc
 
     async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
-        raw = await self._call(self._usage(keys=keys, args=[secret_hash]))
+        raw = await self._evalsha(self._usage, keys, [secret_hash])
         if int(raw[0]) != 0:
             return KeyUsage(code=int(raw[0]))
         v = [_text(x) for x in raw]

@@ -1,17 +1,21 @@
-"""A multiplexed RESP connection: every request of a process on one pipelined socket."""
+"""A multiplexed RESP connection to one Redis server: every request of a process on one
+pipelined socket."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import socket
+import ssl
 import time
 from typing import Any
 
 import hiredis
 
+from gateway.store.urls import Address, Credentials
 
-class _Unsent(Exception):
+
+class Unsent(Exception):
     """The command was never written: Redis certainly did not run it."""
 
 
@@ -38,7 +42,7 @@ class _RespProtocol(asyncio.Protocol):
         loop, with every other command queued meanwhile; its reply (or error) completes
         the returned future."""
         if self.transport is None or self.lost:
-            raise _Unsent("not connected")
+            raise Unsent("not connected")
         loop = self.loop
         waiter = loop.create_future()
         self.waiters.append(waiter)
@@ -102,35 +106,47 @@ class _RespProtocol(asyncio.Protocol):
             self._watchdog = None
 
 
-class Multiplexed:
-    """One pipelined connection for the hot path (admit, settle, key lookup).
+class NodeConnection:
+    """One pipelined connection to one Redis server, shared by every request of a process.
 
-    Every call is written at once and answered in order, so all concurrent requests of a
-    process share one socket: no connection pool and no per-command client machinery on the
-    hot path, and Redis reads many commands per system call. After a failure the next call
-    reconnects. Used for redis:// and unix:// URLs; TLS and Cluster go through redis-py.
+    Every call is written at once and answered in order, so all concurrent requests share one
+    socket: no connection pool and no per-command client machinery, and Redis reads many
+    commands per system call. After a failure the next call reconnects (one attempt at a time:
+    the calls that waited for a failed attempt fail with it); attempts that time out back off
+    (up to a second), failing at once meanwhile, so a partitioned server costs no connect
+    timeout per request.
     """
 
-    def __init__(self, url: str, timeout_seconds: float) -> None:
-        from redis.asyncio.connection import parse_url
-
-        options = parse_url(url)
-        self._path: str | None = options.get("path")
-        self._host = str(options.get("host", "localhost"))
-        self._port = int(options.get("port", 6379))
-        self._username: str | None = options.get("username")
-        self._password: str | None = options.get("password")
-        self._db = int(options.get("db", 0))
+    def __init__(self, address: Address | None, credentials: Credentials,
+                 timeout_seconds: float, path: str | None = None) -> None:
+        self.address = address
+        self._path = path
+        self._credentials = credentials
         self._timeout = timeout_seconds
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._failed_at = 0.0
+        self._failures = 0
+        self._retry_at = 0.0
         self._closed = False
+
+    def __repr__(self) -> str:
+        return f"NodeConnection({self.name})"
+
+    @property
+    def name(self) -> str:
+        if self.address is None:
+            return f"unix:{self._path}"
+        return f"{self.address[0]}:{self.address[1]}"
 
     def _new_protocol(self) -> _RespProtocol:
         return _RespProtocol(self._timeout)
 
-    async def _connect(self) -> _RespProtocol:
+    async def connect(self) -> _RespProtocol:
+        """The connected protocol, connecting (once, for every waiter) when there is none."""
+        current = self._protocol
+        if current is not None and not current.lost:
+            return current
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         asked = time.monotonic()
@@ -139,43 +155,60 @@ class Multiplexed:
             if current is not None and not current.lost:
                 return current
             if self._failed_at >= asked:  # an attempt made while we waited just failed
-                raise _Unsent("cannot connect to Redis")
+                raise Unsent(f"cannot connect to Redis at {self.name}")
             if self._closed:  # a late retry must not open a connection nobody will close
-                raise _Unsent("the store is closed")
-            loop = asyncio.get_running_loop()
+                raise Unsent("the store is closed")
+            if asked < self._retry_at:
+                raise Unsent(f"cannot connect to Redis at {self.name} (retrying shortly)")
             try:
                 async with asyncio.timeout(self._timeout):
-                    if self._path:
-                        _, protocol = await loop.create_unix_connection(self._new_protocol,
-                                                                        self._path)
-                    else:
-                        transport, protocol = await loop.create_connection(
-                            self._new_protocol, self._host, self._port)
-                        sock = transport.get_extra_info("socket")
-                        if sock is not None:
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                    self._protocol = protocol
-                    if self._password:
-                        auth = ((self._username, self._password) if self._username
-                                else (self._password,))
-                        await protocol.request(_pack(("AUTH", *auth)))
-                    if self._db:
-                        await protocol.request(_pack(("SELECT", self._db)))
+                    protocol = await self._open()
             except (OSError, TimeoutError, hiredis.ReplyError) as exc:
                 self._failed_at = time.monotonic()
+                # A refused connection costs nothing and a restarted server must be used at
+                # once; an attempt that timed out (a partition) or was refused by Redis
+                # (AUTH) backs off, failing fast meanwhile instead of each request waiting.
+                if isinstance(exc, TimeoutError | hiredis.ReplyError):
+                    self._failures += 1
+                    self._retry_at = self._failed_at + min(0.025 * 2 ** self._failures, 1.0)
                 self._drop()
-                raise _Unsent(f"cannot connect to Redis: {type(exc).__name__}") from exc
+                raise Unsent(f"cannot connect to Redis at {self.name}: "
+                             f"{type(exc).__name__}{tls_reason(exc)}") from exc
+            self._failures = 0
             return protocol
+
+    async def _open(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+        if self.address is None:
+            _, protocol = await loop.create_unix_connection(self._new_protocol, self._path)
+        else:
+            host, port = self.address
+            tls = self._credentials.tls
+            transport, protocol = await loop.create_connection(
+                self._new_protocol, host, port, ssl=tls,
+                server_hostname=host if tls is not None else None)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._protocol = protocol
+        credentials = self._credentials
+        if credentials.password:
+            auth = ((credentials.username, credentials.password) if credentials.username
+                    else (credentials.password,))
+            await protocol.request(pack(("AUTH", *auth)))
+        if credentials.db:
+            await protocol.request(pack(("SELECT", credentials.db)))
+        return protocol
 
     def connected(self) -> _RespProtocol | None:
         protocol = self._protocol
         return None if protocol is None or protocol.lost else protocol
 
-    async def call(self, *command: Any) -> Any:
+    async def call(self, command: tuple[Any, ...]) -> Any:
         protocol = self._protocol
         if protocol is None or protocol.lost:
-            protocol = await self._connect()
-        return await protocol.request(_pack(command))
+            protocol = await self.connect()
+        return await protocol.request(pack(command))
 
     def _drop(self) -> None:
         protocol = self._protocol
@@ -183,11 +216,28 @@ class Multiplexed:
             protocol.transport.close()
         self._protocol = None
 
-    async def close(self) -> None:
+    def close_now(self) -> None:
         self._closed = True
         self._drop()
 
+    async def close(self) -> None:
+        self.close_now()
 
-def _pack(command: tuple[Any, ...]) -> bytes:
+
+def pack(command: tuple[Any, ...]) -> bytes:
     packed: bytes = hiredis.pack_command(command)
     return packed
+
+
+def tls_reason(exc: BaseException) -> str:
+    """Why a TLS handshake failed (e.g. ", TLS certificate verify failed: ..."); no secrets."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a bounded walk: exception chains can be cyclic
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLError):
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                return f", TLS certificate verify failed: {cause.verify_message}"
+            return f", TLS error: {cause.reason or 'handshake failed'}"
+        cause = cause.__cause__ or cause.__context__
+    return ""

@@ -22,6 +22,7 @@ from gateway.upstream.proxy import UpstreamProxy
 from tests.conftest import bearer, new_key, prompt_bound_of, serving
 from tests.e2e.conftest import MODEL_ALIAS, LlamaServer
 from tests.processes import gateway_serve
+from tests.redis_inspect import redis_of
 
 TINY = Price(1_000_000, 2_000_000, 100_000)  # what the server reports it serves
 BIG = Price(10_000_000, 20_000_000)  # the highest configured price
@@ -277,7 +278,7 @@ async def test_a_client_that_leaves_mid_stream_is_billed_tokens_not_chunks(
     high = TINY.cost_micro(prompt, completion, cached)
     assert chunks <= seen <= completion
     assert low <= billed <= high
-    assert not [k async for k in redis_store.client.scan_iter(
+    assert not [k async for k in redis_of(redis_store).scan_iter(
         match=f"gw:{{acct:{account_id}}}:res:*")]  # the key is not left holding anything
 
 

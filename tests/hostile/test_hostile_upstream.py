@@ -17,6 +17,7 @@ from gateway.config.settings import Settings
 from gateway.store import Names, Store, connect
 from tests.conftest import bearer, new_key
 from tests.processes import Process, gateway_serve
+from tests.redis_inspect import redis_of
 from tests.upstream.test_upstream_client import CHUNKED_HEAD, Server, chunk, response
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -49,7 +50,7 @@ def stderr_of(process: Process) -> str:
 
 
 async def reservations(store: Store, account_id: str) -> list[bytes]:
-    return [k async for k in store.client.scan_iter(match=Names.reservation(account_id, "*"))]
+    return [k async for k in redis_of(store).scan_iter(match=Names.reservation(account_id, "*"))]
 
 
 async def test_an_upstream_that_never_answers_is_a_504_in_time(

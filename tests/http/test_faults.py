@@ -26,6 +26,7 @@ from gateway.obs.metrics import Metrics
 from gateway.store import Ask, KeyRef, Names, Store, connect
 from tests.burst import CHAT, CHAT_COST
 from tests.conftest import RedisServer, bearer, client_for, new_key
+from tests.redis_inspect import redis_of
 
 TIMEOUT = 0.25
 
@@ -265,7 +266,7 @@ async def test_a_settlement_redis_refuses_is_given_up_and_counted_failed(
     assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
     # The key record replaced by a string: settle.lua's HGET fails with WRONGTYPE, which no
     # retry can fix.
-    await fault_store.client.set(Names.key(account_id, key_id), "corrupt")
+    await redis_of(fault_store).set(Names.key(account_id, key_id), "corrupt")
     queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
     await queue.settle(Settlement(ref, "r", 10, 8, CHAT_COST, "standard"))
     assert len(queue) == 0  # not retried: it would block the settlements behind it

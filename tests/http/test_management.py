@@ -22,6 +22,7 @@ from gateway.obs.metrics import Metrics
 from gateway.store import KeyRecord, KeyRef, Names, Store, connect
 from tests.conftest import bearer, client_for, new_key
 from tests.openapi_check import check
+from tests.redis_inspect import redis_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -452,16 +453,16 @@ async def test_usage_windows_read_from_redis(store: Store) -> None:
         now = await store.now_us() // 1_000_000
         minute, hour = now // 60, now // 3600
         for m, n in ((minute - 59, 1), (minute - 60, 2)):
-            await store.client.hset(Names.usage_minutes(account, record.id, m // 60),
+            await redis_of(store).hset(Names.usage_minutes(account, record.id, m // 60),
                                     mapping={f"r{m % 60}": n, f"p{m % 60}": 10 * n})
         for h, n in ((hour - 23, 4), (hour - 24, 8), (hour - 167, 16), (hour - 168, 32),
                      (hour - 719, 64), (hour - 720, 128)):
-            await store.client.hset(Names.usage_hours(account, record.id, h // 24),
+            await redis_of(store).hset(Names.usage_hours(account, record.id, h // 24),
                                     mapping={f"r{h % 24}": n, f"c{h % 24}": n})
         snapshot = await store.usage_snapshot(account)
         if snapshot.now_us // 60_000_000 == minute:
             break
-        await store.client.flushall()
+        await redis_of(store).flushall()
         account = (await store.create_account("acme")).id
         record = await store.create_key(
             account_id=account, name="k", key_type="credit", plan="", rpm=1, tpm=1,
@@ -489,24 +490,22 @@ async def test_usage_read_is_one_pipeline_for_100_keys(redis_url: str,
                 budget_limit=None, budget_duration=60, expires_at_us=None,
                 expires_in_seconds=None, secret_hash=f"{i:064x}")
         await store.usage_snapshot(account)  # loads the scripts
-        client = store.client
-        commands: list[str] = []
-        pipelines: list[int] = []
-        real_execute, real_pipeline = client.execute_command, client.pipeline
+        from gateway.store.resp import _RespProtocol
 
-        async def execute(*args: Any, **kwargs: Any) -> Any:
-            commands.append(str(args[0]))
-            return await real_execute(*args, **kwargs)
+        writes: list[list[bytes]] = []  # the commands of each write to the socket
+        real_flush = _RespProtocol._flush
 
-        def pipeline(*args: Any, **kwargs: Any) -> Any:
-            pipelines.append(1)
-            return real_pipeline(*args, **kwargs)
+        def flush(protocol: _RespProtocol) -> None:
+            if protocol._outbox:
+                writes.append([c.split(b"\r\n")[2] for c in protocol._outbox])
+            real_flush(protocol)
 
-        monkeypatch.setattr(client, "execute_command", execute)
-        monkeypatch.setattr(client, "pipeline", pipeline)
+        monkeypatch.setattr(_RespProtocol, "_flush", flush)
         snapshot = await store.usage_snapshot(account)
         assert len(snapshot.keys) == 100
-        assert commands == ["EVALSHA"] and pipelines == [1]
+        # Two round trips: the key index with Redis time, then every hash in one write.
+        assert [set(w) for w in writes] == [{b"EVALSHA"}, {b"HGETALL"}]
+        assert len(writes[1]) >= 100
     finally:
         await store.close()
 

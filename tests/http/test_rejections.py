@@ -29,6 +29,7 @@ from gateway.http.ratelimit import (
 from gateway.obs.metrics import Metrics
 from gateway.store import Decision, Names, Store, connect
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
+from tests.redis_inspect import redis_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
@@ -63,7 +64,7 @@ async def test_cached_key_lookups_expire_after_auth_cache_seconds(
     resolver = KeyResolver(store, ttl_seconds=5.0)
     secret_hash = hash_secret(secret)
     assert await resolver.resolve(secret_hash) is not None
-    await store.client.delete(Names.secret(secret_hash))
+    await redis_of(store).delete(Names.secret(secret_hash))
     clock.monotonic = lambda: 1004.9
     assert await resolver.resolve(secret_hash) is not None  # still cached
     clock.monotonic = lambda: 1005.1
@@ -152,7 +153,7 @@ async def test_a_rotated_secret_is_dropped_from_the_lookup_cache(
 async def test_usage_is_404_when_the_record_is_gone(store: Store, settings: Settings,
                                                     metrics: Metrics) -> None:
     secret, key_id, account_id = await new_key(store, settings)
-    await store.client.delete(Names.key(account_id, key_id))
+    await redis_of(store).delete(Names.key(account_id, key_id))
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         response = await client.get("/v1/usage", headers=bearer(secret))
         missing = await client.get("/v1/usage", headers=bearer("sk_live_" + "Z" * 40))
@@ -250,14 +251,14 @@ async def test_unbelievable_usage_falls_back_to_the_estimate(
         after = (await store.get_key((await store.list_keys(account_id))[0].id)).spent
         assert after - before == estimate, usage
     reservations = Names.reservation(account_id, "*")
-    assert [k async for k in store.client.scan_iter(match=reservations)] == []
+    assert [k async for k in redis_of(store).scan_iter(match=reservations)] == []
 
 
 async def test_listing_survives_a_key_record_deleted_by_hand(
         store: Store, settings: Settings) -> None:
     _, gone, account_id = await new_key(store, settings, name="gone")
     _, kept, _ = await new_key(store, settings, account_id, name="kept")
-    await store.client.delete(Names.key(account_id, gone))
+    await redis_of(store).delete(Names.key(account_id, gone))
     assert [k.id for k in await store.list_keys(account_id)] == [kept]
 
 

@@ -26,6 +26,7 @@ from tests.conftest import (
     serving,
     stream_then_leave,
 )
+from tests.redis_inspect import redis_of
 
 STREAM = {"model": "m", "stream": True, "max_tokens": 12,
           "messages": [{"role": "user", "content": "y" * 80}]}
@@ -91,7 +92,7 @@ async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
         # deletes the reservation and replaces the estimate with what was streamed.
         reservations = Names.reservation(account_id, "*")
         for _ in range(200):
-            if not [k async for k in store.client.scan_iter(match=reservations)]:
+            if not [k async for k in redis_of(store).scan_iter(match=reservations)]:
                 break
             await asyncio.sleep(0.02)
         spent = await spent_micro(session, base, secret)
@@ -99,7 +100,7 @@ async def test_disconnect_mid_stream_is_billed_and_frees_the_key(
         prompt = prompt_bound_of(body)  # no usage reached the gateway: the prompt's bound
         assert price.cost_micro(prompt, streamed) <= spent \
             <= price.cost_micro(prompt, streamed + 10)
-        assert [k async for k in store.client.scan_iter(match=reservations)] == []
+        assert [k async for k in redis_of(store).scan_iter(match=reservations)] == []
         # the reservation of the prompt's bound + 200 was returned: the next goes through
         async with session.post(f"{base}/v1/chat/completions",
                                 json={**STREAM, "stream": False},
@@ -208,7 +209,7 @@ async def test_spend_is_visible_to_the_next_request_on_another_replica(
                 aiohttp.ClientSession() as session:
             for done in range(1, 41):
                 if done == 20:  # after SCRIPT FLUSH, the admission reloads the scripts
-                    await first.client.script_flush()
+                    await redis_of(first).script_flush()
                 async with session.post(f"{base_a}/v1/chat/completions", json=body,
                                         headers=bearer(secret)) as response:
                     assert response.status == 200

@@ -33,6 +33,7 @@ from gateway.serve.cli import main
 from gateway.store import Ask, KeyRef, Store, connect
 from gateway.types import Receive, Scope, Send
 from tests.conftest import METRICS_AUTH, RedisServer, bearer, client_for, gateway, new_key
+from tests.redis_inspect import redis_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 
@@ -203,14 +204,14 @@ async def test_healthz_is_ok_while_redis_is_down(settings: Settings, metrics: Me
 async def test_readyz_loads_missing_scripts(store: Store, settings: Settings,
                                             metrics: Metrics) -> None:
     shas = [store._admit.sha, store._settle.sha, store._usage.sha]
-    await store.client.script_flush()
-    assert await store.client.script_exists(*shas) == [False, False, False]
+    await redis_of(store).script_flush()
+    assert await redis_of(store).script_exists(*shas) == [False, False, False]
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready", "redis": True, "scripts": True}
     assert response.headers["cache-control"] == "no-store"  # a probe must see it live
-    assert await store.client.script_exists(*shas) == [True, True, True]
+    assert await redis_of(store).script_exists(*shas) == [True, True, True]
 
 
 async def test_readyz_is_503_when_scripts_cannot_be_checked(

@@ -281,7 +281,7 @@ def test_hostile_cli_input_is_one_line_never_a_traceback(
         (["keys", "create", "--name", "a", "--plan", "pro", "--budget-duration",
           "99999999999999d", "--redis", redis_url], "longer than the maximum"),
         (["keys", "list", "--redis", f"redis+cluster://127.0.0.1:{redis_server.port}"],
-         "Cluster mode is not enabled"),
+         "is not a Redis Cluster"),
         (["serve", "--redis", redis_url, "--upstream", "http://a b"], "invalid host"),
         (["serve", "--redis", redis_url, "--upstream", "http://h", "--port", "99999"],
          "a port is a number from 1 to 65535"),

@@ -15,6 +15,7 @@ from gateway.obs.metrics import Metrics
 from gateway.store import Ask, KeyRef, Names, Store, connect
 from gateway.store.embedded import embedded_store
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
+from tests.redis_inspect import redis_of
 
 
 def chat(max_tokens: int | None = 8, chars: int = 40) -> dict[str, Any]:
@@ -231,7 +232,7 @@ async def end_the_period(store: Store, account_id: str, key_id: str) -> int:
     """Makes the key's budget period have ended 2.5 periods (of an hour) ago with its budget
     spent; returns when the current period ends: whole periods on from that anchor."""
     anchor = await store.now_us() - 2 * HOUR_US - HOUR_US // 2
-    await store.client.hset(Names.key(account_id, key_id),
+    await redis_of(store).hset(Names.key(account_id, key_id),
                             mapping={"spent": 999_999, "resets_at": anchor})
     return anchor + 3 * HOUR_US
 
@@ -268,7 +269,7 @@ async def test_a_settlement_after_a_rollover_leaves_the_new_period_alone(
     ref = KeyRef(account_id, key_id)
     assert (await store.admit(ref, hash_secret(secret), "old", Ask.flat(100, 500))).code == 0
     # The period ends while "old" is in flight; "new" is admitted in the next period.
-    await store.client.hset(Names.key(account_id, key_id), "resets_at",
+    await redis_of(store).hset(Names.key(account_id, key_id), "resets_at",
                             await store.now_us() - 1)
     assert (await store.admit(ref, hash_secret(secret), "new", Ask.flat(100, 300))).code == 0
     assert await store.settle(ref, "old", 10, 10, 40) is True

@@ -12,6 +12,7 @@ from gateway.core.keys import hash_secret
 from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.store import Ask, connect
 from tests.conftest import RedisServer, free_port, new_key
+from tests.redis_inspect import redis_of
 
 
 async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
@@ -20,14 +21,14 @@ async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
     secret, key_id, account_id = await new_key(store, settings)
     ref = await store.lookup(hash_secret(secret))
     assert ref is not None and (ref.account_id, ref.key_id) == (account_id, key_id)
-    await store.client.script_flush()
+    await redis_of(store).script_flush()
     decision = await store.admit(ref, hash_secret(secret),
                                  "r1", Ask.flat(10, 5))
     assert decision.code == 0
     # The admission loaded the settlement's script too: it will not miss it after the
     # client has seen the response (read-your-writes across replicas).
-    assert await store.client.script_exists(store._settle.sha) == [True]
-    await store.client.script_flush()  # flushed between admission and settlement
+    assert await redis_of(store).script_exists(store._settle.sha) == [True]
+    await redis_of(store).script_flush()  # flushed between admission and settlement
     assert await store.settle(ref, "r1", 3, 4, 5) is True
     assert await store.settle(ref, "r1", 3, 4, 5) is False  # idempotent per request id
     await store.close()
@@ -42,8 +43,8 @@ async def test_concurrent_hot_calls_share_one_connection(redis_url: str) -> None
     decisions = await asyncio.gather(*(store.admit(ref, hash_secret(secret), f"r{i}",
                                                    Ask.flat(1, 0)) for i in range(200)))
     assert [d.code for d in decisions].count(0) == 200
-    clients = await store.client.client_list()
-    assert len(clients) <= 3  # the multiplexed connection, the admin pool's, this query's
+    clients = await redis_of(store).client_list()
+    assert len(clients) == 2  # the store's one connection, and this query's
     await store.close()
 
 
@@ -71,9 +72,8 @@ def test_scripts_load_from_a_source_checkout_too(monkeypatch: pytest.MonkeyPatch
 
 
 async def test_transient_replies_are_unavailable_not_refused(tmp_path: Path) -> None:
-    """redis-py turns READONLY, CLUSTERDOWN, TRYAGAIN and NOSCRIPT replies into classes of
-    their own and drops the prefix: they must still read as transient (a settlement that
-    meets one is retried, not given up), while a genuine command error is not."""
+    """READONLY (as CLUSTERDOWN, TRYAGAIN, NOSCRIPT, MOVED) is transient: a settlement that
+    meets one is retried, not given up; a genuine command error is not."""
     server = RedisServer(tmp_path)
     server.start()
     store = connect(server.url, timeout_seconds=5.0)
@@ -81,15 +81,15 @@ async def test_transient_replies_are_unavailable_not_refused(tmp_path: Path) -> 
         await store.create_account("before")
         # A replica of a master that does not exist: reachable, but refuses writes,
         # as the old master does for a moment after a failover.
-        await store.client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        await redis_of(store).execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
         with pytest.raises(StoreUnavailable) as refused:
             await store.create_account("during")
         assert not isinstance(refused.value, StoreCommandError)
-        assert "ReadOnlyError" in str(refused.value)
-        await store.client.execute_command("REPLICAOF", "NO", "ONE")
-        await store.client.set("plain", "text")
+        assert "READONLY" in str(refused.value)
+        await redis_of(store).execute_command("REPLICAOF", "NO", "ONE")
+        await redis_of(store).set("plain", "text")
         with pytest.raises(StoreCommandError):  # WRONGTYPE: retrying cannot help
-            await store._call(store.client.hget("plain", "field"))
+            await store._cmd("HGET", "plain", "field")
     finally:
         await store.close()
         server.stop()

@@ -33,6 +33,7 @@ from tests.conftest import (
     serving,
     stream_then_leave,
 )
+from tests.redis_inspect import redis_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
 
@@ -138,7 +139,7 @@ async def test_proxied_stream_disconnect_is_billed(store: Store, settings: Setti
             # Admission debited the estimate; settlement (when the server notices) deletes
             # the reservation and replaces the estimate with what was streamed.
             for _ in range(200):
-                if not [k async for k in store.client.scan_iter(match=reservations)]:
+                if not [k async for k in redis_of(store).scan_iter(match=reservations)]:
                     break
                 await asyncio.sleep(0.02)
             async with session.get(f"{base}/v1/usage", headers=bearer(secret)) as usage:
