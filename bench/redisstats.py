@@ -23,12 +23,18 @@ class RedisSnapshot:
     commands: dict[str, tuple[int, int]]  # command -> (calls, usec)
 
 
-def snapshot(client: redis.Redis) -> RedisSnapshot:
-    cpu = client.info("cpu")
-    stats = client.info("commandstats")
-    commands = {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
-                for name, v in stats.items()}
-    return RedisSnapshot(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), commands)
+def snapshot(*clients: redis.Redis) -> RedisSnapshot:
+    """CPU and command statistics of one server, or summed over several (a cluster's nodes)."""
+    cpu_s = 0.0
+    commands: dict[str, tuple[int, int]] = {}
+    for client in clients:
+        cpu = client.info("cpu")
+        cpu_s += float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+        for name, v in client.info("commandstats").items():
+            calls, usec = commands.get(name.removeprefix("cmdstat_"), (0, 0))
+            commands[name.removeprefix("cmdstat_")] = (calls + int(v["calls"]),
+                                                       usec + int(v["usec"]))
+    return RedisSnapshot(cpu_s, commands)
 
 
 def delta(before: RedisSnapshot, after: RedisSnapshot, requests: int) -> dict[str, Any]:

@@ -97,8 +97,27 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                 f"< {spacing:g} (event spacing)", added["stream_slowest_event_lag_p50_ms"],
                 added["stream_slowest_event_lag_p50_ms"] < spacing),
     ]
+    cluster = results.get("cluster")
+    if cluster is not None:
+        _cluster_summary(t, cluster["round_trips"], ratios, costs, targets)
     return {"ratios": ratios, "per_request_ms": costs, "one_connection_added": added,
             "targets": targets}
+
+
+def _cluster_summary(t: dict[str, Any], trips: dict[str, Any], ratios: dict[str, float],
+                     costs: dict[str, float], targets: list[dict[str, Any]]) -> None:
+    """The same gateway (--workers 1) against a 3-master Redis Cluster instead of one Redis."""
+    for kind in KINDS:
+        standalone, cluster = t[f"gateway1.{kind}"], t[f"cluster.{kind}"]
+        ratios[f"cluster_cpu_over_standalone.{kind}"] = _ratio(_cpu(cluster, "cluster"),
+                                                                _cpu(standalone, "gateway1"))
+        ratios[f"cluster_rps_over_standalone.{kind}"] = _ratio(cluster["rps"],
+                                                                standalone["rps"])
+        costs[f"cluster_gateway_cpu_ms.{kind}"] = _cpu(cluster, "cluster")
+        costs[f"cluster_redis_cpu_ms.{kind}"] = cluster["redis"]["cpu_ms_per_request"]
+    ns = trips["non_streamed"]
+    targets.append(_target("Redis Cluster: round trips per request in all", "== 2",
+                           ns["per_request"], ns["per_request"] == 2))
 
 
 def _target(name: str, target: str, measured: float, met: bool) -> dict[str, Any]:
@@ -137,6 +156,8 @@ def render(results: dict[str, Any]) -> None:
         print(f"{row['workers']:>7}{row['rps']:>9.0f}{row['p50_ms']:>8.2f}"
               f"{row['gateway_cpu_ms_per_request']:>15.3f}"
               f"{row['redis']['cpu_ms_per_request']:>18.3f}{evalsha:>16.1f}")
+    if "cluster" in results:
+        _render_cluster(results)
     s = results["summary"]
     print("\nratios")
     for name, value in s["ratios"].items():
@@ -156,3 +177,25 @@ def render(results: dict[str, Any]) -> None:
         print(f"\nprofile ({prof['samples']} samples; {prof['raw']}): top self time")
         for row in prof["self"][:15]:
             print(f"  {row['percent']:5.1f}%  {row['function']}")
+
+
+def _render_cluster(results: dict[str, Any]) -> None:
+    cluster = results["cluster"]
+    t = results["throughput"]
+    print(f"\nRedis Cluster ({cluster['masters']} masters, {cluster['replicas']} replicas) vs "
+          "one Redis, gateway serve --workers 1; Redis figures summed over the nodes"
+          f"\n{'kind':<14}{'req/s':>9}{'vs one':>8}{'gw CPU ms/req':>15}{'vs one':>8}"
+          f"{'redis CPU ms/req':>18}{'cmds/req':>10}{'evalsha/req':>13}")
+    for kind in KINDS:
+        run, one = t[f"cluster.{kind}"], t[f"gateway1.{kind}"]
+        trips = cluster["round_trips"][kind]
+        evalsha = run["redis"]["commandstats"].get("evalsha", {}).get("calls_per_request", 0)
+        print(f"{kind:<14}{run['rps']:>9.0f}{_ratio(run['rps'], one['rps']):>8.2f}"
+              f"{_cpu(run, 'cluster'):>15.3f}"
+              f"{_ratio(_cpu(run, 'cluster'), _cpu(one, 'gateway1')):>8.2f}"
+              f"{run['redis']['cpu_ms_per_request']:>18.3f}{trips['per_request']:>10.3f}"
+              f"{evalsha:>13.3f}")
+    for kind, trips in cluster["round_trips"].items():
+        detail = ", ".join(f"{k} {v:.3f}" for k, v in trips["by_command"].items())
+        print(f"  MONITOR {kind:<14} {trips['per_request']:.3f}  ({detail}; "
+              f"n={trips['requests']})")

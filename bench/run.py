@@ -1,11 +1,12 @@
 """The gateway benchmark: `python -m bench.run` (see docs/performance.md).
 
 Starts a private redis-server, a fast raw-asyncio upstream, `gateway serve` (--workers 1 and
-2) and the middleware shape (GatewayMiddleware around MockUpstream in uvicorn, next to
-MockUpstream alone), then measures side by side: throughput and latency direct vs through the
-gateway, each process's CPU time per request, Redis round trips per metered request (MONITOR),
-Redis's own CPU per request, one-connection added latency and time to first byte of streams.
-Prints ratios and per-request costs, asserts nothing about speed, and writes a JSON result.
+2; and --workers 1 against a private 3-master Redis Cluster, unless --no-cluster) and the
+middleware shape (GatewayMiddleware around MockUpstream in uvicorn, next to MockUpstream
+alone), then measures side by side: throughput and latency direct vs through the gateway, each
+process's CPU time per request, Redis round trips per metered request (MONITOR), Redis's own
+CPU per request, one-connection added latency and time to first byte of streams. Prints
+ratios and per-request costs, asserts nothing about speed, and writes a JSON result.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import orjson
 import redis
 
 from bench import profile, report
+from bench.cluster import LocalCluster
 from bench.procs import Service, free_port, pinning, redis_server
 from bench.redisstats import Monitor, delta, snapshot
 
@@ -149,7 +151,8 @@ end"""
 
 
 class Bench:
-    def __init__(self, size: Size, load: Load, workdir: Path, workers: list[int]) -> None:
+    def __init__(self, size: Size, load: Load, workdir: Path, workers: list[int],
+                 cluster: bool = True) -> None:
         self.size = size
         self.load = load
         self.workdir = workdir
@@ -157,6 +160,11 @@ class Bench:
         self.services: dict[str, Service] = {}
         self.secret = ""
         self.redis: redis.Redis | None = None
+        # `gateway serve --workers 1` against a private Redis Cluster: the "cluster" target,
+        # with its own key (created in the cluster) and its own Redis statistics.
+        self.with_cluster = cluster
+        self.cluster: LocalCluster | None = None
+        self.cluster_secret = ""
 
     # -- processes ------------------------------------------------------------------------
 
@@ -170,6 +178,8 @@ class Bench:
                 service.stop()
             if self.redis is not None:
                 self.redis.close()
+            if self.cluster is not None:
+                self.cluster.stop()
 
     def _start(self) -> None:
         config = self.workdir / "gateway.toml"
@@ -195,6 +205,8 @@ class Bench:
                 "--config", str(config), "--port", str(port), "--workers", str(workers),
                 "--metrics-port", "0"], port, env,
                 self.workdir / f"gateway{workers}.log")
+        if self.with_cluster:
+            self._start_cluster(upstream, config, env)
         env["BENCH_UPSTREAM"] = upstream
         for name, factory in (("mock", "bench.apps:mock"),
                               ("middleware", "bench.apps:gateway_mock"),
@@ -212,8 +224,35 @@ class Bench:
         for service in self.services.values():
             service.ready()
 
+    def _start_cluster(self, upstream: str, config: Path, env: dict[str, str]) -> None:
+        """3 masters, no replicas; the gateway's own cluster client (redis+cluster://)."""
+        self.cluster = LocalCluster(self.workdir)
+        self.cluster.ready()
+        url = self.cluster.url
+        cluster_env = {**env, "GATEWAY_REDIS_URL": url}
+        port = free_port()
+        self.services["cluster"] = Service("gateway --workers 1 (Redis Cluster)", [
+            sys.executable, "-m", "gateway", "serve", "--upstream", upstream, "--redis", url,
+            "--config", str(config), "--port", str(port), "--workers", "1",
+            "--metrics-port", "0"], port, cluster_env, self.workdir / "cluster.log")
+        created = subprocess.run([
+            sys.executable, "-m", "gateway", "keys", "create", "--json", "--plan", "bench",
+            "--name", "bench", "--rpm", "100000000", "--tpm", "100000000", "--redis", url,
+            "--config", str(config)], capture_output=True, env=cluster_env, check=True)
+        self.cluster_secret = orjson.loads(created.stdout)["key"]
+
     def _secret_for(self, target: str) -> str | None:
+        if target == "cluster":
+            return self.cluster_secret
         return None if target in ("upstream", "mock", *YARDSTICKS) else self.secret
+
+    def _stores(self, target: str) -> list[redis.Redis]:
+        """The Redis server(s) a target's requests reach: the cluster's nodes, or the one."""
+        if target == "cluster":
+            assert self.cluster is not None
+            return self.cluster.clients
+        assert self.redis is not None
+        return [self.redis]
 
     # -- measurements ---------------------------------------------------------------------
 
@@ -224,15 +263,15 @@ class Bench:
         conns = connections or self.size.connections
         secret = self._secret_for(target)
         self.load.run(service.port, kind, secret, conns, duration=self.size.warmup)
-        assert self.redis is not None
+        stores = self._stores(target)
         cpu_before = {name: s.cpu() for name, s in self.services.items() if name != "redis"}
-        redis_before = snapshot(self.redis)
+        redis_before = snapshot(*stores)
         result = self.load.run(service.port, kind, secret, conns, duration=self.size.duration)
-        redis_after = snapshot(self.redis)
+        redis_after = snapshot(*stores)
         requests = max(1, result["requests"])
         # The processes this run goes through; the idle ones only tick their timers.
-        involved = ([target, "upstream"] if target.startswith("gateway") or target == "naive"
-                    else [target])
+        involved = ([target, "upstream"] if target.startswith("gateway")
+                    or target in ("naive", "cluster") else [target])
         result["cpu_ms_per_request"] = {
             name: (self.services[name].cpu() - cpu_before[name]) * 1000 / requests
             for name in involved}
@@ -250,14 +289,18 @@ class Bench:
                              extra_headers=extra_headers)
 
     def round_trips(self, target: str, kind: str) -> dict[str, Any]:
-        """Commands the gateway sent to Redis per metered request, from MONITOR."""
+        """Commands the gateway sent to Redis per metered request, from MONITOR (on every
+        node of the cluster for the "cluster" target, summed)."""
         service = self.services[target]
-        store = self.services["redis"]
-        self.load.run(service.port, kind, self.secret, 4, requests=50)  # warm: auth cache
-        monitor = Monitor("127.0.0.1", store.port)
-        result = self.load.run(service.port, kind, self.secret, 4,
-                               requests=self.size.monitored)
-        counted = monitor.finish(script_names())
+        secret = self._secret_for(target)
+        self.load.run(service.port, kind, secret, 4, requests=50)  # warm: auth cache
+        if target == "cluster":
+            assert self.cluster is not None
+            monitors = self.cluster.monitors()
+        else:
+            monitors = [Monitor("127.0.0.1", self.services["redis"].port)]
+        result = self.load.run(service.port, kind, secret, 4, requests=self.size.monitored)
+        counted = LocalCluster.finish(monitors, script_names())
         requests = max(1, result["requests"])
         by_command = {name: n / requests for name, n in sorted(counted.items())}
         before = sum(v for k, v in by_command.items() if k.endswith("admit"))
@@ -308,8 +351,16 @@ def measure(bench: Bench, profile_seconds: int,
     for kind in BODIES:
         step(f"Redis round trips, {kind}")
         results["round_trips"][kind] = bench.round_trips("gateway1", kind)
+    gateways: tuple[str, ...] = ("gateway1",)
+    if bench.cluster is not None:
+        gateways = ("gateway1", "cluster")
+        results["cluster"] = {"masters": len(bench.cluster.ports), "replicas": 0,
+                              "round_trips": {}}
+        for kind in BODIES:
+            step(f"Redis round trips, Redis Cluster, {kind}")
+            results["cluster"]["round_trips"][kind] = bench.round_trips("cluster", kind)
     for kind in BODIES:
-        for target in ("upstream", "gateway1", "mock", "middleware"):
+        for target in ("upstream", *gateways, "mock", "middleware"):
             step(f"throughput {target} {kind}")
             results["throughput"][f"{target}.{kind}"] = bench.throughput(target, kind)
     for target in YARDSTICKS:
@@ -369,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="gateway --workers for the scaling "
                         "table (comma-separated; 1 is always measured)")
     parser.add_argument("--duration", type=float, help="seconds per throughput run")
+    parser.add_argument("--no-cluster", action="store_true",
+                        help="skip the Redis Cluster column (gateway serve against a private "
+                        "3-master cluster)")
     parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                         help="also sample the gateway with py-spy under load for SECONDS")
     parser.add_argument("--profile-kind", choices=tuple(BODIES), default="non_streamed",
@@ -390,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = sorted({1, *(int(w) for w in args.workers.split(",") if w.strip())})
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         load = Load(tool, None if args.no_pin or cpus < 2 else cpus - 1, Path(tmp))
-        bench = Bench(size, load, Path(tmp), workers)
+        bench = Bench(size, load, Path(tmp), workers, cluster=not args.no_cluster)
         started = time.monotonic()
         with bench.running():
             results = measure(bench, args.profile, args.profile_kind)

@@ -1,7 +1,8 @@
 """The benchmark in its tiny mode: it runs end to end and writes a complete JSON result.
 
 Speeds are never asserted; the Redis round-trip count is, because it is a behaviour: at steady
-state a metered request costs exactly one admission and one settlement call, and no lookup.
+state a metered request costs exactly one admission and one settlement call, and no lookup,
+against one Redis and against a Redis Cluster (the "cluster" column) alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench import report
 from bench.run import main
 
 KINDS = ("non_streamed", "streamed")
@@ -21,8 +23,8 @@ RUN_FIELDS = {"requests", "rps", "p50_ms", "p99_ms", "cpu_ms_per_request", "redi
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.fail("redis-server and redis-cli are needed (apt-get install redis-server)")
     out: Path = tmp_path_factory.mktemp("bench") / "result.json"
     assert main(["--tiny", "--loadgen", "builtin", "--workers", "1", "--out", str(out)]) == 0
     doc: dict[str, object] = orjson.loads(out.read_bytes())
@@ -32,7 +34,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_every_run_is_measured_and_clean(result: dict[str, object]) -> None:
     throughput = result["throughput"]
     assert isinstance(throughput, dict)
-    for target in ("upstream", "gateway1", "mock", "middleware"):
+    for target in ("upstream", "gateway1", "cluster", "mock", "middleware"):
         for kind in KINDS:
             run = throughput[f"{target}.{kind}"]
             assert run.keys() >= RUN_FIELDS
@@ -85,3 +87,38 @@ def test_summary_reports_ratios_costs_and_targets(result: dict[str, object]) -> 
     environment = result["environment"]
     assert isinstance(environment, dict)
     assert environment["loadgen"] == "builtin"
+
+
+def test_the_cluster_column_meters_like_one_redis(result: dict[str, object]) -> None:
+    cluster = result["cluster"]
+    assert isinstance(cluster, dict)
+    assert (cluster["masters"], cluster["replicas"]) == (3, 0)
+    for kind in KINDS:
+        # MONITOR on each of the 3 nodes, summed: the same two calls as against one Redis.
+        trips = cluster["round_trips"][kind]
+        assert trips["non_2xx"] == 0 and trips["requests"] > 0
+        assert trips["by_command"] == {"EVALSHA admit": 1.0, "EVALSHA settle": 1.0}
+        assert trips["per_request"] == 2.0
+        run = result["throughput"][f"cluster.{kind}"]  # type: ignore[index]
+        assert run["redis"]["cpu_ms_per_request"] > 0  # INFO summed over the nodes
+        assert run["redis"]["commandstats"]["evalsha"]["calls_per_request"] > 0
+    summary = result["summary"]
+    assert isinstance(summary, dict)
+    for kind in KINDS:
+        assert summary["ratios"][f"cluster_cpu_over_standalone.{kind}"] > 0
+        assert summary["ratios"][f"cluster_rps_over_standalone.{kind}"] > 0
+        assert summary["per_request_ms"][f"cluster_gateway_cpu_ms.{kind}"] > 0
+    assert "Redis Cluster: round trips per request in all" in {
+        t["name"] for t in summary["targets"]}
+
+
+def test_a_run_without_the_cluster_column_still_summarizes(
+        result: dict[str, object]) -> None:
+    """What --no-cluster leaves out: no "cluster" section, no cluster figures."""
+    without = {k: v for k, v in result.items() if k != "cluster"}
+    without["throughput"] = {k: v for k, v in result["throughput"].items()  # type: ignore[attr-defined]
+                             if not k.startswith("cluster.")}
+    summary = report.summary(without)
+    assert not any(k.startswith("cluster") for k in summary["ratios"])
+    assert not any(k.startswith("cluster") for k in summary["per_request_ms"])
+    assert not any(t["name"].startswith("Redis Cluster") for t in summary["targets"])
