@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from gateway.core.keys import hash_secret
 from gateway.config.settings import Settings
+from gateway.core.keys import hash_secret
 from gateway.store import Ask, Names, Store, connect
 from gateway.store.cluster import ClusterClient
 from gateway.store.slots import key_slot
