@@ -115,6 +115,34 @@ def cluster_url(redis_cluster: Any) -> str:
     return str(redis_cluster.url)
 
 
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Throwaway certificates (tests/tls.py)."""
+    from tests.tls import Certificates
+
+    return Certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory, certs: Any) -> Iterator[Any]:
+    """A redis-server that speaks only TLS, started once when first used."""
+    from tests.tls import TLSRedis
+
+    server = TLSRedis(tmp_path_factory.mktemp("tls-redis"), certs, auth_clients=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory, certs: Any) -> Iterator[Any]:
+    """A 3-master TLS Redis Cluster, started once when first used."""
+    from tests.tls import TLSCluster
+
+    cluster = TLSCluster(tmp_path_factory.mktemp("tls-cluster"), certs)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(params=["redis", "embedded"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)

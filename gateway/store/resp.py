@@ -36,6 +36,7 @@ class _RespProtocol(asyncio.Protocol):
         self.lost = False
         self._outbox: list[bytes] = []
         self._watchdog: asyncio.TimerHandle | None = None
+        self.closed: asyncio.Future[None] = self.loop.create_future()
 
     def request(self, command: bytes) -> asyncio.Future[Any]:
         """Queues `command`, to be written as soon as the running callback yields to the
@@ -104,6 +105,8 @@ class _RespProtocol(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class NodeConnection:
@@ -221,7 +224,16 @@ class NodeConnection:
         self._drop()
 
     async def close(self) -> None:
+        """Closes after what is written has left, and waits (briefly) until the socket is
+        closed: a TLS connection says goodbye before its socket closes."""
+        protocol = self._protocol
         self.close_now()
+        if protocol is not None and protocol.transport is not None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(protocol.closed)
+            except TimeoutError:
+                protocol.transport.abort()
 
 
 def pack(command: tuple[Any, ...]) -> bytes:

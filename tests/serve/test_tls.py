@@ -22,32 +22,11 @@ CHAT_COST_MICRO = 17  # 10 prompt tokens at 0.50 + 8 completion tokens at 1.50 p
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return Certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory,
-              certs: Certificates) -> Iterator[TLSRedis]:
-    server = TLSRedis(tmp_path_factory.mktemp("tls-redis"), certs, auth_clients=False)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def mtls_redis(tmp_path_factory: pytest.TempPathFactory,
                certs: Certificates) -> Iterator[TLSRedis]:
     server = TLSRedis(tmp_path_factory.mktemp("mtls-redis"), certs, auth_clients=True)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def tls_cluster(tmp_path_factory: pytest.TempPathFactory,
-                certs: Certificates) -> Iterator[TLSCluster]:
-    cluster = TLSCluster(tmp_path_factory.mktemp("tls-cluster"), certs)
-    yield cluster
-    cluster.stop()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
