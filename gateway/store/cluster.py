@@ -77,8 +77,23 @@ class ClusterClient(RedisClient):
         return await self._routed(self._slot(str(key)), command)
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        return await self._routed(self._slot(keys[0]),
-                                  ("EVALSHA", script.sha, len(keys), *keys, *args))
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        slot = self._slot(keys[0])
+        address = self._owners[slot] if self._owners else None
+        node = self._nodes.get(address) if address is not None else None
+        if node is None:
+            return await self._routed(slot, command)
+        # The path every admission takes: straight to the slot's node; anything but a reply
+        # goes through the routing below.
+        try:
+            return await node.call(command)
+        except hiredis.ReplyError as exc:
+            if _redirect(str(exc)) is None and not str(exc).startswith("NOSCRIPT"):
+                raise
+        except (Unsent, TimeoutError, OSError):
+            self._refresh_soon()
+            raise
+        return await self._routed(slot, command, node)
 
     async def _routed(self, slot: int, command: tuple[Any, ...],
                       node: NodeConnection | None = None) -> Any:
