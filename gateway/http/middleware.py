@@ -196,8 +196,8 @@ class GatewayMiddleware:
         try:
             found = (self.resolver.cached(authorization)
                      or await self.resolver.authenticate(authorization))
-        except StoreUnavailable:
-            await self._store_down(record.outbound_scope(scope), receive, send, record)
+        except StoreUnavailable as exc:
+            await self._store_down(record.outbound_scope(scope), receive, send, record, exc)
             return
         if found is None:
             raise self._reject(invalid_key())
@@ -226,7 +226,7 @@ class GatewayMiddleware:
                 receive = _replay(body, receive)
             else:
                 scope = record.outbound_scope(scope)
-            await self._store_down(scope, receive, send, record)
+            await self._store_down(scope, receive, send, record, exc)
             return
         record.admission_seconds = time.perf_counter() - started
         self.metrics.admission_seconds.observe(record.admission_seconds)
@@ -335,11 +335,13 @@ class GatewayMiddleware:
             raise self._reject(rejected) from None
 
     async def _store_down(self, scope: Scope, receive: Receive, send: Send,
-                          record: RequestRecord) -> None:
+                          record: RequestRecord, exc: StoreUnavailable) -> None:
         self.metrics.child(self.metrics.store_errors, "admit").inc()
         if not self._outage:
             self._outage = True
-            log.error("limiter store unavailable (fail_mode=%s)", self.settings.fail_mode)
+            # The store's errors name a node (host:port) and a cause, never a credential.
+            log.error("limiter store unavailable (fail_mode=%s): %s", self.settings.fail_mode,
+                      exc)
         if self.settings.fail_mode == "open":
             self.metrics.fail_open.inc()
             record.decision, record.reason = "allowed", "fail_open"

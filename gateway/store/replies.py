@@ -40,4 +40,5 @@ def store_error(exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(str(exc))
     if isinstance(exc, hiredis.ReplyError):
         return _reply_error(str(exc))
-    return StoreAmbiguous(type(exc).__name__)
+    return StoreAmbiguous(f"{type(exc).__name__}: {str(exc)[:120]}" if str(exc)
+                          else type(exc).__name__)

@@ -26,7 +26,8 @@ class _RespProtocol(asyncio.Protocol):
     the oldest is always the first overdue) instead of a timer per command.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, name: str = "Redis") -> None:
+        self.name = name  # "Redis at host:port", for the errors
         self.loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.reader = hiredis.Reader()
@@ -73,7 +74,7 @@ class _RespProtocol(asyncio.Protocol):
             return
         # No reply in time: presume the connection dead (a silent partition never resets
         # it), fail everything that waits on it, and let the next call reconnect.
-        self._fail_all(TimeoutError("Redis did not answer in time"))
+        self._fail_all(TimeoutError(f"{self.name} did not answer in time"))
         if self.transport is not None:
             self.transport.abort()
 
@@ -101,7 +102,7 @@ class _RespProtocol(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(ConnectionResetError("connection to Redis lost"))
+        self._fail_all(ConnectionResetError(f"connection to {self.name} lost"))
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -143,7 +144,7 @@ class NodeConnection:
         return f"{self.address[0]}:{self.address[1]}"
 
     def _new_protocol(self) -> _RespProtocol:
-        return _RespProtocol(self._timeout)
+        return _RespProtocol(self._timeout, f"Redis at {self.name}")
 
     async def connect(self) -> _RespProtocol:
         """The connected protocol, connecting (once, for every waiter) when there is none."""

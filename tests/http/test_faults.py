@@ -149,6 +149,8 @@ async def test_fail_open_forwards_counts_and_logs_once_per_outage(
             assert response.headers["x-ratelimit-limit-requests"] == "60"  # enforced again
             outage_logs = [r for r in caplog.records if "store unavailable" in r.getMessage()]
             assert len(outage_logs) == outage
+            # It says which Redis and why, so the operator need not guess.
+            assert f"Redis at unix:{server.socket}" in outage_logs[-1].getMessage()
     assert sample(registry, "gateway_fail_open_requests_total") == 8
     assert upstream.requests == 10
 
