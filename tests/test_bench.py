@@ -122,3 +122,13 @@ def test_a_run_without_the_cluster_column_still_summarizes(
     assert not any(k.startswith("cluster") for k in summary["ratios"])
     assert not any(k.startswith("cluster") for k in summary["per_request_ms"])
     assert not any(t["name"].startswith("Redis Cluster") for t in summary["targets"])
+
+
+def test_the_store_calls_bench_measures_both_topologies(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import store_calls
+
+    assert store_calls.main(["--pairs", "300", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("round ") == 2
+    assert "standalone" in out and "cluster/standalone median" in out
