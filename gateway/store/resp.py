@@ -141,7 +141,8 @@ class NodeConnection:
     def name(self) -> str:
         if self.address is None:
             return f"unix:{self._path}"
-        return f"{self.address[0]}:{self.address[1]}"
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _new_protocol(self) -> _RespProtocol:
         return _RespProtocol(self._timeout, f"Redis at {self.name}")
@@ -176,8 +177,10 @@ class NodeConnection:
                     self._failures += 1
                     self._retry_at = self._failed_at + min(0.025 * 2 ** self._failures, 1.0)
                 self._drop()
-                raise Unsent(f"cannot connect to Redis at {self.name}: "
-                             f"{type(exc).__name__}{tls_reason(exc)}") from exc
+                # Redis's own refusal says why (WRONGPASS, NOAUTH); it never echoes a password.
+                why = (str(exc)[:100] if isinstance(exc, hiredis.ReplyError)
+                       else f"{type(exc).__name__}{tls_reason(exc)}")
+                raise Unsent(f"cannot connect to Redis at {self.name}: {why}") from exc
             self._failures = 0
             return protocol
 
