@@ -149,6 +149,15 @@ def _port_or_zero(text: str) -> int:
     return 0 if text == "0" else _port(text)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-gateway")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--redis", metavar="URL", help="Redis URL (env GATEWAY_REDIS_URL)")
@@ -156,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON document")
 
     parser = _Parser(prog="gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gateway {_version()}")
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the reverse proxy")

@@ -306,3 +306,12 @@ def test_tenant_chosen_names_are_shown_escaped(redis_url: str,
     assert code == 0
     code, out, _ = run(capsys, "keys", "list", "--redis", redis_url)
     assert "\x1b" not in out and "evil\\x1b[2J\\x0aroot key" in out
+
+
+def test_version_is_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gateway {version('llm-gateway')}"
