@@ -16,6 +16,7 @@ from gateway.config.units import (
     MAX_OUTPUT_TOKENS,
     check_choice,
     check_flag,
+    check_known,
     check_port,
     check_positive,
     check_rate,
@@ -65,6 +66,18 @@ def highest(prices: list[Price]) -> Price:
 
 
 _MODEL_FIELDS = frozenset({"input", "output", "cached_input", "max_output_tokens"})
+# Every key gateway.toml may hold, by table (the configuration reference is the README's).
+_TOP_LEVEL = frozenset({
+    "redis_url", "fail_mode", "plans", "credit", "pricing", "routes", "upstream",
+    "max_output_tokens", "default_max_tokens", "max_body_bytes", "media_part_tokens",
+    "on_insufficient", "public_paths", "redis_timeout", "upstream_connect_timeout",
+    "upstream_first_byte_timeout", "upstream_idle_timeout", "upstream_total_timeout",
+    "max_header_bytes", "header_timeout", "body_timeout", "max_connections",
+    "keep_alive_timeout", "shutdown_timeout", "auth_cache_seconds", "api_plan_keys",
+    "max_keys_per_account", "metrics_host", "metrics_port", "metrics_token", "log_level",
+    "log_format"})
+_PLAN_FIELDS = frozenset({"name", "price_usdc", "rpm", "tpm"})
+_PRICING_FIELDS = frozenset({"default", "models", "per_request", "unknown_models"})
 
 
 def _price(raw: Any, what: str) -> Price:
@@ -207,6 +220,7 @@ class Settings:
     def from_mapping(cls, data: Mapping[str, Any], redis_url: str | None = None,
                      env: Mapping[str, str] | None = None) -> Settings:
         env = env or {}
+        check_known(data, _TOP_LEVEL, "the config file's top level")
         fail_mode = env.get("GATEWAY_FAIL_MODE") or data.get("fail_mode", "closed")
         if fail_mode not in ("closed", "open"):
             raise ConfigError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
@@ -214,6 +228,7 @@ class Settings:
         for slug, raw in check_table(data.get("plans"), "plans").items():
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"[plans.{slug}] must be a table")
+            check_known(raw, _PLAN_FIELDS, f"[plans.{slug}]")
             base = plans.get(slug)
             plans[slug] = Plan(
                 slug=slug,
@@ -223,7 +238,9 @@ class Settings:
                 tpm=check_rate(raw.get("tpm", base.tpm if base else None), f"plans.{slug}.tpm"),
             )
         credit = check_table(data.get("credit"), "credit")
+        check_known(credit, ("rpm", "tpm"), "[credit]")
         pricing = check_table(data.get("pricing"), "pricing")
+        check_known(pricing, _PRICING_FIELDS, "[pricing]")
         default_price = (_price(pricing["default"], "pricing.default") if "default" in pricing
                          else Price(500_000, 1_500_000))
         model_tables = check_table(pricing.get("models"), "pricing.models")

@@ -5,9 +5,10 @@ one-line ConfigError naming the setting."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -63,6 +64,16 @@ def check_rate(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE:
         raise ConfigError(f"{what} must be an integer between 1 and {MAX_RATE}, got {value!r}")
     return value
+
+
+def check_known(table: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    """A key the gateway does not read is a typo until proven otherwise: name it, and the
+    closest valid key."""
+    names = sorted(valid)
+    for key in sorted(set(table) - set(names)):
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(names)}"
+        raise ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
 
 def check_table(value: object, what: str) -> Mapping[str, Any]:

@@ -158,3 +158,32 @@ def test_unreadable_or_invalid_config_files_are_config_errors(tmp_path: Path) ->
     broken.write_text("fail_mode = \n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         Settings.load(str(broken), env={})
+
+
+@pytest.mark.parametrize(("table", "named", "suggested"), [
+    ({"plan": {"standard": {"rpm": 1}}}, "'plan'", "'plans'"),
+    ({"plans": {"standard": {"rmp": 10}}}, "'rmp' in [plans.standard]", "'rpm'"),
+    ({"fail-mode": "open"}, "'fail-mode'", "'fail_mode'"),
+    ({"redis_timout": 1}, "'redis_timout'", "'redis_timeout'"),
+    ({"credit": {"rpn": 1}}, "'rpn' in [credit]", "'rpm'"),
+    ({"pricing": {"defualt": {"input": 1, "output": 1}}}, "'defualt' in [pricing]",
+     "'default'"),
+])
+def test_a_mistyped_setting_is_named_with_its_closest_valid_key(
+        table: dict[str, object], named: str, suggested: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_mapping(table)
+    assert named in str(refused.value) and f"did you mean {suggested}?" in str(refused.value)
+
+
+def test_the_readmes_configuration_reference_is_accepted_whole() -> None:
+    """Every key the README documents is one the gateway reads (and none is refused)."""
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert block is not None
+    settings = Settings.from_mapping(tomllib.loads(block.group(1)))
+    assert settings.plans["standard"].rpm == 60
