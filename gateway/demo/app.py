@@ -17,8 +17,8 @@ DEMO_KEYS = (
 
 
 class DemoApp:
-    def __init__(self, host: str, port: int) -> None:
-        self.settings = Settings.load()
+    def __init__(self, host: str, port: int, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.load()
         self.store = embedded_store()
         self.gateway = GatewayMiddleware(MockUpstream(chunk_delay=0.05), settings=self.settings,
                                          store=self.store)

@@ -322,12 +322,15 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from gateway.demo.app import DemoApp
 
-    uvicorn.run(DemoApp(args.host, args.port), host=args.host, port=args.port,
+    if args.redis:
+        raise ConfigError("gateway demo always runs on the embedded store; for Redis use "
+                          "`gateway serve --redis URL`")
+    uvicorn.run(DemoApp(args.host, args.port, settings), host=args.host, port=args.port,
                 log_level="warning", http=SERVER_PROTOCOL, loop="uvloop")
     return 0
 
@@ -335,9 +338,9 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.group == "demo":
-            return _demo(args)
         settings = Settings.load(args.config, redis_url=args.redis)
+        if args.group == "demo":  # the config's plans, prices and limits; never its Redis
+            return _demo(args, settings)
         if args.group == "serve":
             return _serve(args, settings)
         if args.run is _plans:

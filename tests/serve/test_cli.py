@@ -315,3 +315,27 @@ def test_version_is_the_installed_package(capsys: pytest.CaptureFixture[str]) ->
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"gateway {version('llm-gateway')}"
+
+
+def test_demo_reads_the_config_and_refuses_a_redis_url(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plans.standard]\nrmp = 7\n")
+    code, _, err = run(capsys, "demo", "--config", str(bad))
+    assert code == 1 and "did you mean 'rpm'?" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "demo", "--redis", "redis://127.0.0.1:1/0")
+    assert code == 1 and "embedded store" in err
+
+
+async def test_the_demo_keys_follow_the_configs_plans(tmp_path: Path) -> None:
+    from gateway.config.settings import Settings
+    from gateway.demo.app import DemoApp
+
+    config = tmp_path / "gateway.toml"
+    config.write_text("[plans.standard]\nrpm = 7\ntpm = 700\n")
+    demo = DemoApp("127.0.0.1", 8080, Settings.load(str(config), env={}))
+    await demo._seed()
+    key = next(k for k in await demo.store.list_keys(
+        (await demo.store.list_accounts())[0].id) if k.name == "demo-standard")
+    assert (key.rpm, key.tpm) == (7, 700)
+    await demo.gateway.aclose()
