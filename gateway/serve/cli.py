@@ -159,12 +159,19 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # The common options work before the command and after it (`gateway --redis URL keys
+    # list` and `gateway keys list --redis URL`): after it they default to SUPPRESS, so an
+    # absent one leaves what was given before the command.
     common = _Parser(add_help=False)
-    common.add_argument("--redis", metavar="URL", help="Redis URL (env GATEWAY_REDIS_URL)")
-    common.add_argument("--config", metavar="FILE", help="TOML settings (env GATEWAY_CONFIG)")
-    common.add_argument("--json", action="store_true", help="print one JSON document")
-
     parser = _Parser(prog="gateway", description=__doc__)
+    for target, default in ((common, argparse.SUPPRESS), (parser, None)):
+        target.add_argument("--redis", metavar="URL", default=default,
+                            help="Redis URL (env GATEWAY_REDIS_URL)")
+        target.add_argument("--config", metavar="FILE", default=default,
+                            help="TOML settings (env GATEWAY_CONFIG)")
+        target.add_argument("--json", action="store_true",
+                            default=default if default is argparse.SUPPRESS else False,
+                            help="print one JSON document")
     parser.add_argument("--version", action="version", version=f"gateway {_version()}")
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 

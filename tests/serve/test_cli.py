@@ -339,3 +339,16 @@ async def test_the_demo_keys_follow_the_configs_plans(tmp_path: Path) -> None:
         (await demo.store.list_accounts())[0].id) if k.name == "demo-standard")
     assert (key.rpm, key.tpm) == (7, 700)
     await demo.gateway.aclose()
+
+
+def test_common_options_work_before_the_command_too(
+        redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--redis", redis_url, "--json", "accounts", "create",
+                       "--name", "before")
+    assert code == 0 and json.loads(out)["name"] == "before"
+    code, out, _ = run(capsys, "accounts", "list", "--redis", redis_url, "--json")
+    assert code == 0 and [a["name"] for a in json.loads(out)] == ["before"]
+    # After the command wins over before it.
+    code, out, _ = run(capsys, "--redis", "redis://127.0.0.1:1/0", "accounts", "list",
+                       "--redis", redis_url, "--json")
+    assert code == 0 and len(json.loads(out)) == 1
