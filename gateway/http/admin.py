@@ -78,6 +78,8 @@ async def create_key(store: Store, settings: Settings, account_id: str,
     expires_in = None if spec.expires_in is None else parse_duration(spec.expires_in)
     if key_type == "credit" and (expires_at is not None or expires_in is not None):
         raise ConfigError("credit keys do not expire; expiry applies to plan keys")
+    if expires_at is not None and expires_at <= await store.now_us():  # Redis time
+        raise ConfigError(f"expires_at {spec.expires_at!r} is in the past")
     secret = new_consumption_secret()
     record = await store.create_key(
         account_id=account_id, name=spec.name, key_type=key_type, plan=slug, rpm=rpm, tpm=tpm,

@@ -130,7 +130,9 @@ async def test_rows_match_the_seed_field_for_field(store: Store, settings: Setti
 
 async def test_expired_subscription_is_reported(store: Store, settings: Settings,
                                                 metrics: Metrics) -> None:
-    _, key_id, account = await new_key(store, settings, expires_at="2020-01-01T00:00:00Z")
+    _, key_id, account = await new_key(store, settings, expires_at="2030-01-01T00:00:00Z")
+    # A key cannot be created expired: it lapses (2020-01-01, by hand, as time would).
+    await redis_of(store).hset(Names.key(account, key_id), "expires_at", 1577836800000000)
     mk = await mgmt_secret(store, account)
     async with client_for(gw(store, settings, metrics)) as client:
         row = (await get(client, f"/api/usage/{key_id}", mk)).json()
@@ -395,6 +397,7 @@ async def test_create_patch_and_rotate(store: Store, settings: Settings,
     ({"name": "x", "credit": True, "budget_duration": "monthly"}, "budget_duration"),
     ({"name": "x", "credit": True, "budget_duration": "99999d"}, "budget_duration"),
     ({"name": "x", "plan": "pro", "expires_at": "tomorrow"}, "expires_at"),
+    ({"name": "x", "plan": "pro", "expires_at": "2020-01-01T00:00:00Z"}, "in the past"),
     ({"name": "x", "plan": "pro", "expires_at": "0001-01-01T00:00:00+01:00"}, "expires_at"),
     ({"name": "x", "plan": "pro", "expires_in": "1d", "expires_at": "2030-01-01"}, "expires_at"),
     ({"name": "x", "credit": True, "expires_in": "1d"}, "expires_in"),
