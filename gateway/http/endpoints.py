@@ -103,18 +103,26 @@ class Endpoints:
         await send_json(send, 200, b'{"status":"ok"}')
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Ready means admission can run now: Redis answers and holds the Lua scripts.
-        redis = scripts = False
-        try:
-            redis = await self.store.ping()
-            await self.store.ensure_scripts()
-            scripts = True
-        except StoreUnavailable:
-            pass
+        # Ready means admission can run now: Redis answers and holds the Lua scripts. Asked
+        # again once when that fails: the first command on a connection Redis dropped (a
+        # restart this worker has not noticed yet) fails and closes it, and the second goes
+        # over a new connection, so the answer is Redis's at this moment.
+        redis, scripts = await self._ready()
+        if not (redis and scripts):
+            redis, scripts = await self._ready()
         status = 200 if redis and scripts else 503
         body = orjson.dumps({"status": "ready" if status == 200 else "unavailable",
                              "redis": redis, "scripts": scripts})
         await send_json(send, status, body, [(b"cache-control", b"no-store")])
+
+    async def _ready(self) -> tuple[bool, bool]:
+        redis = False
+        try:
+            redis = await self.store.ping()
+            await self.store.ensure_scripts()
+        except StoreUnavailable:
+            return redis, False
+        return redis, True
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = self.settings.metrics_token
