@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from gateway.obs.metrics import Metrics
+from gateway.obs.metrics import STATUS_CLASSES, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -42,7 +42,8 @@ K8S_VERSION = "1.30.0"
 _EXPORTED = Metrics.create(CollectorRegistry())
 COUNTERS = {f"{m.name}_total" for m in _EXPORTED.registry.collect() if m.type == "counter"}
 HISTOGRAMS = {m.name for m in _EXPORTED.registry.collect() if m.type == "histogram"}
-EXPORTED_SERIES = COUNTERS | {
+GAUGES = {m.name for m in _EXPORTED.registry.collect() if m.type == "gauge"}
+EXPORTED_SERIES = COUNTERS | GAUGES | {
     f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
 }
 # Series that Prometheus itself produces for every scrape target.
@@ -504,33 +505,42 @@ def test_dashboard_only_uses_exported_metrics() -> None:
         assert not unknown, f"dashboard uses metrics the gateway does not export: {unknown}"
         used |= names
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
-    assert families == COUNTERS | HISTOGRAMS, "every exported metric has a panel"
+    assert families == COUNTERS | HISTOGRAMS | GAUGES, "every exported metric has a panel"
 
 
 # --------------------------------------------------------------------------- the gateway itself
 
-# Label values the gateway emits (DESIGN.md, "Metrics" and the error table): an alert or panel
+# Label values the gateway emits (docs/metrics.md and the error table): an alert or panel
 # that matches any other value would never see a sample.
 EMITTED_LABEL_VALUES = {
     "decision": {"allowed", "rejected"},
     "reason": {
         "ok", "invalid_api_key", "key_deactivated", "subscription_expired",
-        "rate_limit_exceeded", "budget_exceeded", "insufficient_credits", "request_too_large",
-        "invalid_request", "limiter_unavailable",
+        "rate_limit_exceeded_rpm", "rate_limit_exceeded_tpm", "budget_exceeded",
+        "insufficient_credits", "request_too_large", "invalid_request", "limiter_unavailable",
+        "method_not_allowed", "model_not_allowed",
     },
     "outcome": {"settled", "retried", "failed"},
     "kind": {"prompt", "completion"},
+    "status_class": set(STATUS_CLASSES),
 }
 
 
 def equality_matchers(expr: str) -> list[tuple[str, str]]:
-    """(label, value) of every `label="value"` matcher in a PromQL expression."""
-    return re.findall(r'\b(\w+)\s*=\s*"([^"]*)"', expr)
+    """(label, value) of every `label="value"` and `label!="value"` matcher in a PromQL
+    expression, and of each alternative of a `label=~"a|b"` one."""
+    found = re.findall(r'\b(\w+)\s*!?=\s*"([^"]*)"', expr)
+    for label, alternatives in re.findall(r'\b(\w+)\s*=~\s*"([\w|]+)"', expr):
+        found += [(label, value) for value in alternatives.split("|")]
+    return found
 
 
 def test_equality_matchers_are_found() -> None:
-    expr = 'sum(rate(x{decision="rejected", plan=~"$plan"}[5m])) + y{reason="nope"}'
-    assert equality_matchers(expr) == [("decision", "rejected"), ("reason", "nope")]
+    expr = ('sum(rate(x{decision="rejected", plan=~"$plan"}[5m])) + y{reason="nope"}'
+            ' + z{reason!="never", status_class=~"5xx|error"}')
+    assert equality_matchers(expr) == [("decision", "rejected"), ("reason", "nope"),
+                                       ("reason", "never"), ("status_class", "5xx"),
+                                       ("status_class", "error")]
 
 
 def test_alerts_and_dashboard_match_only_emitted_label_values() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import TYPE_CHECKING
 
 from gateway.core import metering
@@ -14,8 +15,10 @@ from gateway.errors import ClientDisconnected
 from gateway.http.ratelimit import rate_headers
 from gateway.http.settlement import Settlement
 from gateway.obs.logs import RequestRecord
+from gateway.obs.metrics import CANCELLED, ERROR, OTHER_MODEL, status_class
 from gateway.store import Decision, KeyRef
-from gateway.types import Headers, Message, Receive, Send
+from gateway.types import ASGIApp, Headers, Message, Receive, Scope, Send
+from gateway.upstream.proxy import OWN_ANSWER
 
 if TYPE_CHECKING:
     from gateway.http.middleware import GatewayMiddleware
@@ -52,6 +55,10 @@ class Exchange:
         self.settled = False
         self.sse: metering.SseUsage | None = None
         self.json: metering.JsonUsage | None = None
+        self.forwarded = 0.0  # perf_counter() when the request went to the upstream
+        self.answer = CANCELLED  # what the upstream answered: an index of STATUS_CLASSES
+        self.awaiting_token = False  # a stream whose first output is yet to come
+        self.model: str | None = None  # the model priced: as served, else as asked
 
     def own_receive(self, body: bytes, receive: Receive) -> Receive:
         """After replaying the body, the exchange is the only reader of the client's
@@ -98,7 +105,12 @@ class Exchange:
 
     async def _start(self, message: Message) -> None:
         self.started = True
-        self.status = self.record.status = int(message["status"])
+        status = self.status = self.record.status = int(message["status"])
+        if message.get(OWN_ANSWER):  # the proxy's own 502/504: the upstream gave no answer
+            self.answer = ERROR
+        else:
+            self.answer = status_class(status)
+            self.record.upstream_status = status
         bound = self.bound
         strip = bound is not None and (bound.inject_usage or bound.inject_running)
         headers: Headers = []
@@ -116,6 +128,9 @@ class Exchange:
                             bound.choices)
                         self.json = None
                         self._watch()
+                        self.awaiting_token = True
+                        self.gateway.metrics.first_byte.observe(
+                            time.perf_counter() - self.forwarded)
                 elif b"json" in media and self.sse is None:
                     self.json = metering.JsonUsage(_JSON_TAIL_BYTES)
             elif lowered == b"content-length" and strip:
@@ -142,6 +157,8 @@ class Exchange:
         settle_now = False
         if self.sse is not None:
             chunk = self.sse.feed(chunk)
+            if self.awaiting_token and self.sse.streamed_chunks:
+                self._first_token()
             if not more:
                 chunk += self.sse.flush()
             settle_now = self.sse.ended  # the stream's end marker: before the client sees it
@@ -155,6 +172,29 @@ class Exchange:
             await self._send_settling(out)
         else:
             await self.downstream(out)
+
+    def _first_token(self) -> None:
+        self.awaiting_token = False
+        elapsed = self.record.ttft_seconds = time.perf_counter() - self.forwarded
+        self.gateway.metrics.first_token.observe(elapsed)
+
+    async def forward(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+        """Runs the app (the upstream) for this request, observes its part by what it
+        answered, and settles."""
+        self.forwarded = time.perf_counter()
+        try:
+            await app(scope, receive, self.send)
+        except ClientDisconnected:
+            pass
+        except Exception:
+            if not self.started:
+                self.answer = ERROR  # it raised before answering: no answer came
+            raise
+        finally:
+            self.stop_watching()
+            self.gateway.metrics.upstream[self.answer].observe(
+                time.perf_counter() - self.forwarded)
+            await self.settle()
 
     async def _send_settling(self, message: Message) -> None:
         """Settles and sends `message`, which lets the client see the end of the answer."""
@@ -196,7 +236,8 @@ class Exchange:
             return Usage(0, 0), 0
         settings = self.gateway.settings
         found, model = self._reported()
-        price = settings.price_for(model or bound.model)
+        self.model = model = model or bound.model
+        price = settings.price_for(model)
         limit = self.completion_bound
         if found is not None:
             if self.json is not None and self.json.first_result_only and bound.sequences > 1:
@@ -234,8 +275,13 @@ class Exchange:
         record = self.record
         record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
         record.cost_micro = cost
+        model = self.model
+        if model is not None:
+            record.model = model
+        label = (model if model is not None and model in self.gateway.settings.model_prices
+                 else OTHER_MODEL)
         return Settlement(self.ref, self.request_id, usage.prompt, usage.completion, cost,
-                          self.decision.plan)
+                          self.decision.plan, model=label)
 
     async def settle(self) -> None:
         """Settles exactly once; cancelling the request (a client disconnect, a shutdown

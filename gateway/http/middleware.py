@@ -22,7 +22,6 @@ from gateway.config.settings import Settings
 from gateway.core.bounds import Bound, InvalidRequest, analyse
 from gateway.core.request_id import new_request_id
 from gateway.errors import (
-    ClientDisconnected,
     Rejected,
     StoreAmbiguous,
     StoreUnavailable,
@@ -37,7 +36,7 @@ from gateway.http.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
 from gateway.http.settlement import Settlement, SettlementQueue, release
 from gateway.obs import access_log
 from gateway.obs.logs import RequestRecord, log_request
-from gateway.obs.metrics import Metrics, default_metrics
+from gateway.obs.metrics import Metrics, default_metrics, rejection_reason
 from gateway.store import Ask, Decision, Store, connect
 from gateway.store.embedded import embedded_store
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
@@ -122,13 +121,16 @@ class GatewayMiddleware:
             elif path in self._public:
                 await self.app(record.outbound_scope(scope), receive, send)
             else:
+                self.metrics.in_flight.enter()
                 try:
                     await self._metered(scope, receive, send, raw_send, record)
                 except Rejected as rejected:
-                    record.decision, record.reason = "rejected", rejected.code
+                    record.decision, record.reason = "rejected", rejection_reason(rejected)
                     await send_rejection(send, rejected)
                 except _ClientGone:
                     return
+                finally:
+                    self.metrics.in_flight.leave()
         except Exception as exc:
             await self._unexpected(scope, send, record, exc)
         except asyncio.CancelledError:
@@ -173,7 +175,8 @@ class GatewayMiddleware:
             hooks.abort()  # the answer had started: cut it short for the client to see
 
     def _reject(self, rejected: Rejected, plan: str = "") -> Rejected:
-        self.metrics.child(self.metrics.requests, "rejected", rejected.code, plan).inc()
+        self.metrics.child(self.metrics.requests, "rejected", rejection_reason(rejected),
+                           plan).inc()
         return rejected
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send, raw_send: Send,
@@ -202,13 +205,14 @@ class GatewayMiddleware:
         if found is None:
             raise self._reject(invalid_key())
         secret_hash, ref = found
-        record.key_id = ref.key_id
+        record.key_id, record.account_id = ref.key_id, ref.account_id
 
         body = b""
         ask, bound = _NOTHING, None
         if route is not None:
             body = await self._read_limited(scope, receive)
             ask, bound = self._bound(route, scope, body)
+            record.model = bound.model
 
         # The reservation id is always ours: a client-chosen X-Request-Id must never let two
         # requests share one reservation (and so one settlement). One random id serves
@@ -249,15 +253,7 @@ class GatewayMiddleware:
                             0 if route is None else route.request_micro, record)
         if bound is not None:
             receive = exchange.own_receive(body, receive)
-        forwarded = time.perf_counter()
-        try:
-            await self.app(scope, receive, exchange.send)
-        except ClientDisconnected:
-            pass
-        finally:
-            exchange.stop_watching()
-            self.metrics.upstream_seconds.observe(time.perf_counter() - forwarded)
-            await exchange.settle()
+        await exchange.forward(self.app, scope, receive)
 
     def _bound(self, route: Route, scope: Scope,
                body: bytes) -> tuple[Ask, Bound]:

@@ -13,12 +13,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import StoreCommandError, StoreUnavailable
-from gateway.obs.metrics import Metrics
+from gateway.obs.metrics import OTHER_MODEL, Metrics
 from gateway.store import KeyRef, Store
 
 log = logging.getLogger("gateway.settlement")
@@ -38,6 +39,7 @@ class Settlement:
     cost: int
     plan: str  # metric label only
     count_usage: bool = True
+    model: str = ""  # metric label only: a model [pricing.models] names, or "other"
 
 
 def release(ref: KeyRef, request_id: str) -> Settlement:
@@ -55,6 +57,7 @@ class SettlementQueue:
         self.first_delay = first_delay
         self.max_delay = max_delay
         self._pending: collections.deque[Settlement] = collections.deque()
+        self._queued_at: collections.deque[float] = collections.deque()  # one per _pending
         self._worker: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._draining = False
@@ -79,7 +82,7 @@ class SettlementQueue:
         if reply is None:
             return None
         self._track(reply)
-        return self._answer(item, reply)
+        return self._answer(item, reply, time.perf_counter())
 
     async def settle_before(self, item: Settlement,
                             last: Callable[[], Awaitable[None]]) -> None:
@@ -121,12 +124,14 @@ class SettlementQueue:
         self._inflight.add(pending)
         pending.add_done_callback(self._inflight.discard)
 
-    async def _answer(self, item: Settlement, reply: asyncio.Future[Any]) -> None:
+    async def _answer(self, item: Settlement, reply: asyncio.Future[Any],
+                      started: float) -> None:
         try:
             with contextlib.suppress(Exception):  # read below, as the store's errors
                 await reply
             try:
                 applied = Store.settled(reply)
+                self.metrics.settlement_seconds.observe(time.perf_counter() - started)
             except StoreUnavailable as exc:
                 if "NOSCRIPT" not in str(exc):
                     raise
@@ -143,9 +148,7 @@ class SettlementQueue:
     async def settle(self, item: Settlement) -> None:
         """Settles now; on a store failure the settlement is queued for retry."""
         try:
-            applied = await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
-                                              item.completion_tokens, item.cost,
-                                              item.count_usage)
+            applied = await self._write(item)
         except StoreUnavailable as exc:
             self._failed(item, exc)
             return
@@ -159,8 +162,11 @@ class SettlementQueue:
         self.submit(item)
 
     async def _write(self, item: Settlement) -> bool:
-        return await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
-                                       item.completion_tokens, item.cost, item.count_usage)
+        started = time.perf_counter()
+        applied = await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
+                                          item.completion_tokens, item.cost, item.count_usage)
+        self.metrics.settlement_seconds.observe(time.perf_counter() - started)
+        return applied
 
     def _give_up(self, item: Settlement, exc: StoreCommandError) -> None:
         # Redis refused the command itself: retrying cannot help, and must not block the
@@ -179,6 +185,8 @@ class SettlementQueue:
             return
         self._overflowing = False
         self._pending.append(item)
+        self._queued_at.append(time.perf_counter())
+        self.metrics.settlements_pending.set(len(self._pending))
         if self._wake is not None:
             self._wake.set()  # a new item may mean Redis is back: retry without waiting
         if self._worker is None or self._worker.done():
@@ -189,10 +197,11 @@ class SettlementQueue:
         delay = self.first_delay
         while self._pending:
             item = self._pending[0]
+            self._show_lag()
             try:
                 applied = await self._write(item)
             except StoreCommandError as exc:
-                self._pending.popleft()
+                self._pop()
                 self._give_up(item, exc)
                 continue
             except StoreUnavailable:
@@ -201,9 +210,21 @@ class SettlementQueue:
                     await asyncio.wait_for(self._wake.wait(), delay)
                 delay = self.first_delay if self._draining else min(delay * 2, self.max_delay)
                 continue
-            self._pending.popleft()
+            self._pop()
             self._record(item, "retried", applied)
             delay = self.first_delay
+        self._show_lag()
+
+    def _pop(self) -> None:
+        self._pending.popleft()
+        self._queued_at.popleft()
+        self.metrics.settlements_pending.set(len(self._pending))
+
+    def _show_lag(self) -> None:
+        """The settlement lag gauge: how long the oldest queued settlement has waited (0 with
+        none), set at each attempt of the retry loop (about every max_delay at most)."""
+        oldest = self._queued_at[0] if self._queued_at else None
+        self.metrics.settlement_lag.set(0 if oldest is None else time.perf_counter() - oldest)
 
     def _record(self, item: Settlement, outcome: str, applied: bool) -> None:
         metrics = self.metrics
@@ -211,12 +232,14 @@ class SettlementQueue:
         if not applied:
             return  # settled before (a retry after a lost reply) or expired: nothing new
         plan = item.plan or "credits"
+        model = item.model or OTHER_MODEL
         if item.prompt_tokens:
-            metrics.child(metrics.tokens, "prompt", plan).inc(item.prompt_tokens)
+            metrics.child(metrics.tokens, "prompt", plan, model).inc(item.prompt_tokens)
         if item.completion_tokens:
-            metrics.child(metrics.tokens, "completion", plan).inc(item.completion_tokens)
+            metrics.child(metrics.tokens, "completion", plan, model).inc(
+                item.completion_tokens)
         if item.cost:
-            metrics.child(metrics.spend, plan).inc(item.cost / 1_000_000)
+            metrics.child(metrics.spend, plan, model).inc(item.cost / 1_000_000)
 
     async def drain(self, deadline_seconds: float = DRAIN_SECONDS) -> None:
         """Waits for settlements in flight, then flushes the queue at shutdown; what is
@@ -239,3 +262,6 @@ class SettlementQueue:
             log.error("shutdown: %d settlement(s) could not be written in %.1f s and fall back "
                       "to the admission-time estimate", len(self._pending), deadline_seconds)
             self._pending.clear()
+            self._queued_at.clear()
+            self.metrics.settlements_pending.set(0)
+            self.metrics.settlement_lag.set(0)

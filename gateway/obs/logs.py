@@ -25,6 +25,7 @@ from gateway.core.request_id import (
 from gateway.types import Message, Scope, Send
 
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MODEL_LOG_CHARS = 200  # a model name is the client's string: a line carries this much of it
 
 access_log = logging.getLogger("gateway.access")
 
@@ -43,7 +44,9 @@ class RequestRecord:
     path: str
     started: float = field(default_factory=time.perf_counter)
     key_id: str | None = None
+    account_id: str | None = None
     plan: str | None = None
+    model: str | None = None  # as the upstream reported serving it, else as asked
     decision: str | None = None
     reason: str | None = None
     status: int = 0
@@ -51,6 +54,8 @@ class RequestRecord:
     completion_tokens: int = 0
     cost_micro: int = 0
     admission_seconds: float | None = None
+    upstream_status: int | None = None  # None: the upstream gave no answer, or was not asked
+    ttft_seconds: float | None = None  # a stream's time to its first output
     ours: bool = False  # the request id was made here, not chosen by the client
 
     @classmethod
@@ -78,13 +83,18 @@ class RequestRecord:
         return recording_send
 
     def fields(self) -> dict[str, Any]:
+        model = self.model
         return {
             "request_id": self.request_id,
             "method": self.method,
             "path": self.path,
             "status": self.status,
+            "upstream_status": self.upstream_status,
             "key_id": self.key_id,
+            "account_id": self.account_id,
             "plan": self.plan,
+            "model": model if model is None or len(model) <= MODEL_LOG_CHARS
+            else model[:MODEL_LOG_CHARS],
             "decision": self.decision,
             "reason": self.reason,
             "prompt_tokens": self.prompt_tokens,
@@ -92,6 +102,8 @@ class RequestRecord:
             "cost_usd": self.cost_micro / 1_000_000,
             "admission_ms": (None if self.admission_seconds is None
                              else round(self.admission_seconds * 1000, 3)),
+            "ttft_ms": (None if self.ttft_seconds is None
+                        else round(self.ttft_seconds * 1000, 3)),
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
         }
 

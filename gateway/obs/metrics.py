@@ -1,4 +1,5 @@
-"""Prometheus metrics. Labels are bounded: never a key, key id or account id.
+"""Prometheus metrics. Labels are bounded: never a key, key id or account id, and a model
+only by a name [pricing.models] configures (any other is `other`). docs/metrics.md lists them.
 
 With several worker processes every metric lives in prometheus-client's multiprocess mode:
 each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR and any worker's /metrics
@@ -9,6 +10,7 @@ before prometheus_client is imported in a worker (it picks its value store at im
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -22,18 +24,81 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, Rejected
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# What the upstream answered, the `status_class` of gateway_upstream_duration_seconds: its
+# status class, ERROR when it gave no answer (unreachable, timed out, the app raised) and
+# CANCELLED when the client left before it answered. Indices into Metrics.upstream.
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error", "cancelled")
+ERROR, CANCELLED = 4, 5
+OTHER_MODEL = "other"  # the model label of any model [pricing.models] does not name
+# RPM and TPM refusals share the client's code (rate_limit_exceeded) and its error type
+# tells them apart; the metrics and the log split them.
+_RATE_LIMIT_REASONS = {"requests": "rate_limit_exceeded_rpm",
+                       "tokens": "rate_limit_exceeded_tpm"}
+IN_FLIGHT_PUBLISH_SECONDS = 0.05
+
+
+def status_class(status: int) -> int:
+    """The index in STATUS_CLASSES of an upstream's answer with `status`."""
+    index = status // 100 - 2
+    return index if 0 <= index <= 3 else ERROR
+
+
+def rejection_reason(rejected: Rejected) -> str:
+    """The `reason` of a refusal in the metrics and the log: its code, with RPM and TPM
+    apart."""
+    if rejected.code == "rate_limit_exceeded":
+        return _RATE_LIMIT_REASONS.get(rejected.error_type, rejected.code)
+    return rejected.code
+
+
+class InFlight:
+    """The requests this process is handling, written to its gauge at most every
+    IN_FLIGHT_PUBLISH_SECONDS (and once the count stops changing): in multiprocess mode each
+    write to a gauge is a locked write to a file mapping, which twice a request would cost
+    more than the rest of the request's metrics."""
+
+    def __init__(self, gauge: Gauge, delay: float = IN_FLIGHT_PUBLISH_SECONDS) -> None:
+        self.gauge = gauge
+        self.count = 0
+        self._delay = delay
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+        self._schedule()
+
+    def leave(self) -> None:
+        self.count -= 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.publish()
+            return
+        if self._timer is None or self._loop is not loop:  # a test's closed loop never fires
+            self._loop = loop
+            self._timer = loop.call_later(self._delay, self.publish)
+
+    def publish(self) -> None:
+        self._timer = None
+        self.gauge.set(self.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +113,13 @@ class Metrics:
     fail_open: Counter
     over_bound: Counter
     over_reservation: Counter
+    upstream: tuple[Histogram, ...]  # gateway_upstream_duration_seconds by STATUS_CLASSES
+    first_byte: Histogram
+    first_token: Histogram
+    settlement_seconds: Histogram
+    settlements_pending: Gauge
+    settlement_lag: Gauge
+    in_flight: InFlight
     registry: CollectorRegistry
     _children: dict[tuple[Counter, tuple[str, ...]], Counter] = field(default_factory=dict)
 
@@ -62,19 +134,23 @@ class Metrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry = REGISTRY) -> Metrics:
+        upstream = Histogram("gateway_upstream_duration_seconds",
+                             "Upstream time to the last byte, by what it answered",
+                             ["status_class"], buckets=_UPSTREAM_BUCKETS, registry=registry)
+        in_flight = Gauge("gateway_requests_in_flight",
+                          "Requests on the gateway's metered paths being handled now",
+                          registry=registry, multiprocess_mode="livesum")
         return cls(
             requests=Counter("gateway_requests_total", "Requests by admission decision",
                              ["decision", "reason", "plan"], registry=registry),
-            tokens=Counter("gateway_tokens_total", "Settled tokens", ["kind", "plan"],
-                           registry=registry),
-            spend=Counter("gateway_spend_usd_total", "Settled spend in USD", ["plan"],
-                          registry=registry),
+            tokens=Counter("gateway_tokens_total", "Settled tokens",
+                           ["kind", "plan", "model"], registry=registry),
+            spend=Counter("gateway_spend_usd_total", "Settled spend in USD",
+                          ["plan", "model"], registry=registry),
             admission_seconds=Histogram("gateway_admission_duration_seconds",
                                         "Admission round trip", buckets=_LATENCY_BUCKETS,
                                         registry=registry),
-            upstream_seconds=Histogram("gateway_upstream_duration_seconds",
-                                       "Upstream time to the last byte",
-                                       buckets=_UPSTREAM_BUCKETS, registry=registry),
+            upstream_seconds=upstream,
             store_errors=Counter("gateway_store_errors_total", "Limiter store errors", ["op"],
                                  registry=registry),
             settlements=Counter("gateway_settlements_total", "Settlements by outcome",
@@ -89,6 +165,24 @@ class Metrics:
                 "gateway_cost_over_reservation_total",
                 "Answers whose cost, priced as served, exceeded what admission reserved "
                 "(billed at the reservation)", registry=registry),
+            # Created at once, so that every class has a series (at 0) from the start.
+            upstream=tuple(upstream.labels(name) for name in STATUS_CLASSES),
+            first_byte=Histogram("gateway_stream_first_byte_seconds",
+                                 "Streams: forwarding to the upstream's response head",
+                                 buckets=_UPSTREAM_BUCKETS, registry=registry),
+            first_token=Histogram("gateway_stream_first_token_seconds",
+                                  "Streams: forwarding to the first event carrying output",
+                                  buckets=_UPSTREAM_BUCKETS, registry=registry),
+            settlement_seconds=Histogram("gateway_settlement_duration_seconds",
+                                         "Settlement round trip to the store",
+                                         buckets=_LATENCY_BUCKETS, registry=registry),
+            settlements_pending=Gauge("gateway_settlements_pending",
+                                      "Settlements waiting in the retry queue",
+                                      registry=registry, multiprocess_mode="livesum"),
+            settlement_lag=Gauge("gateway_settlement_lag_seconds",
+                                 "Age of the oldest settlement waiting in the retry queue",
+                                 registry=registry, multiprocess_mode="livemax"),
+            in_flight=InFlight(in_flight),
             registry=registry,
         )
 

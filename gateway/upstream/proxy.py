@@ -12,8 +12,12 @@ from gateway.config.limits import Deadlines
 from gateway.config.routes import DEFAULT_ROUTES
 from gateway.errors import Rejected, send_rejection
 from gateway.hooks import HOOKS, RequestHooks
-from gateway.types import Headers, Receive, Scope, Send
+from gateway.types import Headers, Message, Receive, Scope, Send
 from gateway.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+
+# Set (True) on the response start of an answer the proxy makes because the upstream gave
+# none (502, 504): the metrics count it as no answer, not as the upstream's 5xx.
+OWN_ANSWER = "gateway.own_answer"
 
 # RFC 9110 hop-by-hop headers, plus the ones the client connection defines for itself.
 _DROP_REQUEST = frozenset({
@@ -79,6 +83,7 @@ class UpstreamProxy:
         except UpstreamError as exc:
             if hooks is not None and hooks.lost:
                 return  # the client left: nobody to answer
+            send = _own_answer(send)
             if exc.timed_out:
                 await send_rejection(send, Rejected(
                     504, "upstream_timeout",
@@ -132,6 +137,15 @@ def _quoted(path: str) -> str:
     return quote(path)
 
 
+
+
+def _own_answer(send: Send) -> Send:
+    async def marked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, OWN_ANSWER: True}
+        await send(message)
+
+    return marked
 
 
 def _forwarded_headers(headers: Headers) -> Headers:

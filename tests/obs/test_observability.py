@@ -68,12 +68,16 @@ async def test_metrics_endpoint_serves_this_gateways_registry(
     assert sample(text, "gateway_requests_total", **allowed) == 3
     assert sample(text, "gateway_requests_total", decision="rejected",
                   reason="invalid_api_key", plan="") == 1
-    assert sample(text, "gateway_tokens_total", kind="prompt", plan="standard") == 30
-    assert sample(text, "gateway_tokens_total", kind="completion", plan="standard") == 24
+    # "m" is not in [pricing.models]: its tokens and spend are the model label `other`'s
+    assert sample(text, "gateway_tokens_total", kind="prompt", plan="standard",
+                  model="other") == 30
+    assert sample(text, "gateway_tokens_total", kind="completion", plan="standard",
+                  model="other") == 24
     assert sample(text, "gateway_settlements_total", outcome="settled") == 3
     assert sample(text, "gateway_admission_duration_seconds_count") == 3
-    assert sample(text, "gateway_upstream_duration_seconds_count") == 3
-    assert sample(text, "gateway_spend_usd_total", plan="standard") == pytest.approx(51e-6)
+    assert sample(text, "gateway_upstream_duration_seconds_count", status_class="2xx") == 3
+    assert sample(text, "gateway_spend_usd_total", plan="standard",
+                  model="other") == pytest.approx(51e-6)
     assert sample(text, "gateway_fail_open_requests_total") == 0
     for secret_value in (secret, key_id, account_id, "z" * 40):
         assert secret_value not in text
@@ -90,7 +94,7 @@ async def test_each_request_is_counted_once_by_its_outcome(
     assert sample(text, "gateway_requests_total", decision="allowed", reason="ok",
                   plan="standard") == 1
     assert sample(text, "gateway_requests_total", decision="rejected",
-                  reason="rate_limit_exceeded", plan="standard") == 2
+                  reason="rate_limit_exceeded_rpm", plan="standard") == 2
 
 
 async def test_a_replayed_settlement_counts_its_tokens_and_spend_once(
@@ -106,9 +110,10 @@ async def test_a_replayed_settlement_counts_its_tokens_and_spend_once(
     await queue.settle(item)
     text = exposition(metrics.registry)[0].decode()
     assert sample(text, "gateway_settlements_total", outcome="settled") == 2
-    assert sample(text, "gateway_tokens_total", kind="prompt", plan="standard") == 10
-    assert sample(text, "gateway_tokens_total", kind="completion", plan="standard") == 8
-    assert sample(text, "gateway_spend_usd_total", plan="standard") == pytest.approx(17e-6)
+    labels = {"plan": "standard", "model": "other"}
+    assert sample(text, "gateway_tokens_total", kind="prompt", **labels) == 10
+    assert sample(text, "gateway_tokens_total", kind="completion", **labels) == 8
+    assert sample(text, "gateway_spend_usd_total", **labels) == pytest.approx(17e-6)
     assert (await store.get_key(key_id)).spent == 17
 
 
@@ -362,8 +367,13 @@ async def test_one_json_line_per_request(store: Store, settings: Settings, metri
         401, "rejected", "invalid_api_key", None)
     assert unknown["admission_ms"] is None and unknown["cost_usd"] == 0
     assert (bad["status"], bad["reason"], bad["key_id"]) == (400, "invalid_request", key_id)
+    assert (ok["account_id"], unknown["account_id"], bad["account_id"]) == (
+        account_id, None, account_id)
+    assert (ok["model"], ok["upstream_status"], unknown["model"], unknown["upstream_status"]) == (
+        "m", 200, None, None)
+    assert ok["ttft_ms"] is None  # not a stream
     everything = caplog.text + "".join(orjson.dumps(line).decode() for line in lines)
-    for secret_value in (secret, "q" * 40, account_id):
+    for secret_value in (secret, "q" * 40):
         assert secret_value not in everything
 
 

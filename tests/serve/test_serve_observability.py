@@ -188,7 +188,10 @@ def scrape(base: str) -> str:
 async def test_metrics_are_one_view_across_workers(served: Served) -> None:
     secret, key_id, account_id = served.keys["alpha"]
     metrics_url = f"http://127.0.0.1:{served.metrics_port}"
-    before = sample(scrape(metrics_url), "gateway_admission_duration_seconds_count") or 0
+    text = scrape(metrics_url)
+    before = sample(text, "gateway_admission_duration_seconds_count") or 0
+    answered = sample(text, "gateway_upstream_duration_seconds_count", status_class="2xx") or 0
+    settled = sample(text, "gateway_settlement_duration_seconds_count") or 0
     # Until both workers have served some of them (bounded), so the counts must be merged.
     n = 0
     for _ in range(20):
@@ -201,9 +204,14 @@ async def test_metrics_are_one_view_across_workers(served: Served) -> None:
     for _ in range(8):  # several scrapes: whichever worker answers shows every worker's counts
         text = scrape(metrics_url)
         assert sample(text, "gateway_requests_total", **allowed) == n  # stale 1000 cleared
-        assert sample(text, "gateway_tokens_total", kind="prompt", plan="alpha") == n * 10
-        assert sample(text, "gateway_tokens_total", kind="completion", plan="alpha") == n * 8
+        tokens = {"plan": "alpha", "model": "other"}  # "m" is not in [pricing.models]
+        assert sample(text, "gateway_tokens_total", kind="prompt", **tokens) == n * 10
+        assert sample(text, "gateway_tokens_total", kind="completion", **tokens) == n * 8
         assert sample(text, "gateway_admission_duration_seconds_count") == before + n
+        assert sample(text, "gateway_upstream_duration_seconds_count",
+                      status_class="2xx") == answered + n
+        assert sample(text, "gateway_settlement_duration_seconds_count") == settled + n
+        assert sample(text, "gateway_settlements_pending") == 0
         for value in (secret, key_id, account_id):
             assert value not in text
 
@@ -211,9 +219,32 @@ async def test_metrics_are_one_view_across_workers(served: Served) -> None:
     ours = access_lines(served, "alpha", n)
     assert sorted(line["request_id"] for line in ours) == sorted(f"alpha-{i}" for i in range(n))
     assert len({line["pid"] for line in ours}) == 2
-    assert {(line["status"], line["decision"], line["key_id"]) for line in ours} == {
-        (200, "allowed", key_id)}
+    assert {(line["status"], line["decision"], line["key_id"], line["account_id"],
+             line["upstream_status"], line["model"]) for line in ours} == {
+        (200, "allowed", key_id, account_id, 200, "m")}
     assert secret not in served.log.read_text()
+
+
+async def test_streams_and_in_flight_across_workers(served: Served) -> None:
+    secret, _, _ = served.keys["alpha"]
+    metrics_url = f"http://127.0.0.1:{served.metrics_port}"
+    before = sample(scrape(metrics_url), "gateway_stream_first_token_seconds_count") or 0
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=served.base, limits=limits, timeout=30) as client:
+        for i in range(6):
+            response = await client.post(
+                "/v1/chat/completions", json={**CHAT, "stream": True},
+                headers={**bearer(secret), "X-Request-Id": f"stream-{i}"})
+            assert response.status_code == 200 and "[DONE]" in response.text
+    text = scrape(metrics_url)
+    assert sample(text, "gateway_stream_first_token_seconds_count") == before + 6
+    assert sample(text, "gateway_stream_first_byte_seconds_count") == before + 6
+    deadline = time.monotonic() + 10  # each worker writes its count within 50 ms
+    while sample(scrape(metrics_url), "gateway_requests_in_flight") != 0:
+        assert time.monotonic() < deadline, "requests still in flight after all answered"
+        await asyncio.sleep(0.05)
+    lines = access_lines(served, "stream", 6)
+    assert len(lines) == 6 and all(line["ttft_ms"] >= 0 for line in lines)
 
 
 def test_readyz_and_healthz_on_the_served_gateway(served: Served) -> None:
