@@ -32,6 +32,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 K8S = DEPLOY / "kubernetes" / "gateway-sidecar.yaml"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "gateway-dashboard.json"
 GATEWAY_TOML = DEPLOY / "gateway.toml"
 
@@ -158,6 +159,67 @@ def test_promtool_rejects_broken_config(promtool: str, tmp_path: Path) -> None:
     assert res.returncode != 0, res.stdout + res.stderr
 
 
+def test_promtool_alert_tests_pass(promtool: str) -> None:
+    res = run([promtool, "test", "rules", str(ALERT_TESTS)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_alert_tests_cover_each_corrected_alert_firing_and_quiet() -> None:
+    (doc,) = load_yaml_docs(ALERT_TESTS)
+    assert doc["rule_files"] == ["alerts.yml"]
+    cases = [case for test in doc["tests"] for case in test["alert_rule_test"]]
+    for name in ("GatewayHighRejectionRatio", "GatewaySettlementFailures",
+                 "GatewayUpstreamFailing"):
+        mine = [case for case in cases if case["alertname"] == name]
+        assert any(case["exp_alerts"] for case in mine), f"{name} is never seen firing"
+        assert any(not case["exp_alerts"] for case in mine), f"{name} is never seen quiet"
+
+
+_OLD_REJECTION_RATIO = """sum(rate(gateway_requests_total{decision="rejected"}[5m]))
+            /
+          sum(rate(gateway_requests_total[5m]))"""
+
+
+@pytest.mark.parametrize(("alert", "old", "new"), [
+    # Counting every request: a flood of bogus keys (401) paged the operator.
+    ("GatewayHighRejectionRatio",
+     'sum(rate(gateway_requests_total{decision="rejected", plan!="", '
+     'reason!="invalid_api_key"}[5m]))\n            /\n          '
+     'sum(rate(gateway_requests_total{plan!="", reason!="invalid_api_key"}[5m]))',
+     _OLD_REJECTION_RATIO),
+    # Saying spend may be missing from budgets, where the estimate stands (over-billed).
+    ("GatewaySettlementFailures",
+     "For those requests the estimate debited at admission stands: the accounts were "
+     "over-billed, by at most the bound reserved, never under-billed.",
+     "Tokens and spend of those requests may be missing from budgets and credit balances."),
+])
+def test_alert_tests_fail_against_the_alerts_as_they_were(
+        promtool: str, tmp_path: Path, alert: str, old: str, new: str) -> None:
+    text = ALERTS.read_text()
+    assert text.count(old) == 1, old
+    (tmp_path / "alerts.yml").write_text(text.replace(old, new))
+    shutil.copy(ALERT_TESTS, tmp_path / "alerts_test.yml")
+    res = run([promtool, "test", "rules", str(tmp_path / "alerts_test.yml")])
+    assert res.returncode != 0, res.stdout
+    assert f"alertname: {alert}," in res.stdout + res.stderr
+
+
+def test_settlement_failure_alert_says_the_estimate_stands() -> None:
+    (rule,) = [r for r in alert_rules() if r["alert"] == "GatewaySettlementFailures"]
+    text = " ".join(rule["annotations"].values())
+    assert "estimate" in text and "over-billed" in text and "never under-billed" in text
+    assert "missing from budgets" not in text
+
+
+def test_rejection_ratio_leaves_out_requests_without_a_valid_key() -> None:
+    (rule,) = [r for r in alert_rules() if r["alert"] == "GatewayHighRejectionRatio"]
+    selectors = re.findall(r"gateway_requests_total\{([^}]*)\}", rule["expr"])
+    assert len(selectors) == 2  # numerator and denominator
+    for selector in selectors:
+        assert 'plan!=""' in selector and 'reason!="invalid_api_key"' in selector
+
+
 def dashboard_exprs() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
@@ -221,7 +283,7 @@ def test_alerts_cover_required_conditions() -> None:
     exprs = {rule["alert"]: " ".join(rule["expr"].split()) for rule in alert_rules()}
     joined = "\n".join(exprs.values())
     assert re.search(
-        r'gateway_requests_total\{decision="rejected"\}.*/.*gateway_requests_total', joined
+        r'gateway_requests_total\{decision="rejected",[^}]*\}.*/.*gateway_requests_total', joined
     )
     assert 'gateway_requests_total{reason="limiter_unavailable"}' in joined
     assert re.search(r'increase\(gateway_settlements_total\{outcome="failed"\}', joined)
