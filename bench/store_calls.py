@@ -21,8 +21,11 @@ import uvloop
 
 from bench.cluster import LocalCluster
 from bench.procs import free_port, redis_server
+from gateway.config.settings import Settings as _Settings
 from gateway.core.keys import hash_secret, new_consumption_secret
 from gateway.store import Ask, KeyRef, Store, connect
+
+PLAN_LIMITS = _Settings().plan_limits
 
 
 async def _pairs_cpu_us(url: str, pairs: int, concurrency: int) -> float:
@@ -33,7 +36,7 @@ async def _pairs_cpu_us(url: str, pairs: int, concurrency: int) -> float:
 
         async def pair(i: int) -> None:
             async with gate:
-                await store.admit(ref, secret_hash, f"b{i}", Ask.flat(10, 5))
+                await store.admit(ref, secret_hash, f"b{i}", Ask.flat(10, 5), PLAN_LIMITS)
                 started = store.settle_started(ref, f"b{i}", 3, 4, 5)
                 if started is None:
                     await store.settle(ref, f"b{i}", 3, 4, 5)

@@ -6,7 +6,7 @@
 -- KEYS[1] = key record hash        gw:{acct:<id>}:key:<key_id>
 -- KEYS[2] = account record hash    gw:{acct:<id>}:account
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>
---           a string "<tokens> <budget> <credits> <period>", read back by settle.lua
+--           a string "<tokens> <budget> <credits> <period> <tpm>", read back by settle.lua
 -- ARGV[1] = SHA-256 of the presented secret (hex)
 -- ARGV[2] = prompt tokens, an upper bound
 -- ARGV[3] = completion tokens one sequence may generate (the bound asked for)
@@ -17,11 +17,14 @@
 -- ARGV[8] = reservation time to live, seconds
 -- ARGV[9] = 'clamp' to lower the bound to what the budget and credits can pay,
 --           'reject' to refuse a request they cannot pay in full
+-- ARGV[10...] = the plans' limits, in threes: slug, rpm, tpm (slug '' for credit keys).
+--           A key without its own rpm or tpm (the field empty) follows its plan's here,
+--           so a plan edited in the config reaches every key on it.
 -- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
 --          tpm_reset_us, retry_after_us, plan, key_type, per_sequence}
 --   code (AdmitCode in gateway/store/codes.py): 0 admitted, 1 unknown key, 2 deactivated,
 --         3 subscription expired, 4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted,
---         7 credits exhausted
+--         7 credits exhausted, 8 plan unknown (not among ARGV[10...])
 --   retry_after_us is -1 when no wait helps.
 --   per_sequence: the completion bound admitted (ARGV[3], or less when clamped); the
 --   caller writes it into the forwarded request, so the upstream cannot generate more.
@@ -32,7 +35,8 @@ local WINDOW = 60000000 -- token buckets refill completely in one minute (micros
 -- covers microsecond timestamps and micro-USD (string.format costs ~1 us a call here).
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
-  'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at')
+  'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at',
+  'rpm_rate', 'tpm_rate')
 if not rec[1] or rec[1] ~= ARGV[1] then
   return {1, 0, 0, 0, 0, 0, 0, -1, '', '', 0}
 end
@@ -45,8 +49,23 @@ local sequences = tonumber(ARGV[4])
 local cost = tonumber(ARGV[5])
 local key_type, plan = rec[3], rec[4]
 local rpm, tpm = tonumber(rec[6]), tonumber(rec[7])
+if not rpm or not tpm then
+  for i = 10, #ARGV - 2, 3 do
+    if ARGV[i] == plan then
+      rpm, tpm = rpm or tonumber(ARGV[i + 1]), tpm or tonumber(ARGV[i + 2])
+      break
+    end
+  end
+  if not rpm or not tpm then return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0} end
+end
 local rpm_tat = math.max(tonumber(rec[8]) or 0, now)
 local tpm_tat = math.max(tonumber(rec[9]) or 0, now)
+-- A bucket's debt (tat - now) was run up at the rate it was written with: under a new
+-- limit (an update, a plan edited) the same share of the bucket stays used, so a raised
+-- limit gives room at once and a lowered one takes it away at once.
+local rpm_rate, tpm_rate = tonumber(rec[14]) or rpm, tonumber(rec[15]) or tpm
+if rpm_rate ~= rpm then rpm_tat = now + (rpm_tat - now) * rpm_rate / rpm end
+if tpm_rate ~= tpm then tpm_tat = now + (tpm_tat - now) * tpm_rate / tpm end
 local rpm_interval, tpm_interval = WINDOW / rpm, WINDOW / tpm
 
 -- Generic cell rate algorithm: a bucket is one "theoretical arrival time".
@@ -137,9 +156,10 @@ if new_tpm_tat - WINDOW > now + 1e-3 and tpm_tat > now then
 end
 
 redis.call('HSET', KEYS[1], 'rpm_tat', new_rpm_tat, 'tpm_tat', new_tpm_tat,
+  'rpm_rate', rpm, 'tpm_rate', tpm,
   'spent', spent + cost, 'resets_at', resets_at)
 if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
-local reservation = string.format('%.0f %.0f %.0f %.0f', est_tokens, cost,
-  reserve_credits, resets_at)
+local reservation = string.format('%.0f %.0f %.0f %.0f %.0f', est_tokens, cost,
+  reserve_credits, resets_at, tpm)
 redis.call('SET', KEYS[3], reservation, 'EX', ARGV[8])
 return reply(0, new_rpm_tat, new_tpm_tat, 0)

@@ -17,7 +17,10 @@
 local reservation = redis.call('GET', KEYS[3])
 if not reservation then return 0 end
 redis.call('DEL', KEYS[3])
-local tokens, budget, credits, period = string.match(reservation, '^(%d+) (%d+) (%d+) (%d+)$')
+-- The fifth number, the tpm the admission used (a key may follow its plan's), is absent
+-- from reservations made before it was added: then the record's tpm serves.
+local tokens, budget, credits, period, admitted_tpm = string.match(reservation,
+  '^(%d+) (%d+) (%d+) (%d+) ?(%d*)$')
 tokens, budget, credits = tonumber(tokens), tonumber(budget), tonumber(credits)
 
 -- Numbers go to redis.call as they are (written exactly below 1e17; see admit.lua).
@@ -25,10 +28,11 @@ local prompt, completion, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(
 
 local rec = redis.call('HMGET', KEYS[1], 'type', 'tpm', 'tpm_tat', 'resets_at', 'spent',
   'total_spent')
-if rec[2] then
+if rec[1] then
   local tat = tonumber(rec[3]) or 0
   local delta = prompt + completion - tokens
-  if delta ~= 0 then tat = tat + delta * 60000000 / tonumber(rec[2]) end
+  local tpm = tonumber(admitted_tpm) or tonumber(rec[2])
+  if delta ~= 0 and tpm then tat = tat + delta * 60000000 / tpm end
   local spent = tonumber(rec[5])
   -- A request that straddles a rollover is charged to the period that admitted it.
   if period == rec[4] then spent = spent + cost - budget end

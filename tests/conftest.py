@@ -23,7 +23,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from gateway.config.settings import Settings
-from gateway.http.admin import KeySpec, account_or_default, create_key
+from gateway.http.admin import KeySpec, create_key, resolve_account
 from gateway.http.middleware import GatewayMiddleware
 from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
@@ -171,10 +171,14 @@ def metrics() -> Metrics:
     return Metrics.create(CollectorRegistry())
 
 
+# What the gateway passes admission for keys that follow their plan (store-level tests).
+PLAN_LIMITS = Settings().plan_limits
+
+
 async def new_key(store: Store, settings: Settings, account: str | None = None,
                   **spec: Any) -> tuple[str, str, str]:
     """Creates a key; returns (secret, key id, account id)."""
-    account_id = await account_or_default(store, account)
+    account_id = await resolve_account(store, account)
     spec.setdefault("name", "test-key")
     if "credit" not in spec:
         spec.setdefault("plan", "standard")

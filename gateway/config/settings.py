@@ -21,6 +21,7 @@ from gateway.config.units import (
     check_positive,
     check_rate,
     check_seconds,
+    check_slug,
     check_table,
     check_text,
     check_token,
@@ -171,10 +172,30 @@ class Settings:
     upstream_url: str | None = None
     upstream_api_key: str | None = field(default=None, repr=False)
     highest_price: Price = field(init=False, repr=False, compare=False)
+    # What admission needs to know of the plans, flat: slug, rpm, tpm, slug, ... (the credit
+    # limits under the slug ""), for keys that follow their plan (lua/admit.lua ARGV[10...]).
+    plan_limits: tuple[str | int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "highest_price",
                            highest([self.default_price, *self.model_prices.values()]))
+        flat: list[str | int] = []
+        for plan in self.plans.values():
+            flat += [plan.slug, plan.rpm, plan.tpm]
+        flat += ["", self.credit_rpm, self.credit_tpm]
+        object.__setattr__(self, "plan_limits", tuple(flat))
+
+    def limits_for(self, plan: str, rpm: int | None, tpm: int | None) -> tuple[int, int]:
+        """A key's effective (rpm, tpm): its own override where it has one, else its plan's
+        (the [credit] limits for a credit key, plan ""); 0 for a plan this config lacks."""
+        if rpm is not None and tpm is not None:
+            return rpm, tpm
+        if plan:
+            found = self.plans.get(plan)
+            base = (found.rpm, found.tpm) if found else (0, 0)
+        else:
+            base = (self.credit_rpm, self.credit_tpm)
+        return (base[0] if rpm is None else rpm), (base[1] if tpm is None else tpm)
 
     def price_for(self, model: object) -> Price:
         """The price of what was served: the model the upstream reports (the default price
@@ -224,12 +245,16 @@ class Settings:
         fail_mode = env.get("GATEWAY_FAIL_MODE") or data.get("fail_mode", "closed")
         if fail_mode not in ("closed", "open"):
             raise ConfigError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
-        plans = dict(DEFAULT_PLANS)
-        for slug, raw in check_table(data.get("plans"), "plans").items():
+        # Plans given in the config replace the built-in ones (a built-in slug named there
+        # keeps its built-in values for the fields it leaves out).
+        plan_tables = check_table(data.get("plans"), "plans")
+        plans = {} if plan_tables else dict(DEFAULT_PLANS)
+        for slug, raw in plan_tables.items():
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"[plans.{slug}] must be a table")
             check_known(raw, _PLAN_FIELDS, f"[plans.{slug}]")
-            base = plans.get(slug)
+            check_slug(slug)
+            base = DEFAULT_PLANS.get(slug)
             plans[slug] = Plan(
                 slug=slug,
                 name=str(raw.get("name", base.name if base else slug.title())),

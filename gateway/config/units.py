@@ -56,6 +56,14 @@ def usd_to_micro(value: object, what: str) -> int:
     return int((amount * 1_000_000).to_integral_value())
 
 
+def usd_to_micro_signed(value: object, what: str) -> int:
+    """A USD amount that may be negative (an adjustment), as integer micro-USD."""
+    text = str(value).strip()
+    if text.startswith("-"):
+        return -usd_to_micro(text[1:], what)
+    return usd_to_micro(text, what)
+
+
 def micro_to_usd(micro: int) -> float:
     return micro / 1_000_000
 
@@ -64,6 +72,17 @@ def check_rate(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RATE:
         raise ConfigError(f"{what} must be an integer between 1 and {MAX_RATE}, got {value!r}")
     return value
+
+
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def check_slug(slug: str) -> str:
+    """A plan slug travels in URLs, metrics and script arguments: short, lower-case, plain."""
+    if not _SLUG.fullmatch(slug):
+        raise ConfigError(f"plan slug {slug[:70]!r} must be 1-64 characters of a-z, 0-9, _ "
+                          f"and -, starting with a letter or digit")
+    return slug
 
 
 def check_known(table: Mapping[str, Any], valid: Iterable[str], where: str) -> None:

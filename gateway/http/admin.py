@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,8 @@ from gateway.config.units import (
 )
 from gateway.core.keys import hash_secret, new_consumption_secret
 from gateway.core.timefmt import iso_from_us, parse_iso_to_us
-from gateway.errors import ConfigError
-from gateway.store import Account, KeyRecord, Store
+from gateway.errors import ConfigError, NotFound
+from gateway.store import Account, CreditEntry, KeyRecord, MgmtKey, Store
 
 DEFAULT_ACCOUNT = "default"
 
@@ -34,12 +35,21 @@ class KeySpec:
     expires_in: str | None = None
 
 
-async def account_or_default(store: Store, account_id: str | None) -> str:
-    if account_id:
-        return (await store.get_account(account_id)).id
+async def resolve_account(store: Store, account: str | None, create: bool = True) -> str:
+    """The id of the account named by `account` (its id or its name), or of the account
+    'default' when None (made when missing and `create`)."""
+    if account:
+        with contextlib.suppress(NotFound):
+            return (await store.get_account(account)).id
+        found = await store.account_by_name(account)
+        if found is None:
+            raise NotFound(f"no account with id or name {account[:80]!r}")
+        return found.id
     existing = await store.account_by_name(DEFAULT_ACCOUNT)
     if existing is not None:
         return existing.id
+    if not create:
+        raise NotFound(f"no account named {DEFAULT_ACCOUNT!r}")
     try:
         return (await store.create_account(DEFAULT_ACCOUNT)).id
     except ConfigError:  # created concurrently by another process
@@ -60,11 +70,13 @@ async def create_key(store: Store, settings: Settings, account_id: str,
         if plan is None:
             known = ", ".join(sorted(settings.plans))
             raise ConfigError(f"unknown plan {spec.plan!r} (known plans: {known})")
-        rpm, tpm, slug, key_type = plan.rpm, plan.tpm, plan.slug, "subscription"
+        slug, key_type = plan.slug, "subscription"
     else:
-        rpm, tpm, slug, key_type = settings.credit_rpm, settings.credit_tpm, "", "credit"
-    rpm = check_rate(spec.rpm if spec.rpm is not None else rpm, "rpm")
-    tpm = check_rate(spec.tpm if spec.tpm is not None else tpm, "tpm")
+        slug, key_type = "", "credit"
+    # Limits not given are not copied: the key follows its plan's ([credit]'s) as they are
+    # configured at each admission.
+    rpm = None if spec.rpm is None else check_rate(spec.rpm, "rpm")
+    tpm = None if spec.tpm is None else check_rate(spec.tpm, "tpm")
     budget = None if spec.budget_usd is None else usd_to_micro(spec.budget_usd, "budget")
     duration = parse_duration(spec.budget_duration)
     if spec.expires_at is not None and spec.expires_in is not None:
@@ -89,7 +101,9 @@ async def create_key(store: Store, settings: Settings, account_id: str,
     return record, secret
 
 
-def key_json(record: KeyRecord, secret: str | None = None) -> dict[str, Any]:
+def key_json(record: KeyRecord, settings: Settings,
+             secret: str | None = None) -> dict[str, Any]:
+    rpm, tpm = settings.limits_for(record.plan, record.rpm, record.tpm)
     doc: dict[str, Any] = {"id": record.id}
     if secret is not None:
         doc["key"] = secret
@@ -99,18 +113,32 @@ def key_json(record: KeyRecord, secret: str | None = None) -> dict[str, Any]:
         "account_id": record.account_id,
         "plan": record.plan or None,
         "is_active": record.active,
-        "rate_limits": {"rpm": record.rpm, "tpm": record.tpm},
+        "rate_limits": {"rpm": rpm, "tpm": tpm},
+        # The key's own limits; null: it follows its plan's (or [credit]'s).
+        "overrides": {"rpm": record.rpm, "tpm": record.tpm},
         "budget": {
             "limit": None if record.budget_limit is None else micro_to_usd(record.budget_limit),
             "duration": format_duration(record.budget_duration),
             "spent": micro_to_usd(record.spent),
             "resets_at": iso_from_us(record.resets_at_us),
         },
+        "total_spent": micro_to_usd(record.total_spent),
         "expires_at": None if record.expires_at_us is None else iso_from_us(record.expires_at_us),
         "created_at": iso_from_us(record.created_at_us),
+        "deleted_at": None if record.deleted_at_us is None else iso_from_us(record.deleted_at_us),
     })
     return doc
 
 
 def account_json(account: Account) -> dict[str, Any]:
     return {"id": account.id, "name": account.name, "credits": micro_to_usd(account.credits)}
+
+
+def credit_json(entry: CreditEntry) -> dict[str, Any]:
+    return {"at": iso_from_us(entry.at_us), "usd": micro_to_usd(entry.micro),
+            "balance": micro_to_usd(entry.balance), "by": entry.by, "reason": entry.reason}
+
+
+def mgmt_json(key: MgmtKey) -> dict[str, Any]:
+    return {"id": key.id, "account_id": key.account_id,
+            "created_at": iso_from_us(key.created_at_us)}

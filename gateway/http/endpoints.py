@@ -24,7 +24,8 @@ from gateway.types import Receive, Scope, Send
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def usage_document(u: KeyUsage) -> dict[str, Any]:
+def usage_document(u: KeyUsage, settings: Settings) -> dict[str, Any]:
+    rpm, tpm = settings.limits_for(u.plan, u.rpm, u.tpm)
     subscription = u.key_type == "subscription"
     expired = subscription and u.expires_at_us is not None and u.now_us >= u.expires_at_us
     return {
@@ -34,7 +35,7 @@ def usage_document(u: KeyUsage) -> dict[str, Any]:
             "duration": format_duration(u.budget_duration),
             "resets_at": iso_from_us(u.resets_at_us),
         },
-        "rate_limits": {"rpm": u.rpm, "tpm": u.tpm},
+        "rate_limits": {"rpm": rpm, "tpm": tpm},
         "plan": {
             "slug": u.plan if subscription else None,
             "status": "expired" if expired else "active",
@@ -94,7 +95,7 @@ class Endpoints:
                 404, "key_not_found", "This API key is not known to the gateway.",
                 "invalid_request_error"))
         else:
-            await send_json(send, 200, orjson.dumps(usage_document(usage)))
+            await send_json(send, 200, orjson.dumps(usage_document(usage, self.settings)))
 
     async def plans(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, self.plans_body)

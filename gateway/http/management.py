@@ -241,13 +241,13 @@ class Management:
 
     async def _list_keys(self, principal: Principal, send: Send) -> None:
         records = await self.store.list_keys(principal.account_id)
-        await send_json(send, 200, orjson.dumps([key_json(r) for r in records]))
+        await send_json(send, 200, orjson.dumps([key_json(r, self.settings) for r in records]))
 
     async def _show_key(self, principal: Principal, key_id: str, send: Send) -> None:
         record = await self.store.account_key(principal.account_id, key_id)
         if record is None:
             raise _not_found()
-        await send_json(send, 200, orjson.dumps(key_json(record)))
+        await send_json(send, 200, orjson.dumps(key_json(record, self.settings)))
 
     async def _create_key(self, principal: Principal, body: dict[str, Any], send: Send) -> None:
         spec = key_spec(body)
@@ -261,7 +261,7 @@ class Management:
             raise Rejected(403, "key_limit_reached", str(exc), "permission_error") from None
         except NotFound:
             raise _unauthorized() from None
-        await send_json(send, 201, orjson.dumps(key_json(record, secret)))
+        await send_json(send, 201, orjson.dumps(key_json(record, self.settings, secret)))
 
     def _check_entitlement(self, spec: KeySpec) -> None:
         """Plans and limits are entitlements the operator grants: over HTTP a key gets at
@@ -291,18 +291,25 @@ class Management:
         if "isActive" in body and not isinstance(active, bool):
             raise bad_request("isActive must be true or false")
         name = checked_name(body["name"]) if "name" in body else None
-        record = await self.store.update_key(principal.account_id, key_id, name=name,
-                                             active=active)
+        try:
+            record = await self.store.update_key(principal.account_id, key_id, name=name,
+                                                 active=active)
+        except ConfigError as exc:  # a deleted key
+            raise Rejected(409, "key_deleted", str(exc)) from None
         if record is None:
             raise _not_found()
-        await send_json(send, 200, orjson.dumps(key_json(record)))
+        await send_json(send, 200, orjson.dumps(key_json(record, self.settings)))
 
     async def _rotate(self, principal: Principal, key_id: str, send: Send) -> None:
         secret = new_consumption_secret()
-        record = await self.store.rotate_key(principal.account_id, key_id, hash_secret(secret))
+        try:
+            record = await self.store.rotate_key(principal.account_id, key_id,
+                                                 hash_secret(secret))
+        except ConfigError as exc:  # a deleted key
+            raise Rejected(409, "key_deleted", str(exc)) from None
         if record is None:
             raise _not_found()
-        await send_json(send, 200, orjson.dumps(key_json(record, secret)))
+        await send_json(send, 200, orjson.dumps(key_json(record, self.settings, secret)))
 
 
 # -- request validation (every message names the field) -------------------------------------

@@ -11,12 +11,12 @@ from gateway.config.units import parse_duration, usd_to_micro
 from gateway.core.timefmt import parse_iso_to_us
 from gateway.errors import ConfigError, Rejected
 from gateway.http.admin import KeySpec
+from gateway.http.key_changes import MAX_BUDGET_MICRO
 from gateway.types import Receive, Scope
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_NAME_LENGTH = 200
 MAX_DURATION_SECONDS = 3650 * 86400
-MAX_BUDGET_MICRO = 10**15  # one billion USD: stays exact as a Lua (double) number
 CREATE_FIELDS = ("name", "plan", "credit", "rpm", "tpm", "budget", "budget_duration",
                  "expires_at", "expires_in")
 

@@ -220,7 +220,8 @@ class GatewayMiddleware:
         reservation_id = record.request_id if record.ours else new_request_id()
         started = time.perf_counter()
         try:
-            decision = await self.store.admit(ref, secret_hash, reservation_id, ask)
+            decision = await self.store.admit(ref, secret_hash, reservation_id, ask,
+                                              self.settings.plan_limits)
         except StoreUnavailable as exc:
             if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
                 self.settlements.submit(release(ref, reservation_id))
@@ -308,7 +309,7 @@ class GatewayMiddleware:
                 reservation_id = new_request_id()
                 with contextlib.suppress(StoreUnavailable):
                     decision = await self.store.admit(ref, secret_hash, reservation_id,
-                                                      _NOTHING)
+                                                      _NOTHING, self.settings.plan_limits)
                 if decision is not None and decision.code == ADMITTED:
                     try:
                         await self.app(scope, receive, send)

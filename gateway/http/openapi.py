@@ -28,6 +28,7 @@ def _object(properties: dict[str, Schema], required: list[str] | None = None,
 _TIME: Schema = {"type": "string", "pattern": ISO_MS}
 _NULLABLE_TIME: Schema = {"type": ["string", "null"], "pattern": ISO_MS}
 _COUNT: Schema = {"type": "integer", "minimum": 0}
+_NULLABLE_COUNT: Schema = {"type": ["integer", "null"], "minimum": 0}
 _USD: Schema = {"type": "number"}
 _KEY_TYPE: Schema = {"type": "string", "enum": ["subscription", "credit"]}
 
@@ -85,13 +86,18 @@ _SCHEMAS: dict[str, Schema] = {
         "plan": {"type": ["string", "null"]},
         "is_active": {"type": "boolean"},
         "rate_limits": _object({"rpm": _COUNT, "tpm": _COUNT}),
+        # the key's own limits; null: it follows its plan's
+        "overrides": _object({"rpm": _NULLABLE_COUNT, "tpm": _NULLABLE_COUNT}),
         "budget": _object({"limit": {"type": ["number", "null"]},
                            "duration": {"type": "string"}, "spent": _USD,
                            "resets_at": _TIME}),
+        "total_spent": _USD,
         "expires_at": _NULLABLE_TIME,
         "created_at": _TIME,
+        "deleted_at": _NULLABLE_TIME,
     }, required=["id", "name", "type", "account_id", "plan", "is_active", "rate_limits",
-                 "budget", "expires_at", "created_at"]),
+                 "overrides", "budget", "total_spent", "expires_at", "created_at",
+                 "deleted_at"]),
     "KeyWithSecret": {"allOf": [_ref("Key"), {"required": ["key"]}]},
     "KeyCreate": _object({
         "name": {"type": "string", "minLength": 1, "maxLength": 200},

@@ -14,6 +14,7 @@ ADMITTED, UNKNOWN_KEY, DEACTIVATED, EXPIRED = (
 RPM_EXHAUSTED, TPM_EXHAUSTED, BUDGET_EXHAUSTED, CREDITS_EXHAUSTED = (
     int(AdmitCode.RPM_EXHAUSTED), int(AdmitCode.TPM_EXHAUSTED),
     int(AdmitCode.BUDGET_EXHAUSTED), int(AdmitCode.CREDITS_EXHAUSTED))
+PLAN_UNKNOWN = int(AdmitCode.PLAN_UNKNOWN)
 
 
 def format_reset(micros: int) -> str:
@@ -68,6 +69,11 @@ def rejection(d: Decision) -> Rejected:
         return Rejected(429, "rate_limit_exceeded",
                         f"Rate limit reached: {d.tpm_limit} tokens per minute.",
                         "tokens", headers)
+    if d.code == PLAN_UNKNOWN:
+        # The operator removed the plan from the config while keys still name it.
+        return Rejected(403, "plan_unavailable",
+                        f"This key's plan {d.plan!r} is not offered any more; "
+                        f"contact the operator.", "permission_error", headers)
     if d.code == BUDGET_EXHAUSTED:
         return Rejected(429, "budget_exceeded", "The key's budget for this period is exhausted.",
                         "insufficient_quota", headers)

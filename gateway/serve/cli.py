@@ -8,135 +8,19 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
-
-import orjson
 
 from gateway.config.levels import FORMATS, LEVELS
 from gateway.config.limits import LIMITS_ENV
 from gateway.config.settings import Settings
-from gateway.config.units import usd_to_micro
-from gateway.core.keys import hash_secret, new_management_secret
-from gateway.core.timefmt import iso_from_us
+from gateway.config.view import effective_settings, flat_items
 from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable
-from gateway.http.admin import KeySpec, account_json, account_or_default, create_key, key_json
-from gateway.obs.logs import escape_control, logging_config
+from gateway.obs.logs import logging_config
 from gateway.obs.metrics import multiprocess_dir, serve_metrics
-from gateway.store import MgmtKey, Store, connect
+from gateway.serve.cli_accounts import add_account_commands, plans
+from gateway.serve.cli_common import Parser, action, common_options, common_parent, emit
+from gateway.serve.cli_keys import add_key_commands
+from gateway.store import Store, connect
 from gateway.upstream.client import UpstreamClient
-
-
-def _print(args: argparse.Namespace, doc: Any, text: str) -> None:
-    if args.json:
-        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
-    else:
-        print(text)
-
-
-def _key_text(doc: dict[str, Any]) -> str:
-    lines = [f"{doc['id']}  {escape_control(doc['name'])}  {doc['type']}"
-             + (f" ({doc['plan']})" if doc["plan"] else "")
-             + ("" if doc["is_active"] else "  [deactivated]")]
-    if "key" in doc:
-        lines.append(f"  key: {doc['key']}   (shown once: store it now)")
-    budget = doc["budget"]
-    limit = "unlimited" if budget["limit"] is None else f"${budget['limit']:.2f}"
-    lines.append(f"  rpm {doc['rate_limits']['rpm']}, tpm {doc['rate_limits']['tpm']}, "
-                 f"budget {limit} per {budget['duration']}, spent ${budget['spent']:.6f}, "
-                 f"resets {budget['resets_at']}")
-    if doc["expires_at"]:
-        lines.append(f"  expires {doc['expires_at']}")
-    return "\n".join(lines)
-
-
-async def _accounts_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    doc = account_json(await store.create_account(args.name))
-    _print(args, doc, f"{doc['id']}  {escape_control(doc['name'])}  "
-                      f"credits ${doc['credits']:.2f}")
-
-
-async def _accounts_add_credits(args: argparse.Namespace, settings: Settings,
-                                store: Store) -> None:
-    micro = usd_to_micro(args.usd, "USD")
-    if micro <= 0:
-        raise ConfigError("the amount of credits must be positive")
-    doc = account_json(await store.add_credits(args.account_id, micro))
-    _print(args, doc, f"{doc['id']}  {escape_control(doc['name'])}  "
-                      f"credits ${doc['credits']:.6f}")
-
-
-async def _accounts_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    docs = [account_json(a) for a in await store.list_accounts()]
-    _print(args, docs, "\n".join(f"{d['id']}  {escape_control(d['name'])}  "
-                                 f"credits ${d['credits']:.6f}" for d in docs)
-           or "no accounts")
-
-
-async def _keys_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    account_id = await account_or_default(store, args.account)
-    spec = KeySpec(name=args.name, plan=args.plan, credit=args.credit, rpm=args.rpm,
-                   tpm=args.tpm, budget_usd=args.budget, budget_duration=args.budget_duration,
-                   expires_at=args.expires_at, expires_in=args.expires_in)
-    record, secret = await create_key(store, settings, account_id, spec)
-    doc = key_json(record, secret)
-    _print(args, doc, _key_text(doc))
-
-
-async def _keys_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    accounts = [args.account] if args.account else [a.id for a in await store.list_accounts()]
-    docs = [key_json(r) for a in accounts for r in await store.list_keys(a)]
-    _print(args, docs, "\n".join(_key_text(d) for d in docs) or "no keys")
-
-
-async def _keys_show(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    doc = key_json(await store.get_key(args.key_id))
-    _print(args, doc, _key_text(doc))
-
-
-async def _keys_set_active(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    doc = key_json(await store.set_active(args.key_id, args.command == "activate"))
-    _print(args, doc, _key_text(doc))
-
-
-def _mgmt_json(key: MgmtKey) -> dict[str, Any]:
-    return {"id": key.id, "account_id": key.account_id,
-            "created_at": iso_from_us(key.created_at_us)}
-
-
-async def _mgmt_create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    secret = new_management_secret()
-    key = await store.create_mgmt_key(args.account, hash_secret(secret))
-    doc = {"id": key.id, "key": secret, "account_id": key.account_id}
-    _print(args, doc, f"{key.id}  account {key.account_id}\n"
-                      f"  key: {secret}   (shown once: store it now)")
-
-
-async def _mgmt_list(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    if args.account:
-        await store.get_account(args.account)
-    accounts = [args.account] if args.account else [a.id for a in await store.list_accounts()]
-    docs = [_mgmt_json(k) for a in accounts for k in await store.list_mgmt_keys(a)]
-    _print(args, docs, "\n".join(f"{d['id']}  account {d['account_id']}  created "
-                                 f"{d['created_at']}" for d in docs) or "no management keys")
-
-
-async def _mgmt_revoke(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    doc = {**_mgmt_json(await store.revoke_mgmt_key(args.mgmt_key_id)), "revoked": True}
-    _print(args, doc, f"{doc['id']}  revoked")
-
-
-async def _plans(args: argparse.Namespace, settings: Settings, store: Store | None) -> None:
-    docs = [{"slug": p.slug, "name": p.name, "priceUsdc": p.price_usdc,
-             "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
-            for p in settings.plans.values()]
-    _print(args, docs, "\n".join(f"{p.slug:<10} {p.name:<12} ${p.price_usdc:<6} "
-                                 f"{p.rpm} rpm  {p.tpm} tpm" for p in settings.plans.values()))
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other error of the command; --help has the rest.
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _port(text: str) -> int:
@@ -159,31 +43,29 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    # The common options work before the command and after it (`gateway --redis URL keys
-    # list` and `gateway keys list --redis URL`): after it they default to SUPPRESS, so an
-    # absent one leaves what was given before the command.
-    common = _Parser(add_help=False)
-    parser = _Parser(prog="gateway", description=__doc__)
-    for target, default in ((common, argparse.SUPPRESS), (parser, None)):
-        target.add_argument("--redis", metavar="URL", default=default,
-                            help="Redis URL (env GATEWAY_REDIS_URL)")
-        target.add_argument("--config", metavar="FILE", default=default,
-                            help="TOML settings (env GATEWAY_CONFIG)")
-        target.add_argument("--json", action="store_true",
-                            default=default if default is argparse.SUPPRESS else False,
-                            help="print one JSON document")
+    common = common_parent()
+    parser = Parser(prog="gateway", epilog=_EXAMPLES,
+                    description="Rate limits, budgets and prepaid credits, billed exactly, "
+                                "in front of an OpenAI-compatible inference server.")
+    common_options(parser, None)
     parser.add_argument("--version", action="version", version=f"gateway {_version()}")
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", parents=[common], help="run the reverse proxy")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="run the gateway as a reverse proxy (needs Redis)",
+        description="Run the gateway in front of an OpenAI-compatible server.",
+        epilog="example:\n  gateway serve --redis redis://127.0.0.1:6379/0 "
+               "--upstream http://127.0.0.1:8000 --port 8080")
     serve.add_argument("--upstream", metavar="URL",
                        help="where to forward (env GATEWAY_UPSTREAM, [upstream] url)")
     serve.add_argument("--upstream-api-key", metavar="KEY",
                        help="sent upstream instead of the client's key (env "
                             "GATEWAY_UPSTREAM_API_KEY, [upstream] api_key)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                       "(default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the port (default 1; about one per core)")
     serve.add_argument("--metrics-host", metavar="HOST",
                        help="where /metrics is served apart from clients; default 127.0.0.1 "
                             "(env GATEWAY_METRICS_HOST)")
@@ -195,61 +77,42 @@ def _parser() -> argparse.ArgumentParser:
                        help="one JSON object per line, or key=value text; default json "
                             "(env GATEWAY_LOG_FORMAT)")
 
-    demo = sub.add_parser("demo", parents=[common],
-                          help="embedded store + mock upstream + demo keys (no Redis needed)")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=_port, default=8080)
+    demo = sub.add_parser(
+        "demo", parents=[common],
+        help="try it: embedded store + mock upstream + demo keys (no Redis needed)",
+        description="Everything in one process: an embedded store, a mock upstream and "
+                    "demo keys with tiny limits; prints the keys and a guided tour.",
+        epilog="example:\n  gateway demo --port 8080")
+    demo.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    demo.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
 
-    accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(
-        dest="command", required=True, metavar="ACTION")
-    create = accounts.add_parser("create", parents=[common])
-    create.add_argument("--name", required=True)
-    create.set_defaults(run=_accounts_create)
-    credits = accounts.add_parser("add-credits", parents=[common])
-    credits.add_argument("account_id")
-    credits.add_argument("usd")
-    credits.set_defaults(run=_accounts_add_credits)
-    accounts.add_parser("list", parents=[common]).set_defaults(run=_accounts_list)
+    add_account_commands(sub, common)
+    add_key_commands(sub, common)
 
-    keys = sub.add_parser("keys", help="manage consumption keys").add_subparsers(
-        dest="command", required=True, metavar="ACTION")
-    create = keys.add_parser("create", parents=[common])
-    create.add_argument("--account")
-    create.add_argument("--name", required=True)
-    kind = create.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--plan", metavar="SLUG")
-    kind.add_argument("--credit", action="store_true")
-    create.add_argument("--rpm", type=int)
-    create.add_argument("--tpm", type=int)
-    create.add_argument("--budget", metavar="USD")
-    create.add_argument("--budget-duration", default="30d", metavar="DURATION")
-    expiry = create.add_mutually_exclusive_group()
-    expiry.add_argument("--expires-at", metavar="ISO8601")
-    expiry.add_argument("--expires-in", metavar="DURATION")
-    create.set_defaults(run=_keys_create)
-    listing = keys.add_parser("list", parents=[common])
-    listing.add_argument("--account")
-    listing.set_defaults(run=_keys_list)
-    for name, run in (("show", _keys_show), ("deactivate", _keys_set_active),
-                      ("activate", _keys_set_active)):
-        action = keys.add_parser(name, parents=[common])
-        action.add_argument("key_id")
-        action.set_defaults(run=run)
-
-    mgmt = sub.add_parser("mgmt-keys", help="manage management keys (mk_) for /api/*")
-    mgmt_actions = mgmt.add_subparsers(dest="command", required=True, metavar="ACTION")
-    create = mgmt_actions.add_parser("create", parents=[common])
-    create.add_argument("--account", required=True, metavar="ID")
-    create.set_defaults(run=_mgmt_create)
-    listing = mgmt_actions.add_parser("list", parents=[common])
-    listing.add_argument("--account", metavar="ID")
-    listing.set_defaults(run=_mgmt_list)
-    revoke = mgmt_actions.add_parser("revoke", parents=[common])
-    revoke.add_argument("mgmt_key_id", metavar="MGMT_KEY_ID")
-    revoke.set_defaults(run=_mgmt_revoke)
-
-    sub.add_parser("plans", parents=[common], help="list plans").set_defaults(run=_plans)
+    config = sub.add_parser("config", help="check the configuration",
+                            description="Check the configuration.")
+    config_actions = config.add_subparsers(dest="command", required=True, metavar="ACTION")
+    action(config_actions, "check", common, _config_check,
+           "validate the config file and environment, print the effective settings "
+           "(secrets masked)", "gateway config check --config gateway.toml")
     return parser
+
+
+_EXAMPLES = """examples:
+  gateway demo                                   try it, no Redis needed
+  gateway --redis redis://127.0.0.1:6379/0 accounts create --name acme
+  gateway --redis redis://127.0.0.1:6379/0 keys create --account acme --name prod --plan pro
+  gateway serve --redis redis://127.0.0.1:6379/0 --upstream http://127.0.0.1:8000
+  gateway config check --config gateway.toml
+
+every option before the command (--redis, --config, --json) also works after it."""
+
+
+async def _config_check(args: argparse.Namespace, settings: Settings,
+                        store: Store | None) -> None:
+    doc = effective_settings(settings)
+    emit(args, doc, "configuration is valid; effective settings:\n"
+                    + "\n".join(f"  {k} = {v}" for k, v in flat_items(doc)))
 
 
 def _fail(message: str) -> int:
@@ -337,8 +200,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.redis:
         raise ConfigError("gateway demo always runs on the embedded store; for Redis use "
                           "`gateway serve --redis URL`")
+    # Every request is logged, as text: the demo is watched in a terminal.
     uvicorn.run(DemoApp(args.host, args.port, settings), host=args.host, port=args.port,
-                log_level="warning", http=SERVER_PROTOCOL, loop="uvloop")
+                log_config=logging_config("info", "text"), http=SERVER_PROTOCOL, loop="uvloop")
     return 0
 
 
@@ -350,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args, settings)
         if args.group == "serve":
             return _serve(args, settings)
-        if args.run is _plans:
-            asyncio.run(_plans(args, settings, None))
+        if args.run in (plans, _config_check):  # no Redis needed
+            asyncio.run(args.run(args, settings, None))
         else:
             asyncio.run(_run_with_store(args, settings))
     except (ConfigError, NotFound, LimitReached) as exc:

@@ -7,6 +7,7 @@ from gateway.store.names import RESERVATION_TTL_SECONDS, SUBSCRIPTION_DEFAULT_SE
 from gateway.store.records import (
     Account,
     Ask,
+    CreditEntry,
     Decision,
     KeyCounters,
     KeyRecord,
@@ -21,5 +22,6 @@ from gateway.store.scripts import lua_source
 from gateway.store.store import Store
 
 __all__ = ["RESERVATION_TTL_SECONDS", "SUBSCRIPTION_DEFAULT_SECONDS", "Account", "Ask",
-           "Decision", "KeyCounters", "KeyRecord", "KeyRef", "KeyUsage", "MgmtKey", "MgmtRef",
-           "Names", "Store", "Throttle", "UsageSnapshot", "connect", "lua_source"]
+           "CreditEntry", "Decision", "KeyCounters", "KeyRecord", "KeyRef", "KeyUsage",
+           "MgmtKey", "MgmtRef", "Names", "Store", "Throttle", "UsageSnapshot", "connect",
+           "lua_source"]

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import uuid
 
+import orjson
+
 from gateway.errors import (
     ConfigError,
     LimitReached,
     NotFound,
 )
+from gateway.store.codes import CreditCode
 from gateway.store.hot import HotPath
 from gateway.store.names import SUBSCRIPTION_DEFAULT_SECONDS, Names
-from gateway.store.records import Account, KeyRecord, _key_record, _text
+from gateway.store.records import Account, CreditEntry, KeyRecord, _key_record, _text
+
+CREDIT_LOG_ENTRIES = 1000  # per account; older adjustments drop off
 
 
 class Administration(HotPath):
@@ -44,21 +49,43 @@ class Administration(HotPath):
         ids = sorted(_text(i) for i in await self._cmd("SMEMBERS", Names.ACCOUNTS))
         return [await self.get_account(i) for i in ids]
 
-    async def add_credits(self, account_id: str, micro: int) -> Account:
-        await self.get_account(account_id)
-        await self._cmd("HINCRBY", Names.account(account_id), "credits", micro)
+    async def add_credits(self, account_id: str, micro: int, reason: str = "",
+                          by: str = "cli") -> Account:
+        """Credits added (or, negative, taken away) with the reason recorded; a change that
+        would leave a negative balance is refused."""
+        reply = await self._evalsha(
+            self._credits, [Names.account(account_id), Names.credit_log(account_id)],
+            [micro, reason, by, CREDIT_LOG_ENTRIES])
+        code = int(reply[0])
+        if code == CreditCode.MISSING_ACCOUNT:
+            raise NotFound(f"no account with id {account_id}")
+        if code == CreditCode.NEGATIVE_BALANCE:
+            raise ConfigError(f"the balance is {int(reply[1]) / 1e6:.6f} USD: taking "
+                              f"{-micro / 1e6:.6f} would leave it negative")
         return await self.get_account(account_id)
 
+    async def credit_log(self, account_id: str, count: int = 50) -> list[CreditEntry]:
+        """The newest `count` adjustments, newest first."""
+        raw = await self._cmd("LRANGE", Names.credit_log(account_id), 0, count - 1)
+        entries = []
+        for item in raw:
+            doc = orjson.loads(item)
+            entries.append(CreditEntry(int(doc["at"]), int(doc["micro"]), int(doc["balance"]),
+                                       str(doc["by"]), str(doc["reason"])))
+        return entries
+
     async def create_key(
-        self, *, account_id: str, name: str, key_type: str, plan: str, rpm: int, tpm: int,
+        self, *, account_id: str, name: str, key_type: str, plan: str, rpm: int | None,
+        tpm: int | None,
         budget_limit: int | None, budget_duration: int, expires_at_us: int | None,
         expires_in_seconds: int | None, secret_hash: str, max_keys: int = 100,
     ) -> KeyRecord:
         await self.get_account(account_id)
         now = await self.now_us()
         key_id = str(uuid.uuid4())
-        added = await self._evalsha(self._add_key, [Names.account_keys(account_id)],
-                                    [key_id, max_keys])
+        added = await self._evalsha(
+            self._add_key, [Names.account_keys(account_id), Names.deleted_keys(account_id)],
+            [key_id, max_keys])
         if not int(added):
             raise LimitReached(f"the account already holds its maximum of {max_keys} keys "
                                f"(max_keys_per_account)")
@@ -68,7 +95,9 @@ class Administration(HotPath):
             "id": key_id, "account_id": account_id, "name": name, "type": key_type,
             "plan": plan, "hash": secret_hash, "active": "1", "created_at": now,
             "expires_at": "" if expires_at_us is None else expires_at_us,
-            "rpm": rpm, "tpm": tpm, "rpm_tat": 0, "tpm_tat": 0,
+            # No rpm/tpm of its own (''): the key follows its plan's (lua/admit.lua).
+            "rpm": "" if rpm is None else rpm, "tpm": "" if tpm is None else tpm,
+            "rpm_tat": 0, "tpm_tat": 0,
             "budget_limit": "" if budget_limit is None else budget_limit,
             "budget_duration": budget_duration, "spent": 0,
             "resets_at": now + budget_duration * 1_000_000, "total_spent": 0,
@@ -101,8 +130,3 @@ class Administration(HotPath):
                 records.append(_key_record(raw))
         return sorted(records, key=lambda r: (r.created_at_us, r.id))
 
-    async def set_active(self, key_id: str, active: bool) -> KeyRecord:
-        account_id = await self.key_account(key_id)
-        await self._cmd("HSET", Names.key(account_id, key_id), "active",
-                                          "1" if active else "0")
-        return await self.get_key(key_id)

@@ -32,9 +32,13 @@ class StoreBase:
         self._account_index = Script.of(lua_source("account_index"))
         self._rotate = Script.of(lua_source("rotate"))
         self._add_key = Script.of(lua_source("add_key"))
+        self._update_key = Script.of(lua_source("update_key"))
+        self._delete_key = Script.of(lua_source("delete_key"))
+        self._credits = Script.of(lua_source("credits"))
         # The hot path's scripts first: a node that lost them loads all of them at once.
         client.register((self._admit, self._settle, self._usage, self._mgmt_limit,
-                         self._account_index, self._rotate, self._add_key))
+                         self._account_index, self._rotate, self._add_key, self._update_key,
+                         self._delete_key, self._credits))
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         # Backend failures become the store's errors here, at the storage edge (replies.py).

@@ -17,6 +17,7 @@ class AdmitCode(IntEnum):
     TPM_EXHAUSTED = 5
     BUDGET_EXHAUSTED = 6
     CREDITS_EXHAUSTED = 7
+    PLAN_UNKNOWN = 8
 
 
 class UsageCode(IntEnum):
@@ -26,3 +27,20 @@ class UsageCode(IntEnum):
     SECRET_MISMATCH = 1
     DEACTIVATED = 2
     RECORD_GONE = 4
+
+
+class UpdateCode(IntEnum):
+    """lua/update_key.lua's first reply element."""
+
+    UPDATED = 0
+    MISSING = 1
+    DELETED = 2
+    EXPIRY_PAST = 3
+
+
+class CreditCode(IntEnum):
+    """lua/credits.lua's first reply element."""
+
+    APPLIED = 0
+    MISSING_ACCOUNT = 1
+    NEGATIVE_BALANCE = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.store.base import StoreBase
@@ -32,12 +33,14 @@ class HotPath(StoreBase):
         return KeyRef(account_id, key_id)
 
     async def admit(self, ref: KeyRef, secret_hash: str, request_id: str,
-                    ask: Ask) -> Decision:
+                    ask: Ask, plan_limits: Sequence[str | int] = ()) -> Decision:
+        """`plan_limits` (Settings.plan_limits): the limits of keys that follow their plan;
+        such a key's plan missing from it is refused (PLAN_UNKNOWN)."""
         names = self._hot_names(ref)
         keys = [names.key, names.account, names.reservation_prefix + request_id]
         args = [secret_hash, ask.prompt_tokens, ask.per_sequence, ask.sequences, ask.cost,
                 ask.prompt_cost, ask.output_price, RESERVATION_TTL_SECONDS,
-                "clamp" if ask.clamp else "reject"]
+                "clamp" if ask.clamp else "reject", *plan_limits]
         raw = await self._evalsha(self._admit, keys, args)
         n = [int(v) for v in raw[:8]]
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
@@ -79,7 +82,8 @@ class HotPath(StoreBase):
         v = [_text(x) for x in raw]
         return KeyUsage(
             code=0, now_us=int(v[1]), name=v[2], key_type=v[3], plan=v[4],
-            created_at_us=int(v[5]), expires_at_us=_optional_int(v[6]), rpm=int(v[7]),
-            tpm=int(v[8]), budget_limit=_optional_int(v[9]), budget_duration=int(v[10]),
+            created_at_us=int(v[5]), expires_at_us=_optional_int(v[6]),
+            rpm=_optional_int(v[7]), tpm=_optional_int(v[8]),
+            budget_limit=_optional_int(v[9]), budget_duration=int(v[10]),
             spent=int(v[11]), resets_at_us=int(v[12]), credits=int(v[13]),
         )

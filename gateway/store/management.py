@@ -11,8 +11,8 @@ from gateway.core.usage_windows import buckets_needed
 from gateway.errors import (
     NotFound,
 )
-from gateway.store.admin import Administration
 from gateway.store.base import pairs
+from gateway.store.lifecycle import KeyChange, KeyLifecycle
 from gateway.store.names import Names
 from gateway.store.records import (
     KeyCounters,
@@ -27,7 +27,7 @@ from gateway.store.records import (
 )
 
 
-class Management(Administration):
+class Management(KeyLifecycle):
     """Scoped to one account: a key of another account reads as absent."""
 
     async def create_mgmt_key(self, account_id: str, secret_hash: str) -> MgmtKey:
@@ -130,23 +130,16 @@ class Management(Administration):
 
     async def update_key(self, account_id: str, key_id: str, *, name: str | None = None,
                          active: bool | None = None) -> KeyRecord | None:
-        record = Names.key(account_id, key_id)
-        if not await self._cmd("EXISTS", record):
+        """None for a key this account does not hold; ConfigError for a deleted one."""
+        try:
+            return await self.change_key(key_id, KeyChange(name=name, active=active),
+                                         account_id)
+        except NotFound:
             return None
-        fields: dict[str, str] = {}
-        if name is not None:
-            fields["name"] = name
-        if active is not None:
-            fields["active"] = "1" if active else "0"
-        if fields:
-            await self._hset(record, fields)
-        return await self.account_key(account_id, key_id)
 
     async def rotate_key(self, account_id: str, key_id: str,
                          secret_hash: str) -> KeyRecord | None:
-        old = await self._evalsha(self._rotate, [Names.key(account_id, key_id)], [secret_hash])
-        if old is None:
+        try:
+            return await self.rotate_secret(key_id, secret_hash, account_id)
+        except NotFound:
             return None
-        await self._cmd("SET", Names.secret(secret_hash), f"{account_id}:{key_id}")
-        await self._cmd("DEL", Names.secret(_text(old)))
-        return await self.account_key(account_id, key_id)

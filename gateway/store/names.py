@@ -40,6 +40,14 @@ class Names:
         return f"{cls._acct(account_id)}:keys"
 
     @classmethod
+    def credit_log(cls, account_id: str) -> str:
+        return f"{cls._acct(account_id)}:credit-log"
+
+    @classmethod
+    def deleted_keys(cls, account_id: str) -> str:
+        return f"{cls._acct(account_id)}:deleted-keys"
+
+    @classmethod
     def key(cls, account_id: str, key_id: str) -> str:
         return f"{cls._acct(account_id)}:key:{key_id}"
 

@@ -58,8 +58,8 @@ class KeyUsage:
     plan: str = ""
     created_at_us: int = 0
     expires_at_us: int | None = None
-    rpm: int = 0
-    tpm: int = 0
+    rpm: int | None = None  # the key's own limit; None: its plan's
+    tpm: int | None = None
     budget_limit: int | None = None
     budget_duration: int = 0
     spent: int = 0
@@ -76,6 +76,17 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditEntry:
+    """One operator adjustment of an account's credits."""
+
+    at_us: int
+    micro: int
+    balance: int  # after the change
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
     account_id: str
@@ -85,13 +96,14 @@ class KeyRecord:
     active: bool
     created_at_us: int
     expires_at_us: int | None
-    rpm: int
-    tpm: int
+    rpm: int | None  # the key's own limit; None: its plan's (Settings.limits_for)
+    tpm: int | None
     budget_limit: int | None
     budget_duration: int
     spent: int
     resets_at_us: int
     total_spent: int
+    deleted_at_us: int | None = None  # deleted keys keep their record for their history
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +155,12 @@ def _key_record(raw: dict[Any, Any]) -> KeyRecord:
     return KeyRecord(
         id=f["id"], account_id=f["account_id"], name=f["name"], key_type=f["type"],
         plan=f["plan"], active=f["active"] == "1", created_at_us=int(f["created_at"]),
-        expires_at_us=_optional_int(f.get("expires_at")), rpm=int(f["rpm"]), tpm=int(f["tpm"]),
+        expires_at_us=_optional_int(f.get("expires_at")), rpm=_optional_int(f.get("rpm")),
+        tpm=_optional_int(f.get("tpm")),
         budget_limit=_optional_int(f.get("budget_limit")),
         budget_duration=int(f["budget_duration"]), spent=int(f["spent"]),
         resets_at_us=int(f["resets_at"]), total_spent=int(f.get("total_spent", "0")),
+        deleted_at_us=_optional_int(f.get("deleted_at")),
     )
 
 

@@ -25,7 +25,7 @@ from gateway.http.settlement import Settlement, SettlementQueue
 from gateway.obs.metrics import Metrics
 from gateway.store import Ask, KeyRef, Names, Store, connect
 from tests.burst import CHAT, CHAT_COST
-from tests.conftest import RedisServer, bearer, client_for, new_key
+from tests.conftest import PLAN_LIMITS, RedisServer, bearer, client_for, new_key
 from tests.redis_inspect import redis_of
 
 TIMEOUT = 0.25
@@ -184,7 +184,8 @@ async def test_overflow_and_shutdown_fall_back_to_the_estimate(
     secret, key_id, account_id = await new_key(fault_store, Settings())
     ref = KeyRef(account_id, key_id)
     for i in range(3):
-        decision = await fault_store.admit(ref, hash_secret(secret), f"r{i}", Ask.flat(50, 100))
+        decision = await fault_store.admit(ref, hash_secret(secret), f"r{i}", Ask.flat(50, 100),
+                                           PLAN_LIMITS)
         assert decision.code == 0
     metrics = Metrics.create(registry)
     queue = SettlementQueue(fault_store, metrics, capacity=2, first_delay=0.01)
@@ -204,7 +205,8 @@ async def test_shutdown_drain_writes_queued_settlements(
         server: RedisServer, fault_store: Store, registry: CollectorRegistry) -> None:
     secret, key_id, account_id = await new_key(fault_store, Settings())
     ref = KeyRef(account_id, key_id)
-    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100),
+                                    PLAN_LIMITS)).code == 0
     queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
     server.stop()
     await queue.settle(Settlement(ref, "r", 10, 8, CHAT_COST, "standard"))
@@ -224,7 +226,8 @@ async def test_a_settlement_whose_wait_is_cancelled_is_replayed(
     hands the settlement to the retry queue: Redis may never have run it."""
     secret, key_id, account_id = await new_key(fault_store, Settings())
     ref = KeyRef(account_id, key_id)
-    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100),
+                                    PLAN_LIMITS)).code == 0
     queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
     assert server.process is not None
     os.kill(server.process.pid, signal.SIGSTOP)  # no answer can come
@@ -248,7 +251,8 @@ async def test_shutdown_drain_waits_for_settlements_in_flight(
         fault_store: Store, registry: CollectorRegistry) -> None:
     secret, key_id, account_id = await new_key(fault_store, Settings())
     ref = KeyRef(account_id, key_id)
-    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100),
+                                    PLAN_LIMITS)).code == 0
     queue = SettlementQueue(fault_store, Metrics.create(registry), first_delay=0.01)
     settling = asyncio.ensure_future(
         queue.settle_shielded(Settlement(ref, "r", 10, 8, CHAT_COST, "standard")))
@@ -265,7 +269,8 @@ async def test_a_settlement_redis_refuses_is_given_up_and_counted_failed(
         fault_store: Store, registry: CollectorRegistry) -> None:
     secret, key_id, account_id = await new_key(fault_store, Settings())
     ref = KeyRef(account_id, key_id)
-    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
+    assert (await fault_store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100),
+                                    PLAN_LIMITS)).code == 0
     # The key record replaced by a string: settle.lua's HGET fails with WRONGTYPE, which no
     # retry can fix.
     await redis_of(fault_store).set(Names.key(account_id, key_id), "corrupt")

@@ -559,10 +559,10 @@ async def test_keys_per_account_are_capped_over_http_and_cli_alike(
     import asyncio
 
     from gateway.errors import LimitReached
-    from gateway.http.admin import KeySpec, account_or_default, create_key
+    from gateway.http.admin import KeySpec, create_key, resolve_account
 
     settings = Settings(api_plan_keys=True, max_keys_per_account=5)
-    account = await account_or_default(store, None)
+    account = await resolve_account(store, None)
     # concurrent creations cannot pass the cap together
     results = await asyncio.gather(*(
         create_key(store, settings, account, KeySpec(name=f"k{i}", credit=True))

@@ -17,6 +17,7 @@ from gateway.http.middleware import GatewayMiddleware
 from gateway.http.openapi import document
 from gateway.obs.metrics import Metrics
 from gateway.store import Store
+from gateway.store.lifecycle import KeyChange
 from tests.conftest import METRICS_AUTH, bearer, client_for, new_key
 from tests.openapi_check import check, validate
 
@@ -78,7 +79,7 @@ async def test_real_responses_fit_the_document(store: Store, settings: Settings,
             await client.post(f"/api/keys/{uuid.uuid4()}/rotate", headers=mgmt),
             await client.get(f"/api/keys/{key_id}/rotate", headers=mgmt),
         ]
-        await store.set_active(key_id, False)
+        await store.change_key(key_id, KeyChange(active=False))
         responses.append(await client.get("/v1/usage", headers=user))
     small = GatewayMiddleware(MockUpstream(), store=store, metrics=metrics,
                               settings=dataclasses.replace(settings, max_body_bytes=64))

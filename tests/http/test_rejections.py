@@ -28,6 +28,7 @@ from gateway.http.ratelimit import (
 )
 from gateway.obs.metrics import Metrics
 from gateway.store import Decision, Names, Store, connect
+from gateway.store.lifecycle import KeyChange
 from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
 from tests.redis_inspect import redis_of
 
@@ -41,14 +42,14 @@ async def test_deactivated_key_is_403_at_once_even_when_cached(
     async with client_for(gateway(upstream, store, settings, metrics)) as client:
         ok = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
         assert ok.status_code == 200
-        await store.set_active(key_id, False)
+        await store.change_key(key_id, KeyChange(active=False))
         for path in ("/v1/chat/completions", "/v1/usage"):
             method = client.post if path != "/v1/usage" else client.get
             kwargs = {"json": CHAT} if path != "/v1/usage" else {}
             response = await method(path, headers=bearer(secret), **kwargs)  # type: ignore[operator]
             assert response.status_code == 403
             assert response.json()["error"]["code"] == "key_deactivated"
-        await store.set_active(key_id, True)
+        await store.change_key(key_id, KeyChange(active=True))
         again = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
         assert again.status_code == 200
     assert upstream.requests == 2

@@ -32,7 +32,15 @@ from gateway.obs.metrics import MULTIPROC_ENV, Metrics, exposition, multiprocess
 from gateway.serve.cli import main
 from gateway.store import Ask, KeyRef, Store, connect
 from gateway.types import Receive, Scope, Send
-from tests.conftest import METRICS_AUTH, RedisServer, bearer, client_for, gateway, new_key
+from tests.conftest import (
+    METRICS_AUTH,
+    PLAN_LIMITS,
+    RedisServer,
+    bearer,
+    client_for,
+    gateway,
+    new_key,
+)
 from tests.redis_inspect import redis_of
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 8}
@@ -103,7 +111,8 @@ async def test_a_replayed_settlement_counts_its_tokens_and_spend_once(
     # the replay a no-op, and the metrics must not count it again either.
     secret, key_id, account_id = await new_key(store, settings)
     ref = KeyRef(account_id, key_id)
-    assert (await store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100))).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "r", Ask.flat(50, 100),
+                              PLAN_LIMITS)).code == 0
     queue = SettlementQueue(store, metrics)
     item = Settlement(ref, "r", 10, 8, 17, "standard")
     await queue.settle(item)

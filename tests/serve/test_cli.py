@@ -78,7 +78,14 @@ def test_keys_create_without_account_uses_default(redis_url: str,
     (["keys", "show", "00000000-0000-0000-0000-000000000000"], "no key with id"),
     (["keys", "deactivate", "nope"], "no key with id"),
     (["accounts", "add-credits", "nope", "5"], "no account with id"),
-    (["accounts", "add-credits", "nope", "-5"], "invalid amount"),
+    (["accounts", "add-credits", "nope", "-5"], "no account with id or name 'nope'"),
+    (["accounts", "add-credits", "nope", "0"], "must not be zero"),
+    (["accounts", "add-credits", "nope", "1x"], "invalid amount"),
+    (["keys", "update", "nope", "--rpm", "5"], "no key with id"),
+    (["keys", "renew", "nope"], "no key with id"),
+    (["keys", "rotate", "nope"], "no key with id"),
+    (["keys", "delete", "nope"], "no key with id"),
+    (["keys", "list", "--account", "nope"], "no account with id or name"),
     (["serve", "--upstream", "ftp://inference:8000"], "must be http:// or https://"),
     (["serve", "--upstream", "http://"], "has no host"),
     (["serve", "--upstream", "http://localhost:99999"], "--upstream: Port out of range"),
@@ -237,10 +244,11 @@ def test_text_output_and_listing_one_account(redis_url: str,
     code, out, _ = run(capsys, "keys", "deactivate", plan_key["id"], "--redis", redis_url)
     lines = out.splitlines()
     assert lines[0] == f"{plan_key['id']}  prod  subscription (pro)  [deactivated]"
-    assert lines[1].startswith("  rpm 200, tpm 13333, budget unlimited per 30d, spent $0.000000")
+    assert lines[1].startswith("  rpm 200 (plan), tpm 13333 (plan), budget unlimited per 30d, "
+                               "spent $0.000000")
     assert lines[2] == f"  expires {plan_key['expires_at']}"
     code, _, err = run(capsys, "accounts", "add-credits", ids[0], "0", "--redis", redis_url)
-    assert (code, err) == (1, "gateway: error: the amount of credits must be positive\n")
+    assert (code, err) == (1, "gateway: error: the amount of credits must not be zero\n")
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
@@ -336,8 +344,9 @@ async def test_the_demo_keys_follow_the_configs_plans(tmp_path: Path) -> None:
     demo = DemoApp("127.0.0.1", 8080, Settings.load(str(config), env={}))
     await demo._seed()
     key = next(k for k in await demo.store.list_keys(
-        (await demo.store.list_accounts())[0].id) if k.name == "demo-standard")
-    assert (key.rpm, key.tpm) == (7, 700)
+        (await demo.store.list_accounts())[0].id) if k.name == "demo-budget")
+    assert (key.rpm, key.tpm) == (None, None)  # it follows the plan's
+    assert demo.settings.limits_for(key.plan, key.rpm, key.tpm) == (7, 700)
     await demo.gateway.aclose()
 
 

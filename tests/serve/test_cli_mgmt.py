@@ -23,7 +23,7 @@ def test_mgmt_keys_lifecycle(redis_url: str, capsys: pytest.CaptureFixture[str])
     account = orjson.loads(out)["id"]
     code, out, _ = run(capsys, "mgmt-keys", "create", "--account", account, *r)
     created = orjson.loads(out)
-    assert code == 0 and set(created) == {"id", "key", "account_id"}
+    assert code == 0 and set(created) == {"id", "key", "account_id", "created_at"}
     assert created["key"].startswith("mk_") and created["account_id"] == account
     code, out, _ = run(capsys, "mgmt-keys", "list", "--account", account, *r)
     listed = orjson.loads(out)

@@ -14,7 +14,7 @@ from gateway.demo.mock_upstream import MockUpstream
 from gateway.obs.metrics import Metrics
 from gateway.store import Ask, KeyRef, Names, Store, connect
 from gateway.store.embedded import embedded_store
-from tests.conftest import bearer, client_for, gateway, new_key, prompt_bound_of
+from tests.conftest import PLAN_LIMITS, bearer, client_for, gateway, new_key, prompt_bound_of
 from tests.redis_inspect import redis_of
 
 
@@ -267,11 +267,13 @@ async def test_a_settlement_after_a_rollover_leaves_the_new_period_alone(
         store: Store, settings: Settings) -> None:
     secret, key_id, account_id = await new_key(store, settings, budget_usd="1")
     ref = KeyRef(account_id, key_id)
-    assert (await store.admit(ref, hash_secret(secret), "old", Ask.flat(100, 500))).code == 0
+    old = await store.admit(ref, hash_secret(secret), "old", Ask.flat(100, 500), PLAN_LIMITS)
+    assert old.code == 0
     # The period ends while "old" is in flight; "new" is admitted in the next period.
     await redis_of(store).hset(Names.key(account_id, key_id), "resets_at",
                             await store.now_us() - 1)
-    assert (await store.admit(ref, hash_secret(secret), "new", Ask.flat(100, 300))).code == 0
+    new = await store.admit(ref, hash_secret(secret), "new", Ask.flat(100, 300), PLAN_LIMITS)
+    assert new.code == 0
     assert await store.settle(ref, "old", 10, 10, 40) is True
     key = await store.get_key(key_id)
     assert key.spent == 300  # only the new period's own reservation: no refund of "old"

@@ -14,7 +14,7 @@ from gateway.store import Ask, Names, Store, connect
 from gateway.store.cluster import ClusterClient
 from gateway.store.slots import key_slot
 from tests.cluster import RedisCluster
-from tests.conftest import new_key
+from tests.conftest import PLAN_LIMITS, new_key
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ async def test_moved_is_followed_and_remembered(store: Store, movable: RedisClus
     assert owner(store, slot) == target
     ref = await store.lookup(hash_secret(secret))
     assert ref is not None
-    assert (await store.admit(ref, hash_secret(secret), "moved-1", Ask.flat(10, 5))).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "moved-1", Ask.flat(10, 5),
+                              PLAN_LIMITS)).code == 0
     assert await store.settle(ref, "moved-1", 3, 4, 5) is True
     assert (await store.get_key(key_id)).spent == 5
 
@@ -111,11 +112,13 @@ async def test_noscript_loads_the_scripts_on_the_node_that_said_it(
     secret, key_id, account_id = await new_key(store, Settings())
     ref = await store.lookup(hash_secret(secret))
     assert ref is not None
-    assert (await store.admit(ref, hash_secret(secret), "warm", Ask.flat(1, 0))).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "warm", Ask.flat(1, 0),
+                              PLAN_LIMITS)).code == 0
     master = movable.master_of(Names.key(account_id, key_id))
     for port in movable.ports:
         movable.cli(port, "SCRIPT", "FLUSH")
-    assert (await store.admit(ref, hash_secret(secret), "cold", Ask.flat(1, 0))).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "cold", Ask.flat(1, 0),
+                              PLAN_LIMITS)).code == 0
     loaded = {port: movable.cli(port, "SCRIPT", "EXISTS", store._admit.sha, store._settle.sha)
               for port in movable.ports}
     assert loaded[master].split() == ["1", "1"]  # the settlement will find its own
@@ -127,7 +130,8 @@ async def test_a_started_settlement_follows_a_moved_slot(store: Store,
     secret, key_id, account_id = await new_key(store, Settings())
     ref = await store.lookup(hash_secret(secret))
     assert ref is not None
-    assert (await store.admit(ref, hash_secret(secret), "r", Ask.flat(10, 5))).code == 0
+    assert (await store.admit(ref, hash_secret(secret), "r", Ask.flat(10, 5),
+                              PLAN_LIMITS)).code == 0
     record = Names.key(account_id, key_id)
     slot = key_slot(record)
     source = movable.master_of(record)

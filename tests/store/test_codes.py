@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store.codes import AdmitCode, UsageCode
+from gateway.store.codes import AdmitCode, CreditCode, UpdateCode, UsageCode
 
 LUA = Path(__file__).resolve().parents[2] / "lua"
 
@@ -27,7 +27,9 @@ def header_codes(script: str, enum: str) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize(("script", "enum"), [("admit.lua", AdmitCode),
-                                              ("usage.lua", UsageCode)])
+                                              ("usage.lua", UsageCode),
+                                              ("update_key.lua", UpdateCode),
+                                              ("credits.lua", CreditCode)])
 def test_the_scripts_headers_list_the_named_codes(script: str, enum: type[IntEnum]) -> None:
     listed = header_codes(script, enum.__name__)
     assert [number for number, _ in listed] == [member.value for member in enum]

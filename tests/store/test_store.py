@@ -11,7 +11,7 @@ from gateway.config.settings import Settings
 from gateway.core.keys import hash_secret
 from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.store import Ask, connect
-from tests.conftest import RedisServer, free_port, new_key
+from tests.conftest import PLAN_LIMITS, RedisServer, free_port, new_key
 from tests.redis_inspect import redis_of
 
 
@@ -23,7 +23,7 @@ async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
     assert ref is not None and (ref.account_id, ref.key_id) == (account_id, key_id)
     await redis_of(store).script_flush()
     decision = await store.admit(ref, hash_secret(secret),
-                                 "r1", Ask.flat(10, 5))
+                                 "r1", Ask.flat(10, 5), PLAN_LIMITS)
     assert decision.code == 0
     # The admission loaded the settlement's script too: it will not miss it after the
     # client has seen the response (read-your-writes across replicas).
@@ -41,7 +41,8 @@ async def test_concurrent_hot_calls_share_one_connection(redis_url: str) -> None
     ref = await store.lookup(hash_secret(secret))
     assert ref is not None
     decisions = await asyncio.gather(*(store.admit(ref, hash_secret(secret), f"r{i}",
-                                                   Ask.flat(1, 0)) for i in range(200)))
+                                                   Ask.flat(1, 0), PLAN_LIMITS)
+                                       for i in range(200)))
     assert [d.code for d in decisions].count(0) == 200
     clients = await redis_of(store).client_list()
     assert len(clients) == 2  # the store's one connection, and this query's

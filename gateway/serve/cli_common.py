@@ -1,0 +1,63 @@
+"""What every `gateway` command shares: its parser class, the common options, the output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import orjson
+
+from gateway.config.settings import Settings
+from gateway.store import Store
+
+Run = Callable[[argparse.Namespace, Settings, Store], Awaitable[None]]
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Examples in the epilog keep their lines.
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of the command; --help has the rest.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def common_options(target: argparse.ArgumentParser, default: Any) -> None:
+    """--redis, --config and --json. They work before the command and after it (`gateway
+    --redis URL keys list` and `gateway keys list --redis URL`): after it they default to
+    SUPPRESS, so an absent one leaves what was given before the command."""
+    target.add_argument("--redis", metavar="URL", default=default,
+                        help="Redis URL, e.g. redis://127.0.0.1:6379/0 (env GATEWAY_REDIS_URL; "
+                             "README 'Scaling out' lists every form)")
+    target.add_argument("--config", metavar="FILE", default=default,
+                        help="TOML settings (env GATEWAY_CONFIG)")
+    target.add_argument("--json", action="store_true",
+                        default=default if default is argparse.SUPPRESS else False,
+                        help="print one JSON document instead of text")
+
+
+def common_parent() -> Parser:
+    parent = Parser(add_help=False)
+    common_options(parent, argparse.SUPPRESS)
+    return parent
+
+
+def action(actions: Any, name: str, parent: argparse.ArgumentParser, run: Run,
+           summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand with its one-line help, a description and an example."""
+    parser: argparse.ArgumentParser = actions.add_parser(
+        name, parents=[parent], help=summary, description=summary,
+        epilog=f"example:\n  {example}")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def emit(args: argparse.Namespace, doc: Any, text: str) -> None:
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        print(text)

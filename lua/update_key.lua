@@ -1,0 +1,40 @@
+-- A key's settings change in one step, so an admission sees all of a change or none of it.
+-- Deleted keys (deleted_at set) and missing ones are left alone.
+--
+-- KEYS[1] = key record hash        gw:{acct:<id>}:key:<key_id>
+-- ARGV[1] = '1' to restart the budget period now (its duration changed), else '0'
+-- ARGV[2] = seconds from now the key expires ('' to leave expires_at as the fields say)
+-- ARGV[3] = seconds to renew by: from the current expiry or now, whichever is later ('')
+-- ARGV[4...] = field, value pairs to set ('' clears a limit: the key follows its plan)
+-- returns {code, expires_at}
+--   code (UpdateCode in gateway/store/codes.py): 0 updated, 1 missing key, 2 deleted,
+--         3 expiry in the past
+--   expires_at: the key's expiry after the change ('' when none)
+
+if redis.call('EXISTS', KEYS[1]) == 0 then return {1, ''} end
+if (redis.call('HGET', KEYS[1], 'deleted_at') or '') ~= '' then return {2, ''} end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local fields = {}
+for i = 4, #ARGV, 2 do
+  fields[ARGV[i]] = ARGV[i + 1]
+end
+local expires = fields['expires_at']
+if ARGV[2] ~= '' then
+  expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000000)
+elseif ARGV[3] ~= '' then
+  local current = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '') or now
+  expires = string.format('%.0f', math.max(current, now) + tonumber(ARGV[3]) * 1000000)
+end
+if expires ~= nil and expires ~= '' and tonumber(expires) <= now then return {3, ''} end
+
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+if expires ~= nil then redis.call('HSET', KEYS[1], 'expires_at', expires) end
+if ARGV[1] == '1' then
+  local duration = tonumber(redis.call('HGET', KEYS[1], 'budget_duration'))
+  redis.call('HSET', KEYS[1], 'resets_at', string.format('%.0f', now + duration * 1000000))
+end
+return {0, redis.call('HGET', KEYS[1], 'expires_at') or ''}
