@@ -76,7 +76,7 @@ _TOP_LEVEL = frozenset({
     "max_header_bytes", "header_timeout", "body_timeout", "max_connections",
     "keep_alive_timeout", "shutdown_timeout", "auth_cache_seconds", "api_plan_keys",
     "max_keys_per_account", "metrics_host", "metrics_port", "metrics_token", "log_level",
-    "log_format"})
+    "log_format", "admin_token_file"})
 _PLAN_FIELDS = frozenset({"name", "price_usdc", "rpm", "tpm"})
 _PRICING_FIELDS = frozenset({"default", "models", "per_request", "unknown_models"})
 
@@ -122,6 +122,24 @@ def routes_from_config(table: Mapping[str, Any], per_request: int) -> dict[str, 
         routes[path] = Route(path, kind, price,
                              check_flag(raw.get("websocket", False), f"{what}.websocket"))
     return routes
+
+
+def _admin_token(env: Mapping[str, str], data: Mapping[str, Any]) -> str | None:
+    """GATEWAY_ADMIN_TOKEN, else the contents of admin_token_file (a mounted secret)."""
+    token = env.get("GATEWAY_ADMIN_TOKEN")
+    where = "GATEWAY_ADMIN_TOKEN"
+    path = data.get("admin_token_file")
+    if not token and path is not None:
+        if not isinstance(path, str) or not path:
+            raise ConfigError("admin_token_file must be the path of a file")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read admin_token_file {path}: {reason}") from None
+        where = f"the token in admin_token_file {path}"
+    return check_token(token, where)
 
 
 DEFAULT_PLANS = {
@@ -171,6 +189,8 @@ class Settings:
     # `gateway serve` forwards, and the key it sends instead of the client's
     upstream_url: str | None = None
     upstream_api_key: str | None = field(default=None, repr=False)
+    # The operator API (/admin/*) answers only with this bearer token; None: it is 404.
+    admin_token: str | None = field(default=None, repr=False)
     highest_price: Price = field(init=False, repr=False, compare=False)
     # What admission needs to know of the plans, flat: slug, rpm, tpm, slug, ... (the credit
     # limits under the slug ""), for keys that follow their plan (lua/admit.lua ARGV[10...]).
@@ -370,4 +390,5 @@ class Settings:
                                "upstream.url"),
             upstream_api_key=check_text(env.get("GATEWAY_UPSTREAM_API_KEY")
                                    or upstream.get("api_key"), "upstream.api_key"),
+            admin_token=_admin_token(env, data),
         )

@@ -129,11 +129,11 @@ def check_port(value: object) -> int:
     return int(text)
 
 
-def check_token(value: object) -> str | None:
+def check_token(value: object, what: str = "metrics_token") -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or len(value) < 16 or not value.isprintable():
-        raise ConfigError("metrics_token must be a string of at least 16 printable characters")
+        raise ConfigError(f"{what} must be a string of at least 16 printable characters")
     return value
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from gateway.config.settings import Price, Settings
 
 MASK = "***"
-_SECRET_FIELDS = frozenset({"upstream_api_key", "metrics_token"})
+_SECRET_FIELDS = frozenset({"upstream_api_key", "metrics_token", "admin_token"})
 _URL_FIELDS = frozenset({"redis_url", "upstream_url"})
 _SECRET_OPTIONS = ("password", "sentinel_password")
 

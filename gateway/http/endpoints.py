@@ -15,6 +15,7 @@ from gateway.core.timefmt import iso_from_us
 from gateway.errors import Rejected, StoreUnavailable, send_json, send_rejection
 from gateway.http.auth import KeyResolver, header
 from gateway.http.management import Management, Verifier
+from gateway.http.operator import Operator
 from gateway.http.ratelimit import invalid_key
 from gateway.obs.metrics import exposition
 from gateway.store import KeyUsage, Store
@@ -60,6 +61,7 @@ class Endpoints:
             for p in settings.plans.values()
         ])
         self.management = Management(store, settings, verifier)
+        self.operator = Operator(store, settings)
         self._routes: dict[str, Handler] = {
             "/v1/usage": self.usage,
             "/api/plans": self.plans,
@@ -72,6 +74,8 @@ class Endpoints:
         handler = self._routes.get(path)
         if handler is None and (path.startswith("/api/") or path == "/openapi.json"):
             return self.management.route(path)  # the management API owns the rest of /api/
+        if handler is None and (path == "/admin" or path.startswith("/admin/")):
+            return self.operator.handle  # never forwarded: 404 when no admin token is set
         return handler
 
     async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:

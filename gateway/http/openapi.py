@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.http import openapi_admin
+
 ISO_MS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 
 Schema = dict[str, Any]
@@ -247,10 +249,12 @@ def document() -> dict[str, Any]:
                  "description": "Endpoints the gateway answers itself, and the error "
                                 "responses it adds in front of the metered upstream paths."},
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
-        "paths": paths,
+        "paths": {**paths, **openapi_admin.paths()},
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **openapi_admin.SCHEMAS},
             "securitySchemes": {
+                "adminToken": {"type": "http", "scheme": "bearer",
+                               "description": "the operator's token (GATEWAY_ADMIN_TOKEN)"},
                 "consumptionKey": {"type": "http", "scheme": "bearer",
                                    "description": "a consumption key, sk_live_..."},
                 "managementKey": {"type": "http", "scheme": "bearer",

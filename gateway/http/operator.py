@@ -1,0 +1,310 @@
+"""The operator API, /admin/*: what the CLI does, over HTTP, for the operator alone.
+
+It answers only with the operator's bearer token (GATEWAY_ADMIN_TOKEN or admin_token_file);
+without one configured the whole /admin tree is 404, never forwarded upstream. Bodies and
+answers are the CLI's --json documents. Credits are minted here and in the CLI only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from gateway.config.routes import route_path
+from gateway.config.settings import Settings
+from gateway.config.units import usd_to_micro_signed
+from gateway.core.keys import (
+    CONSUMPTION_PREFIX,
+    MANAGEMENT_PREFIX,
+    bearer_token,
+    hash_secret,
+    looks_like,
+    new_management_secret,
+)
+from gateway.errors import (
+    ConfigError,
+    LimitReached,
+    NotFound,
+    Rejected,
+    StoreUnavailable,
+    send_json,
+    send_rejection,
+)
+from gateway.http.admin import account_json, create_key, credit_json, key_json, mgmt_json
+from gateway.http.auth import header
+from gateway.http.key_changes import ChangeSpec, renew_key, rotate_key, update_key
+from gateway.http.management_body import (
+    bad_request,
+    checked_duration,
+    checked_name,
+    json_object,
+    key_spec,
+    only_fields,
+    optional_str,
+)
+from gateway.store import Store
+from gateway.types import Receive, Scope, Send
+
+PATCH_FIELDS = ("name", "plan", "rpm", "tpm", "budget", "budget_duration", "expires_at",
+                "expires_in", "is_active")
+MAX_REASON_LENGTH = 500
+CREDIT_HISTORY = 50
+
+
+
+def _not_found(what: str = "No such endpoint.") -> Rejected:
+    return Rejected(404, "not_found", what)
+
+
+def _uuid(text: str, what: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise bad_request(f"{what} must be a UUID") from None
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method not in allowed.split(", "):
+        raise Rejected(405, "method_not_allowed", "Method not allowed.",
+                       "invalid_request_error", [(b"allow", allowed.encode())])
+
+
+class Operator:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        token = settings.admin_token
+        self.token = None if token is None else token.encode()
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            if self.token is None:
+                raise _not_found()
+            self._authenticate(scope)
+            await self._dispatch(scope, receive, send)
+        except Rejected as rejected:
+            await send_rejection(send, rejected)
+        except NotFound as exc:
+            await send_rejection(send, _not_found(str(exc)))
+        except LimitReached as exc:
+            await send_rejection(send, Rejected(403, "key_limit_reached", str(exc),
+                                                "permission_error"))
+        except ConfigError as exc:
+            deleted = "was deleted" in str(exc)
+            await send_rejection(send, Rejected(409, "key_deleted", str(exc)) if deleted
+                                 else bad_request(str(exc)))
+        except StoreUnavailable:
+            await send_rejection(send, Rejected(
+                503, "store_unavailable", "The gateway's store is temporarily unavailable.",
+                "api_error"))
+
+    def _authenticate(self, scope: Scope) -> None:
+        assert self.token is not None
+        token = bearer_token(header(scope["headers"], b"authorization"))
+        if token is None or not hmac.compare_digest(token.encode(), self.token):
+            raise Rejected(401, "invalid_admin_token",
+                           "Send the operator's token as 'Authorization: Bearer ...'.")
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        parts = route_path(scope)[len("/admin/"):].split("/")
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        head, rest = parts[0], parts[1:]
+        if head == "accounts" and not rest:
+            _allow(method, "GET, POST")
+            if method == "GET":
+                await self._list_accounts(send, query.get("name", [None])[0])
+            else:
+                await self._create_account(send, await json_object(scope, receive))
+        elif head == "accounts" and len(rest) == 1:
+            _allow(method, "GET")
+            await self._show_account(send, _uuid(rest[0], "account id"))
+        elif head == "accounts" and len(rest) == 2 and rest[1] == "credits":
+            _allow(method, "POST")
+            await self._credits(send, _uuid(rest[0], "account id"),
+                                await json_object(scope, receive))
+        elif head == "keys" and rest == ["lookup"]:
+            _allow(method, "POST")
+            await self._lookup(send, await json_object(scope, receive))
+        elif head == "keys" and not rest:
+            _allow(method, "GET, POST")
+            if method == "GET":
+                await self._list_keys(send, query.get("account", [None])[0])
+            else:
+                await self._create_key(send, await json_object(scope, receive))
+        elif head == "keys" and len(rest) == 1:
+            _allow(method, "GET, PATCH, DELETE")
+            key_id = _uuid(rest[0], "key id")
+            if method == "GET":
+                await self._key(send, 200, await self.store.get_key(key_id))
+            elif method == "PATCH":
+                await self._update_key(send, key_id, await json_object(scope, receive))
+            else:
+                await self._key(send, 200, await self.store.delete_key(key_id))
+        elif head == "keys" and len(rest) == 2 and rest[1] in ("renew", "rotate"):
+            _allow(method, "POST")
+            key_id = _uuid(rest[0], "key id")
+            if rest[1] == "rotate":
+                record, secret = await rotate_key(self.store, key_id)
+                await self._key(send, 200, record, secret)
+            else:
+                body = await _optional_object(scope, receive)
+                only_fields(body, ("for",))
+                period = checked_duration(body, "for")
+                await self._key(send, 200, await renew_key(self.store, key_id, period))
+        elif head == "mgmt-keys" and not rest:
+            _allow(method, "POST")
+            await self._create_mgmt_key(send, await json_object(scope, receive))
+        elif head == "mgmt-keys" and len(rest) == 1:
+            _allow(method, "DELETE")
+            key = await self.store.revoke_mgmt_key(_uuid(rest[0], "management key id"))
+            await send_json(send, 200, orjson.dumps({**mgmt_json(key), "revoked": True}))
+        else:
+            raise _not_found()
+
+    # -- accounts -------------------------------------------------------------------------
+
+    async def _list_accounts(self, send: Send, name: str | None) -> None:
+        if name is not None:
+            found = await self.store.account_by_name(name)
+            accounts = [] if found is None else [found]
+        else:
+            accounts = await self.store.list_accounts()
+        await send_json(send, 200, orjson.dumps([account_json(a) for a in accounts]))
+
+    async def _create_account(self, send: Send, body: dict[str, Any]) -> None:
+        only_fields(body, ("name",))
+        if "name" not in body:
+            raise bad_request("name is required")
+        account = await self.store.create_account(checked_name(body["name"]))
+        await send_json(send, 201, orjson.dumps(account_json(account)))
+
+    async def _show_account(self, send: Send, account_id: str) -> None:
+        doc = account_json(await self.store.get_account(account_id))
+        doc["credit_history"] = [credit_json(e) for e in
+                                 await self.store.credit_log(account_id, CREDIT_HISTORY)]
+        await send_json(send, 200, orjson.dumps(doc))
+
+    async def _credits(self, send: Send, account_id: str, body: dict[str, Any]) -> None:
+        only_fields(body, ("usd", "reason"))
+        usd = body.get("usd")
+        if isinstance(usd, bool) or not isinstance(usd, int | float | str):
+            raise bad_request("usd must be a USD amount (number or string), like 25 or -2.5")
+        reason = optional_str(body, "reason")
+        if reason is None or not reason.strip():
+            raise bad_request("reason is required: it is kept with the account's history")
+        if len(reason) > MAX_REASON_LENGTH:
+            raise bad_request(f"reason must be at most {MAX_REASON_LENGTH} characters")
+        micro = usd_to_micro_signed(usd, "usd")
+        if micro == 0:
+            raise bad_request("usd must not be zero")
+        account = await self.store.add_credits(account_id, micro, reason.strip(), "admin-api")
+        await send_json(send, 200, orjson.dumps(account_json(account)))
+
+    # -- keys -----------------------------------------------------------------------------
+
+    async def _key(self, send: Send, status: int, record: Any, secret: str | None = None) -> None:
+        await send_json(send, status, orjson.dumps(key_json(record, self.settings, secret)))
+
+    async def _list_keys(self, send: Send, account: str | None) -> None:
+        if account is None:
+            raise bad_request("give ?account=ID")
+        account_id = _uuid(account, "account")
+        await self.store.get_account(account_id)
+        records = await self.store.list_keys(account_id)
+        await send_json(send, 200, orjson.dumps([key_json(r, self.settings) for r in records]))
+
+    async def _create_key(self, send: Send, body: dict[str, Any]) -> None:
+        account = body.pop("account_id", None)
+        if not isinstance(account, str):
+            raise bad_request("account_id is required")
+        account_id = _uuid(account, "account_id")
+        record, secret = await create_key(self.store, self.settings, account_id,
+                                          key_spec(body))
+        await self._key(send, 201, record, secret)
+
+    async def _update_key(self, send: Send, key_id: str, body: dict[str, Any]) -> None:
+        only_fields(body, PATCH_FIELDS)
+        spec = ChangeSpec(
+            name=checked_name(body["name"]) if "name" in body else None,
+            plan=optional_str(body, "plan"),
+            rpm=_limit(body, "rpm"), tpm=_limit(body, "tpm"),
+            budget=_budget(body),
+            budget_duration=checked_duration(body, "budget_duration"),
+            expires_at=optional_str(body, "expires_at"),
+            expires_in=checked_duration(body, "expires_in"),
+            active=_flag(body, "is_active"))
+        await self._key(send, 200, await update_key(self.store, self.settings, key_id, spec))
+
+    async def _lookup(self, send: Send, body: dict[str, Any]) -> None:
+        """The record of the key a secret belongs to (a customer pasted it into a ticket);
+        the answer never holds the secret."""
+        only_fields(body, ("secret",))
+        secret = body.get("secret")
+        if not isinstance(secret, str):
+            raise bad_request("secret is required")
+        secret = secret.strip()
+        if looks_like(secret, MANAGEMENT_PREFIX):
+            ref = await self.store.mgmt_lookup(hash_secret(secret))
+            if ref is None:
+                raise _not_found("No key has this secret (revoked, rotated or never issued).")
+            key = next(k for k in await self.store.list_mgmt_keys(ref.account_id)
+                       if k.id == ref.mgmt_id)
+            await send_json(send, 200, orjson.dumps({**mgmt_json(key), "type": "management"}))
+            return
+        found = (await self.store.lookup(hash_secret(secret))
+                 if looks_like(secret, CONSUMPTION_PREFIX) else None)
+        if found is None:
+            raise _not_found("No key has this secret (deleted, rotated or never issued).")
+        await self._key(send, 200, await self.store.get_key(found.key_id))
+
+    async def _create_mgmt_key(self, send: Send, body: dict[str, Any]) -> None:
+        only_fields(body, ("account_id",))
+        account = body.get("account_id")
+        if not isinstance(account, str):
+            raise bad_request("account_id is required")
+        secret = new_management_secret()
+        key = await self.store.create_mgmt_key(_uuid(account, "account_id"),
+                                               hash_secret(secret))
+        await send_json(send, 201, orjson.dumps({**mgmt_json(key), "key": secret}))
+
+
+async def _optional_object(scope: Scope, receive: Receive) -> dict[str, Any]:
+    """A body that may be empty (POST .../renew with no options)."""
+    if header(scope["headers"], b"content-length") in (None, b"0") and \
+            header(scope["headers"], b"transfer-encoding") is None:
+        return {}
+    return await json_object(scope, receive)
+
+
+def _limit(body: dict[str, Any], field: str) -> str | None:
+    if field not in body:
+        return None
+    value = body[field]
+    if value is None:
+        return "plan"  # null: the key follows its plan's again
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{field} must be an integer, or null to follow the plan's")
+    return str(value)
+
+
+def _budget(body: dict[str, Any]) -> str | None:
+    if "budget" not in body:
+        return None
+    value = body["budget"]
+    if value is None:
+        return "none"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise bad_request("budget must be a USD amount (number or string), or null for none")
+    return str(value)
+
+
+def _flag(body: dict[str, Any], field: str) -> bool | None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{field} must be true or false")
+    return value
