@@ -86,3 +86,35 @@ async def test_sigterm_finishes_in_flight_streams_and_settles_them(
     assert response.status_code == 200
     assert response.text.rstrip().endswith("data: [DONE]")
     assert (await store.get_key(key_id)).spent == CHAT_COST
+
+
+@pytest.mark.parametrize("store_kind", ["redis"])
+async def test_a_key_change_acts_at_once_on_every_replica(
+        two_replicas: list[Process], redis_server: RedisServer, store: Store,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`gateway keys update/delete` on one machine; both replicas enforce it on the next
+    request (nothing cached but the secret's key id, and admission re-reads the record)."""
+    from gateway.serve.cli import main
+
+    secret, key_id, _ = await new_key(store, Settings(), rpm=1)
+    clients = [httpx.AsyncClient(base_url=r.url, timeout=30) for r in two_replicas]
+    try:
+        async def statuses() -> list[int]:
+            return [(await c.post("/v1/chat/completions", json=CHAT,
+                                  headers=bearer(secret))).status_code for c in clients]
+
+        async def cli(*argv: str) -> int:  # its own event loop, as from a shell
+            return await asyncio.get_running_loop().run_in_executor(
+                None, main, [*argv, "--redis", redis_server.url])
+
+        assert await statuses() == [200, 429]  # rpm 1 across both
+        assert await cli("keys", "update", key_id, "--rpm", "3") == 0
+        assert await statuses() == [200, 200]  # 3 a minute, at once, on both
+        assert await cli("keys", "deactivate", key_id) == 0
+        assert await statuses() == [403, 403]
+        assert await cli("keys", "delete", key_id) == 0
+        assert await statuses() == [401, 401]
+    finally:
+        for client in clients:
+            await client.aclose()
+    capsys.readouterr()
