@@ -137,6 +137,7 @@ _REASONS = {
     403: "Key deactivated or subscription expired",
     404: "Not found (for /api/*: no such key in your account)",
     405: "Method not allowed",
+    409: "The key was deleted: it cannot change",
     413: "Request body too large",
     429: "Rate limit, budget or credits exhausted",
     502: "Usage data or upstream temporarily unavailable",
@@ -221,13 +222,13 @@ def document() -> dict[str, Any]:
                         **_errors(400, 401, 404, 405, 503)}, _MGMT, parameters=[_KEY_ID]),
             "patch": _op("Rename, deactivate or reactivate a key",
                          {"200": _json(_ref("Key"), "The updated key"),
-                          **_errors(400, 401, 404, 405, 413, 503)}, _MGMT, _ref("KeyPatch"),
+                          **_errors(400, 401, 404, 405, 409, 413, 503)}, _MGMT, _ref("KeyPatch"),
                          [_KEY_ID]),
         },
         "/api/keys/{keyId}/rotate": {"post": _op(
             "Replace the key's secret; the old secret stops working at once",
             {"200": _json(_ref("KeyWithSecret"), "The key and its new secret"),
-             **_errors(400, 401, 404, 405, 503)}, _MGMT, parameters=[_KEY_ID])},
+             **_errors(400, 401, 404, 405, 409, 503)}, _MGMT, parameters=[_KEY_ID])},
         "/healthz": {"get": _op("Liveness", {"200": _json(_ref("Health"), "Alive")})},
         "/readyz": {"get": _op("Readiness: Redis reachable", {
             "200": _json(_ref("Ready"), "Ready"),

@@ -204,3 +204,23 @@ def test_the_admin_token_comes_from_the_env_or_a_file(tmp_path: Any) -> None:
     config.write_text(f'admin_token_file = "{tmp_path / "missing"}"\n')
     with pytest.raises(ConfigError, match="cannot read admin_token_file"):
         Settings.load(str(config), env={})
+
+
+async def test_a_customer_sees_a_deleted_key_and_cannot_revive_it(
+        store: Store, admin_settings: Settings) -> None:
+    async with client_for(app(store, admin_settings)) as client:
+        admin = Admin(client)
+        account = await admin("POST", "/admin/accounts", {"name": "acme"}, 201)
+        mgmt = await admin("POST", "/admin/mgmt-keys", {"account_id": account["id"]}, 201)
+        key = await admin("POST", "/admin/keys", {"account_id": account["id"], "name": "k",
+                                                  "credit": True}, 201)
+        await admin("DELETE", f"/admin/keys/{key['id']}")
+        customer = {"Authorization": f"Bearer {mgmt['key']}"}
+        listed = await client.get("/api/keys", headers=customer)
+        check(listed)
+        assert [k["deleted_at"] is not None for k in listed.json()] == [True]
+        for method, path, body in (("PATCH", f"/api/keys/{key['id']}", {"isActive": True}),
+                                   ("POST", f"/api/keys/{key['id']}/rotate", None)):
+            response = await client.request(method, path, json=body, headers=customer)
+            check(response)
+            assert response.status_code == 409, response.text
