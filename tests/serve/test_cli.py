@@ -174,7 +174,9 @@ def test_serve_hands_its_options_to_the_worker_apps(
     code, _, err = run(capsys, "serve", "--upstream", "http://127.0.0.1:9", "--redis",
                        "redis://127.0.0.1:1/0", "--config", str(config),
                        "--upstream-api-key", "sk-upstream", "--log-level", "debug",
-                       "--log-format", "json", "--port", "8099")
+                       "--log-format", "json", "--port", "8099",
+                       # a free port: the default 9464 may be another run's
+                       "--metrics-port", str(free_port()))
     assert (code, err) == (0, "")
     [started] = runs
     assert (started["app"], started["factory"], started["port"], started["workers"]) == (
