@@ -83,6 +83,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._coalescing = _CoalescingTransport(transport, self.loop)
         self._hooks: list[RequestHooks] = []  # of the requests not yet answered
         self._head_bytes = 0
+        self._head_tail = b""  # the last bytes of the head so far (its end may straddle reads)
         self._deadline: asyncio.TimerHandle | None = None
         self._last_body = 0.0
         wrapped: Any = self._coalescing
@@ -103,6 +104,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _await_head(self) -> None:
         self._head_bytes = 0
+        self._head_tail = b""
         _waiting[self] = None
         self._set_deadline(self._limits.header_timeout, self._head_too_slow)
 
@@ -140,11 +142,19 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self in _waiting:
+            before = self._head_bytes
             self._head_bytes += len(data)
-            if self._head_bytes > self._limits.header_bytes:
+            if self._head_bytes > self._limits.header_bytes and not self._head_ends_within(
+                    data, self._limits.header_bytes - before):
                 self._refuse(_TOO_LARGE)  # before the parser keeps any of it
                 return
+            self._head_tail = data[-3:]
         super().data_received(data)
+
+    def _head_ends_within(self, data: bytes, allowed: int) -> bool:
+        """Does the head end in the first `allowed` bytes of `data`? Clients send the head
+        and the start of the body in one write: only the head counts against its cap."""
+        return b"\r\n\r\n" in self._head_tail + data[:max(0, allowed)]
 
     def on_body(self, body: bytes) -> None:
         self._last_body = self.loop.time()

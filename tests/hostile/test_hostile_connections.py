@@ -132,3 +132,31 @@ async def test_half_open_connections_cannot_crowd_out_real_requests(
         for sock in half_open:
             sock.close()
     assert statuses == [200] * 20
+
+
+async def test_a_long_body_sent_with_its_head_in_one_write_is_no_oversized_head(
+        upstream: Process, redis_url: str, redis_store: Store, tmp_path: Path) -> None:
+    """Only the head counts against max_header_bytes: a 200 KB prompt sent in the same
+    write as its head (as curl sends it) is a request, not a 431."""
+    secret, _, _ = await new_key(redis_store, Settings(api_plan_keys=True), tpm=10_000_000)
+    body = ('{"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "'
+            + "hello " * 35_000 + '"}]}').encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+            b"content-type: application/json\r\nauthorization: Bearer " + secret.encode()
+            + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n")
+    with serve(upstream, redis_url, tmp_path) as gateway:
+        answer = raw(gateway.port, head + body)
+        # the head's end split across two writes, the body's 200 KB with the second
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+            sock.sendall(head[:-2])
+            time.sleep(0.2)
+            sock.sendall(head[-2:] + body)
+            split = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    split += chunk
+        padded = head.replace(b"host: x", b"host: x\r\nx-pad: " + b"a" * 70_000)
+        too_large = raw(gateway.port, padded + body)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert split.startswith(b"HTTP/1.1 200 "), split[:200]
+    assert too_large.startswith(b"HTTP/1.1 431 ")
