@@ -8,7 +8,7 @@
 -- ARGV[4...] = field, value pairs to set ('' clears a limit: the key follows its plan)
 -- returns {code, expires_at}
 --   code (UpdateCode in gateway/store/codes.py): 0 updated, 1 missing key, 2 deleted,
---         3 expiry in the past
+--         3 expiry in the past, 4 expiry too late (after 9999-12-31, which dates can show)
 --   expires_at: the key's expiry after the change ('' when none)
 
 if redis.call('EXISTS', KEYS[1]) == 0 then return {1, ''} end
@@ -27,7 +27,11 @@ elseif ARGV[3] ~= '' then
   local current = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '') or now
   expires = string.format('%.0f', math.max(current, now) + tonumber(ARGV[3]) * 1000000)
 end
-if expires ~= nil and expires ~= '' and tonumber(expires) <= now then return {3, ''} end
+local LATEST = 253402214400000000 -- 9999-12-31T00:00:00Z in microseconds
+if expires ~= nil and expires ~= '' then
+  if tonumber(expires) <= now then return {3, ''} end
+  if tonumber(expires) > LATEST then return {4, ''} end
+end
 
 for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])

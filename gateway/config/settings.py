@@ -254,7 +254,8 @@ class Settings:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
             except UnicodeDecodeError:
                 raise ConfigError(f"config file {path} is not UTF-8 text (TOML)") from None
-        url = redis_url or env.get("GATEWAY_REDIS_URL") or data.get("redis_url") or None
+        url = redis_url or env.get("GATEWAY_REDIS_URL") or check_text(
+            data.get("redis_url"), "redis_url")
         return cls.from_mapping(data, redis_url=url, env=env)
 
     @classmethod

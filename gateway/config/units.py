@@ -14,7 +14,9 @@ from typing import Any
 
 from gateway.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhd])\s*$")  # ASCII digits: not '٣d'
+_AMOUNT = re.compile(r"^[0-9]+(\.[0-9]+)?$|^\.[0-9]+$")  # plain decimal: not '1_000', '1e3'
+
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_RATE = 100_000_000
 MAX_OUTPUT_TOKENS = 10_000_000
@@ -45,8 +47,12 @@ def format_duration(seconds: int) -> str:
 
 
 def usd_to_micro(value: object, what: str) -> int:
+    text = str(value).strip()
+    if isinstance(value, str) and not _AMOUNT.match(text):
+        raise ConfigError(f"invalid amount for {what}: {value[:40]!r} (a plain decimal, "
+                          f"like 10 or 2.50)")
     try:
-        amount = Decimal(str(value))
+        amount = Decimal(text)
     except InvalidOperation:
         raise ConfigError(f"invalid amount for {what}: {value!r}") from None
     if not amount.is_finite() or amount < 0:

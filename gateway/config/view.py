@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -14,7 +15,8 @@ from gateway.config.settings import Price, Settings
 MASK = "***"
 _SECRET_FIELDS = frozenset({"upstream_api_key", "metrics_token", "admin_token"})
 _URL_FIELDS = frozenset({"redis_url", "upstream_url"})
-_SECRET_OPTIONS = ("password", "sentinel_password")
+# A query option whose name says it holds a secret (password, api_key, token, ...).
+_SECRET_OPTION = re.compile(r"pass|secret|token|key|auth|sig|credential", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
@@ -29,7 +31,7 @@ def mask_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}:{MASK}@{hosts}" if colon else f"{MASK}@{hosts}"
     query = "&".join(
-        f"{name}={MASK}" if name.lower() in _SECRET_OPTIONS else f"{name}={value}" if eq
+        f"{name}={MASK}" if _SECRET_OPTION.search(name) else f"{name}={value}" if eq
         else name
         for name, eq, value in (item.partition("=") for item in parts.query.split("&") if item))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -35,6 +35,17 @@ class KeySpec:
     expires_in: str | None = None
 
 
+MAX_NAME_LENGTH = 200
+
+
+def check_key_name(name: str) -> str:
+    if not name.strip():
+        raise ConfigError("name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"name must be at most {MAX_NAME_LENGTH} characters")
+    return name
+
+
 async def resolve_account(store: Store, account: str | None, create: bool = True) -> str:
     """The id of the account named by `account` (its id or its name), or of the account
     'default' when None (made when missing and `create`)."""
@@ -61,8 +72,7 @@ async def resolve_account(store: Store, account: str | None, create: bool = True
 
 async def create_key(store: Store, settings: Settings, account_id: str,
                      spec: KeySpec) -> tuple[KeyRecord, str]:
-    if not spec.name.strip():
-        raise ConfigError("name must not be empty")
+    check_key_name(spec.name)
     if spec.credit == (spec.plan is not None):
         raise ConfigError("choose exactly one of a plan (--plan SLUG) or --credit")
     if spec.plan is not None:

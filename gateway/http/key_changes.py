@@ -11,6 +11,7 @@ from gateway.config.units import check_rate, parse_duration, usd_to_micro
 from gateway.core.keys import hash_secret, new_consumption_secret
 from gateway.core.timefmt import parse_iso_to_us
 from gateway.errors import ConfigError, NotFound
+from gateway.http.admin import check_key_name
 from gateway.store import SUBSCRIPTION_DEFAULT_SECONDS, KeyRecord, Store
 from gateway.store.lifecycle import FOLLOW_PLAN, KeyChange
 
@@ -60,9 +61,7 @@ async def key_change(store: Store, settings: Settings, record: KeyRecord,
     """`spec` checked against `record` (the key as it is now) and the config."""
     if record.deleted_at_us is not None:
         raise ConfigError(f"key {record.id} was deleted; deleted keys cannot change")
-    name = spec.name
-    if name is not None and not name.strip():
-        raise ConfigError("name must not be empty")
+    name = None if spec.name is None else check_key_name(spec.name)
     subscription = record.key_type == "subscription"
     if spec.plan is not None:
         if not subscription:

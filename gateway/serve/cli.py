@@ -20,6 +20,7 @@ from gateway.serve.cli_accounts import add_account_commands, plans
 from gateway.serve.cli_common import Parser, action, common_options, common_parent, emit
 from gateway.serve.cli_keys import add_key_commands
 from gateway.store import Store, connect
+from gateway.store.urls import parse_redis_url
 from gateway.upstream.client import UpstreamClient
 
 
@@ -110,6 +111,14 @@ every option before the command (--redis, --config, --json) also works after it.
 
 async def _config_check(args: argparse.Namespace, settings: Settings,
                         store: Store | None) -> None:
+    # What `serve` would refuse at start-up is refused here too (neither is contacted).
+    if settings.redis_url:
+        parse_redis_url(settings.redis_url)
+    if settings.upstream_url:
+        try:
+            UpstreamClient(settings.upstream_url)
+        except ValueError as exc:
+            raise ConfigError(f"upstream.url: {exc}") from None
     doc = effective_settings(settings)
     emit(args, doc, "configuration is valid; effective settings:\n"
                     + "\n".join(f"  {k} = {v}" for k, v in flat_items(doc)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import orjson
@@ -25,6 +26,12 @@ class Administration(HotPath):
     async def create_account(self, name: str) -> Account:
         if not name.strip():
             raise ConfigError("account name must not be empty")
+        if name != name.strip() or len(name) > 200 or not name.isprintable():
+            raise ConfigError("an account name is at most 200 printable characters, without "
+                              "spaces around it")
+        with contextlib.suppress(ValueError):
+            uuid.UUID(name)
+            raise ConfigError("an account name must not look like an account id (a UUID)")
         account_id = str(uuid.uuid4())
         if not await self._cmd("SET", Names.account_name(name), account_id, "NX"):
             raise ConfigError(f"an account named {name!r} already exists")

@@ -36,6 +36,7 @@ class UpdateCode(IntEnum):
     MISSING = 1
     DELETED = 2
     EXPIRY_PAST = 3
+    EXPIRY_TOO_LATE = 4
 
 
 class CreditCode(IntEnum):

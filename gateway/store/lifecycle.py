@@ -79,6 +79,8 @@ class KeyLifecycle(Administration):
             raise ConfigError(f"key {key_id} was deleted; deleted keys cannot change")
         if code == UpdateCode.EXPIRY_PAST:
             raise ConfigError("the expiry would be in the past (Redis time)")
+        if code == UpdateCode.EXPIRY_TOO_LATE:
+            raise ConfigError("the expiry would be after 9999-12-31")
         return await self.get_key(key_id)
 
     async def rotate_secret(self, key_id: str, secret_hash: str,

@@ -76,3 +76,23 @@ def test_config_check_names_the_mistake_in_one_line(
 ])
 def test_urls_lose_their_passwords(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize("body, message", [
+    ("redis_url = 123\n", "redis_url must be a string"),
+    ('redis_url = "http://cache:6379"\n', "redis"),
+    ('redis_url = "redis://cache:99999999"\n', "port"),
+    ('[upstream]\nurl = "ftp://inference:8000"\n', "upstream.url"),
+])
+def test_config_check_refuses_what_serve_would(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, message: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(body)
+    assert main(["config", "check", "--config", str(config)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_secrets_in_an_upstream_query_are_masked_too() -> None:
+    assert mask_url("https://u:pw@host/v1?api_key=K1&token=T1&model=m") == (
+        "https://u:***@host/v1?api_key=***&token=***&model=m")

@@ -170,3 +170,18 @@ def test_plans_in_the_config_replace_the_built_in_ones() -> None:
     assert Settings.from_mapping({}).plans.keys() == {"standard", "pro"}
     with pytest.raises(ConfigError, match="plan slug"):
         Settings.from_mapping({"plans": {"Gold Plan": {"rpm": 5, "tpm": 500}}})
+
+
+async def test_renewals_stop_at_the_last_date_an_expiry_can_show(
+        store: Store, settings: Settings) -> None:
+    _, key_id, account_id = await new_key(store, settings)
+    await update_key(store, settings, key_id, ChangeSpec(expires_at="9999-12-30T00:00:00Z"))
+    with pytest.raises(ConfigError, match="after 9999-12-31"):
+        await renew_key(store, key_id, "2d")
+    # a record beyond it (written by hand, or by an older version) is still shown
+    await redis_of(store).hset(Names.key(account_id, key_id), "expires_at",
+                               400_000_000_000 * 1_000_000)
+    from gateway.http.admin import key_json
+
+    shown = key_json(await store.get_key(key_id), settings)
+    assert shown["expires_at"] == "9999-12-31T23:59:59.999Z"

@@ -363,3 +363,17 @@ def test_common_options_work_before_the_command_too(
     code, out, _ = run(capsys, "--redis", "redis://127.0.0.1:1/0", "accounts", "list",
                        "--redis", redis_url, "--json")
     assert code == 0 and len(json.loads(out)) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["accounts", "create", "--name", " acme "], "without spaces around it"),
+    (["accounts", "create", "--name", "00000000-0000-0000-0000-000000000001"], "UUID"),
+    (["keys", "create", "--credit", "--name", "n" * 201], "at most 200"),
+    (["keys", "create", "--plan", "pro", "--name", "x", "--budget", "1_000"], "plain decimal"),
+    (["keys", "create", "--plan", "pro", "--name", "x", "--budget-duration", "٣d"],
+     "invalid duration"),
+])
+def test_names_and_numbers_are_plain(redis_url: str, capsys: pytest.CaptureFixture[str],
+                                     argv: list[str], message: str) -> None:
+    code, out, err = run(capsys, *argv, "--redis", redis_url)
+    assert (code, out) == (1, "") and message in err, err
