@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,7 +30,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gateway.errors import ConfigError, Rejected
 
@@ -198,12 +199,39 @@ def default_metrics() -> Metrics:
     return _default
 
 
+class LiveWorkers:
+    """The multiprocess collector, forgetting first the live gauges (in flight, pending
+    settlements, lag) of workers that died: uvicorn replaces a crashed worker, and the dead
+    one's last values must not be summed in forever."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.inner = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Any:
+        for file in Path(self.path).glob("gauge_live*_*.db"):
+            pid = file.stem.rsplit("_", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                mark_process_dead(int(pid), self.path)  # type: ignore[no-untyped-call]
+        return self.inner.collect()  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The /metrics body and content type: all workers' values in multiprocess mode."""
     if os.environ.get(MULTIPROC_ENV):
         # A fresh registry per scrape, as prometheus-client documents for multiprocess mode.
         merged = CollectorRegistry()
-        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        merged.register(LiveWorkers(os.environ[MULTIPROC_ENV]))
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
@@ -214,7 +242,7 @@ def serve_metrics(host: str, port: int) -> None:
     registry = REGISTRY
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(LiveWorkers(os.environ[MULTIPROC_ENV]))
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

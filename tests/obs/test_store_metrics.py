@@ -140,20 +140,52 @@ _GAUGES = textwrap.dedent("""
         counter.enter()  # no event loop: written at once
     m.settlements_pending.set(n)
     m.settlement_lag.set(n * 1.5)
+    print("ready", flush=True)
+    sys.stdin.read()  # a live worker until the test closes its stdin
 """)
+
+
+def _workers(tmp_path: Path, *counts: int) -> list[subprocess.Popen[str]]:
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    workers = []
+    for n in counts:
+        worker = subprocess.Popen([sys.executable, "-c", _GAUGES, str(n)], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
+        workers.append(worker)
+    return workers
 
 
 def test_gauges_merge_across_worker_processes(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
-    for n in (2, 3):
-        subprocess.run([sys.executable, "-c", _GAUGES, str(n)], env=env, check=True,
-                       timeout=60)
+    workers = _workers(tmp_path, 2, 3)
     monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
-    text = exposition(CollectorRegistry())[0].decode()
+    try:
+        text = exposition(CollectorRegistry())[0].decode()
+    finally:
+        for worker in workers:
+            worker.communicate("")
     assert sample(text, "gateway_requests_in_flight") == 5  # summed
     assert sample(text, "gateway_settlements_pending") == 5  # summed
     assert sample(text, "gateway_settlement_lag_seconds") == 4.5  # the oldest: the maximum
+
+
+def test_a_dead_workers_live_gauges_are_forgotten(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed with requests in flight (OOM, a crash) leaves its gauge file; uvicorn
+    starts another. Its 3 requests must not stay in flight forever."""
+    survivor, crashed = _workers(tmp_path, 2, 3)
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    crashed.kill()
+    crashed.wait()
+    try:
+        text = exposition(CollectorRegistry())[0].decode()
+    finally:
+        survivor.communicate("")
+        crashed.communicate()
+    assert sample(text, "gateway_requests_in_flight") == 2
+    assert sample(text, "gateway_settlements_pending") == 2
+    assert sample(text, "gateway_settlement_lag_seconds") == 3.0
 
 
 def test_in_flight_outlives_an_event_loop() -> None:
