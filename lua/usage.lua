@@ -14,7 +14,10 @@ local function fmt(x) return string.format('%.0f', x) end
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'name', 'type', 'plan',
   'created_at', 'expires_at', 'rpm', 'tpm', 'budget_limit', 'budget_duration', 'spent',
   'resets_at')
-if not rec[1] then return {4} end
+if not rec[1] then
+  if rec[2] then return {1} end -- a deleted key: its record stays, its secret matches nothing
+  return {4}
+end
 if rec[1] ~= ARGV[1] then return {1} end
 if rec[2] ~= '1' then return {2} end
 
