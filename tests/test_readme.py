@@ -386,3 +386,21 @@ def test_the_readmes_examples_run_as_written(session: Session) -> None:
                 f"({following.where()}):\n{following.body}")
             checked += 1
     assert ran == len(shell) - 1 and checked >= 8
+
+
+def test_the_command_line_reference_names_every_command() -> None:
+    import argparse
+
+    from gateway.serve.cli import _parser
+
+    def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    reference = section("Command line")
+    for group, parser in actions(_parser()).items():
+        children = actions(parser)
+        for command in ([f"{group} {c}" for c in children] if children else [group]):
+            assert re.search(rf"gateway {command}\b", reference), f"gateway {command}"
