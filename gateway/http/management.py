@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +39,13 @@ from gateway.http import openapi
 from gateway.http.admin import KeySpec, create_key, key_json
 from gateway.http.auth import header
 from gateway.http.management_body import (
+    allow,
     bad_request,
     checked_name,
     json_object,
     key_spec,
     only_fields,
+    uuid_text,
 )
 from gateway.http.ratelimit import format_reset
 from gateway.store import KeyRecord, Store, Throttle
@@ -75,11 +76,6 @@ def _unauthorized() -> Rejected:
 
 def _not_found() -> Rejected:
     return Rejected(404, "key_not_found", "No key with this id in your account.")
-
-
-def _method_not_allowed(allowed: str) -> Rejected:
-    return Rejected(405, "method_not_allowed", "Method not allowed.", "invalid_request_error",
-                    [(b"allow", allowed.encode())])
 
 
 def usage_row(record: KeyRecord, periods: dict[str, Any], now_us: int) -> dict[str, Any]:
@@ -147,36 +143,36 @@ class Management:
         path = route_path(scope)
         method: str = scope["method"]
         if path == "/openapi.json":
-            _allow(method, "GET")
+            allow(method, "GET")
             await send_json(send, 200, self.openapi_body)
             return
         parts = path[len("/api/"):].split("/")
         if parts == ["usage"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             await self._usage(scope, send, None)
         elif len(parts) == 2 and parts[0] == "usage":
-            _allow(method, "GET")
+            allow(method, "GET")
             await self._usage(scope, send, parts[1])
         elif parts == ["keys"]:
-            _allow(method, "GET, POST")
+            allow(method, "GET, POST")
             principal = await self._authenticate(scope)
             if method == "GET":
                 await self._list_keys(principal, send)
             else:
                 await self._create_key(principal, await json_object(scope, receive), send)
         elif len(parts) == 2 and parts[0] == "keys":
-            _allow(method, "GET, PATCH")
+            allow(method, "GET, PATCH")
             principal = await self._authenticate(scope)
-            key_id = _key_id(parts[1])
+            key_id = uuid_text(parts[1], "keyId")
             if method == "GET":
                 await self._show_key(principal, key_id, send)
             else:
                 await self._update_key(principal, key_id, await json_object(scope, receive),
                                        send)
         elif len(parts) == 3 and parts[0] == "keys" and parts[2] == "rotate":
-            _allow(method, "POST")
+            allow(method, "POST")
             principal = await self._authenticate(scope)
-            await self._rotate(principal, _key_id(parts[1]), send)
+            await self._rotate(principal, uuid_text(parts[1], "keyId"), send)
         else:
             raise Rejected(404, "not_found", "No such endpoint.")
 
@@ -213,7 +209,7 @@ class Management:
 
     async def _usage(self, scope: Scope, send: Send, raw_key_id: str | None) -> None:
         principal = await self._authenticate(scope)
-        key_id = None if raw_key_id is None else _key_id(raw_key_id)
+        key_id = None if raw_key_id is None else uuid_text(raw_key_id, "keyId")
         throttle = await self.store.mgmt_throttle(principal.account_id, principal.bucket,
                                                   self.usage_capacity,
                                                   self.usage_period_seconds)
@@ -310,17 +306,3 @@ class Management:
         if record is None:
             raise _not_found()
         await send_json(send, 200, orjson.dumps(key_json(record, self.settings, secret)))
-
-
-# -- request validation (every message names the field) -------------------------------------
-
-def _allow(method: str, allowed: str) -> None:
-    if method not in allowed.split(", "):
-        raise _method_not_allowed(allowed)
-
-
-def _key_id(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise bad_request("keyId must be a UUID") from None

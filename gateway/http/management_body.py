@@ -3,6 +3,7 @@ into a KeySpec; every mistake a 400 naming the field."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
@@ -23,8 +24,26 @@ CREATE_FIELDS = ("name", "plan", "credit", "rpm", "tpm", "budget", "budget_durat
 _LATEST_EXPIRY_US = 253_402_214_400 * 1_000_000  # 9999-12-31: still printable as ISO 8601
 
 
+MAX_REASON_LENGTH = 500  # a credit adjustment's reason, in the CLI and over HTTP
+
+
 def bad_request(message: str) -> Rejected:
     return Rejected(400, "invalid_request", message)
+
+
+def allow(method: str, allowed: str) -> None:
+    """405 with an Allow header unless `method` is one of `allowed` ("GET, POST")."""
+    if method not in allowed.split(", "):
+        raise Rejected(405, "method_not_allowed", "Method not allowed.",
+                       "invalid_request_error", [(b"allow", allowed.encode())])
+
+
+def uuid_text(text: str, what: str) -> str:
+    """`text` as a canonical UUID, or a 400 naming `what`."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise bad_request(f"{what} must be a UUID") from None
 
 
 async def json_object(scope: Scope, receive: Receive) -> dict[str, Any]:

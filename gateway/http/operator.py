@@ -8,7 +8,6 @@ answers are the CLI's --json documents. Credits are minted here and in the CLI o
 from __future__ import annotations
 
 import hmac
-import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -38,6 +37,8 @@ from gateway.http.admin import account_json, create_key, credit_json, key_json, 
 from gateway.http.auth import header
 from gateway.http.key_changes import ChangeSpec, renew_key, rotate_key, update_key
 from gateway.http.management_body import (
+    MAX_REASON_LENGTH,
+    allow,
     bad_request,
     checked_duration,
     checked_name,
@@ -45,32 +46,19 @@ from gateway.http.management_body import (
     key_spec,
     only_fields,
     optional_str,
+    uuid_text,
 )
 from gateway.store import Store
 from gateway.types import Receive, Scope, Send
 
 PATCH_FIELDS = ("name", "plan", "rpm", "tpm", "budget", "budget_duration", "expires_at",
                 "expires_in", "is_active")
-MAX_REASON_LENGTH = 500
 CREDIT_HISTORY = 50
 
 
 
 def _not_found(what: str = "No such endpoint.") -> Rejected:
     return Rejected(404, "not_found", what)
-
-
-def _uuid(text: str, what: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise bad_request(f"{what} must be a UUID") from None
-
-
-def _allow(method: str, allowed: str) -> None:
-    if method not in allowed.split(", "):
-        raise Rejected(405, "method_not_allowed", "Method not allowed.",
-                       "invalid_request_error", [(b"allow", allowed.encode())])
 
 
 class Operator:
@@ -115,30 +103,30 @@ class Operator:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         head, rest = parts[0], parts[1:]
         if head == "accounts" and not rest:
-            _allow(method, "GET, POST")
+            allow(method, "GET, POST")
             if method == "GET":
                 await self._list_accounts(send, query.get("name", [None])[0])
             else:
                 await self._create_account(send, await json_object(scope, receive))
         elif head == "accounts" and len(rest) == 1:
-            _allow(method, "GET")
-            await self._show_account(send, _uuid(rest[0], "account id"))
+            allow(method, "GET")
+            await self._show_account(send, uuid_text(rest[0], "account id"))
         elif head == "accounts" and len(rest) == 2 and rest[1] == "credits":
-            _allow(method, "POST")
-            await self._credits(send, _uuid(rest[0], "account id"),
+            allow(method, "POST")
+            await self._credits(send, uuid_text(rest[0], "account id"),
                                 await json_object(scope, receive))
         elif head == "keys" and rest == ["lookup"]:
-            _allow(method, "POST")
+            allow(method, "POST")
             await self._lookup(send, await json_object(scope, receive))
         elif head == "keys" and not rest:
-            _allow(method, "GET, POST")
+            allow(method, "GET, POST")
             if method == "GET":
                 await self._list_keys(send, query.get("account", [None])[0])
             else:
                 await self._create_key(send, await json_object(scope, receive))
         elif head == "keys" and len(rest) == 1:
-            _allow(method, "GET, PATCH, DELETE")
-            key_id = _uuid(rest[0], "key id")
+            allow(method, "GET, PATCH, DELETE")
+            key_id = uuid_text(rest[0], "key id")
             if method == "GET":
                 await self._key(send, 200, await self.store.get_key(key_id))
             elif method == "PATCH":
@@ -146,8 +134,8 @@ class Operator:
             else:
                 await self._key(send, 200, await self.store.delete_key(key_id))
         elif head == "keys" and len(rest) == 2 and rest[1] in ("renew", "rotate"):
-            _allow(method, "POST")
-            key_id = _uuid(rest[0], "key id")
+            allow(method, "POST")
+            key_id = uuid_text(rest[0], "key id")
             if rest[1] == "rotate":
                 record, secret = await rotate_key(self.store, key_id)
                 await self._key(send, 200, record, secret)
@@ -157,11 +145,11 @@ class Operator:
                 period = checked_duration(body, "for")
                 await self._key(send, 200, await renew_key(self.store, key_id, period))
         elif head == "mgmt-keys" and not rest:
-            _allow(method, "POST")
+            allow(method, "POST")
             await self._create_mgmt_key(send, await json_object(scope, receive))
         elif head == "mgmt-keys" and len(rest) == 1:
-            _allow(method, "DELETE")
-            key = await self.store.revoke_mgmt_key(_uuid(rest[0], "management key id"))
+            allow(method, "DELETE")
+            key = await self.store.revoke_mgmt_key(uuid_text(rest[0], "management key id"))
             await send_json(send, 200, orjson.dumps({**mgmt_json(key), "revoked": True}))
         else:
             raise _not_found()
@@ -213,7 +201,7 @@ class Operator:
     async def _list_keys(self, send: Send, account: str | None) -> None:
         if account is None:
             raise bad_request("give ?account=ID")
-        account_id = _uuid(account, "account")
+        account_id = uuid_text(account, "account")
         await self.store.get_account(account_id)
         records = await self.store.list_keys(account_id)
         await send_json(send, 200, orjson.dumps([key_json(r, self.settings) for r in records]))
@@ -222,7 +210,7 @@ class Operator:
         account = body.pop("account_id", None)
         if not isinstance(account, str):
             raise bad_request("account_id is required")
-        account_id = _uuid(account, "account_id")
+        account_id = uuid_text(account, "account_id")
         record, secret = await create_key(self.store, self.settings, account_id,
                                           key_spec(body))
         await self._key(send, 201, record, secret)
@@ -268,7 +256,7 @@ class Operator:
         if not isinstance(account, str):
             raise bad_request("account_id is required")
         secret = new_management_secret()
-        key = await self.store.create_mgmt_key(_uuid(account, "account_id"),
+        key = await self.store.create_mgmt_key(uuid_text(account, "account_id"),
                                                hash_secret(secret))
         await send_json(send, 201, orjson.dumps({**mgmt_json(key), "key": secret}))
 

@@ -10,11 +10,10 @@ from gateway.config.units import usd_to_micro_signed
 from gateway.core.keys import hash_secret, new_management_secret
 from gateway.errors import ConfigError
 from gateway.http.admin import account_json, credit_json, mgmt_json, resolve_account
+from gateway.http.management_body import MAX_REASON_LENGTH
 from gateway.obs.logs import escape_control
 from gateway.serve.cli_common import action, emit
 from gateway.store import Store
-
-MAX_REASON_LENGTH = 500
 
 
 def _account_line(doc: dict[str, Any]) -> str:
