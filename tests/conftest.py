@@ -268,3 +268,32 @@ def _stdlib_access_log() -> Iterator[None]:
 
     access_log.flush()
     access_log._writer = None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A private PostgreSQL (tests/postgres.py) on a free loopback port, started once when
+    first used; a test that stops or kills it gets it started again by `postgres_url`."""
+    from tests.postgres import PostgresServer, find_bindir
+
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql; "
+                    ".ci/run does)")
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database of its own for each test, dropped after it."""
+    from tests.postgres import database_name
+
+    postgres_server.ensure_running()
+    name = database_name(request.node.name)
+    yield postgres_server.create_database(name)
+    if postgres_server.running:
+        postgres_server.drop_database(name)
