@@ -23,6 +23,11 @@ class StoreCommandError(StoreUnavailable):
     """Redis answered, with an error: retrying the same command cannot help."""
 
 
+class LedgerUnavailable(GatewayError):
+    """The ledger's PostgreSQL could not be reached or refused the statement; the message
+    never carries the URL (it may hold a password)."""
+
+
 class ClientDisconnected(OSError):
     """The client went away; raised from `send` so a streaming app stops producing."""
 

@@ -6,7 +6,8 @@
 -- KEYS[1] = key record hash        gw:{acct:<id>}:key:<key_id>
 -- KEYS[2] = account record hash    gw:{acct:<id>}:account
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>
---           a string "<tokens> <budget> <credits> <period> <tpm>", read back by settle.lua
+--           a string "<tokens> <budget> <credits> <period> <tpm> <admitted_us>", read back
+--           by settle.lua (admitted_us: this admission's Redis time, for the ledger)
 -- ARGV[1] = SHA-256 of the presented secret (hex)
 -- ARGV[2] = prompt tokens, an upper bound
 -- ARGV[3] = completion tokens one sequence may generate (the bound asked for)
@@ -159,7 +160,7 @@ redis.call('HSET', KEYS[1], 'rpm_tat', new_rpm_tat, 'tpm_tat', new_tpm_tat,
   'rpm_rate', rpm, 'tpm_rate', tpm,
   'spent', spent + cost, 'resets_at', resets_at)
 if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
-local reservation = string.format('%.0f %.0f %.0f %.0f %.0f', est_tokens, cost,
-  reserve_credits, resets_at, tpm)
+local reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f', est_tokens, cost,
+  reserve_credits, resets_at, tpm, now)
 redis.call('SET', KEYS[3], reservation, 'EX', ARGV[8])
 return reply(0, new_rpm_tat, new_tpm_tat, 0)

@@ -7,11 +7,17 @@
 -- KEYS[2] = account record hash    gw:{acct:<id>}:account
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>  (see admit.lua)
 -- KEYS[4] = usage counter prefix   gw:{acct:<id>}:usage:<key_id>  (same slot; suffixed below)
+-- KEYS[5] = the account's ledger   gw:{acct:<id>}:ledger, a stream (only with ARGV[5] > 0)
 -- ARGV[1] = actual prompt tokens
 -- ARGV[2] = actual completion tokens
 -- ARGV[3] = actual cost, integer micro-USD
 -- ARGV[4] = 1 to add the request to the usage counters, 0 for a refund of an admission
 --           whose reply was lost (the client never got an answer from the upstream)
+-- ARGV[5] = the ledger's cap, entries per account (absent or 0: no ledger entry). The entry
+--           is appended here, with the counters, so a settlement and its record exist
+--           together or not at all; the reservation makes a replay append nothing.
+-- ARGV[6..12] = the entry's request id, key id, account id, route, model served,
+--           cached prompt tokens, upstream status (0: no answer)
 -- returns 1 when settled now, 0 when the reservation was already settled or had expired
 
 local reservation = redis.call('GET', KEYS[3])
@@ -19,8 +25,8 @@ if not reservation then return 0 end
 redis.call('DEL', KEYS[3])
 -- The fifth number, the tpm the admission used (a key may follow its plan's), is absent
 -- from reservations made before it was added: then the record's tpm serves.
-local tokens, budget, credits, period, admitted_tpm = string.match(reservation,
-  '^(%d+) (%d+) (%d+) (%d+) ?(%d*)$')
+local tokens, budget, credits, period, admitted_tpm, admitted_us = string.match(reservation,
+  '^(%d+) (%d+) (%d+) (%d+) ?(%d*) ?(%d*)$')
 tokens, budget, credits = tonumber(tokens), tonumber(budget), tonumber(credits)
 
 -- Numbers go to redis.call as they are (written exactly below 1e17; see admit.lua).
@@ -43,12 +49,41 @@ end
 if rec[1] == 'credit' or credits > 0 then
   redis.call('HINCRBY', KEYS[2], 'credits', credits - cost)
 end
-redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
+local account_total = redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
 if ARGV[4] == '0' then return 1 end
+local t = redis.call('TIME')
+
+local cap = tonumber(ARGV[5]) or 0
+if cap > 0 then
+  -- ledger_base: the lifetime spend before the first ledger entry (a key or account that
+  -- spent before the ledger was turned on); reconcile compares the ledger with the rest.
+  redis.call('HSETNX', KEYS[2], 'ledger_base', account_total - cost)
+  if rec[1] then redis.call('HSETNX', KEYS[1], 'ledger_base', (tonumber(rec[6]) or 0)) end
+  local length = redis.call('XLEN', KEYS[5])
+  if length >= cap then
+    -- The exporter has been away for long: the oldest entries make room, counted with
+    -- their cost, so Redis stays bounded and reconcile names what was lost.
+    local dropped = redis.call('XRANGE', KEYS[5], '-', '+', 'COUNT', length - cap + 1)
+    local lost = 0
+    for _, entry in ipairs(dropped) do
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'cost_micro' then lost = lost + tonumber(fields[i + 1]) end
+      end
+      redis.call('XDEL', KEYS[5], entry[1])
+    end
+    redis.call('HINCRBY', KEYS[2], 'ledger_dropped', #dropped)
+    redis.call('HINCRBY', KEYS[2], 'ledger_dropped_micro', lost)
+  end
+  redis.call('XADD', KEYS[5], '*', 'request_id', ARGV[6], 'key_id', ARGV[7],
+    'account_id', ARGV[8], 'route', ARGV[9], 'model', ARGV[10], 'prompt_tokens', prompt,
+    'cached_tokens', ARGV[11], 'completion_tokens', completion, 'cost_micro', cost,
+    'status', ARGV[12], 'admitted_us', admitted_us, 'settled_us',
+    tonumber(t[1]) * 1000000 + tonumber(t[2]))
+end
 
 -- Usage counters: per-minute fields in one hash per hour (kept 2 hours) and per-hour
 -- fields in one hash per day (kept 32 days). Bounded: they expire by themselves.
-local t = redis.call('TIME')
 local minute = math.floor(tonumber(t[1]) / 60)
 local hour = math.floor(minute / 60)
 local day = math.floor(hour / 24)

@@ -14,6 +14,7 @@ LAYERS = [
     {"obs"},
     {"store"},
     {"upstream"},
+    {"ledger"},  # PostgreSQL's copy of the spend: read by http (/api/spend) and serve
     {"http"},
     {"demo"},  # the demo app and mock upstream: built from http, run by serve
     {"serve"},

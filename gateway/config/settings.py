@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.config.ledger import LedgerSettings, ledger_from_config
 from gateway.config.levels import check_format, check_level
 from gateway.config.limits import Deadlines, RunningUsage, ServerLimits
 from gateway.config.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
@@ -76,7 +77,7 @@ _TOP_LEVEL = frozenset({
     "max_header_bytes", "header_timeout", "body_timeout", "max_connections",
     "keep_alive_timeout", "shutdown_timeout", "auth_cache_seconds", "api_plan_keys",
     "max_keys_per_account", "metrics_host", "metrics_port", "metrics_token", "log_level",
-    "log_format", "admin_token_file"})
+    "log_format", "admin_token_file", "ledger"})
 _PLAN_FIELDS = frozenset({"name", "price_usdc", "rpm", "tpm"})
 _PRICING_FIELDS = frozenset({"default", "models", "per_request", "unknown_models"})
 
@@ -191,6 +192,7 @@ class Settings:
     upstream_api_key: str | None = field(default=None, repr=False)
     # The operator API (/admin/*) answers only with this bearer token; None: it is 404.
     admin_token: str | None = field(default=None, repr=False)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)  # [ledger]
     highest_price: Price = field(init=False, repr=False, compare=False)
     # What admission needs to know of the plans, flat: slug, rpm, tpm, slug, ... (the credit
     # limits under the slug ""), for keys that follow their plan (lua/admit.lua ARGV[10...]).
@@ -392,4 +394,5 @@ class Settings:
             upstream_api_key=check_text(env.get("GATEWAY_UPSTREAM_API_KEY")
                                    or upstream.get("api_key"), "upstream.api_key"),
             admin_token=_admin_token(env, data),
+            ledger=ledger_from_config(data.get("ledger"), env),
         )

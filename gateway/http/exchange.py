@@ -16,9 +16,12 @@ from gateway.http.ratelimit import rate_headers
 from gateway.http.settlement import Settlement
 from gateway.obs.logs import RequestRecord
 from gateway.obs.metrics import CANCELLED, ERROR, OTHER_MODEL, status_class
-from gateway.store import Decision, KeyRef
+from gateway.store import Decision, KeyRef, SpendDetail
 from gateway.types import ASGIApp, Headers, Message, Receive, Scope, Send
 from gateway.upstream.proxy import OWN_ANSWER
+
+# A route or a model name is client text: the ledger keeps at most this much of it.
+LEDGER_TEXT_CHARS = 200
 
 if TYPE_CHECKING:
     from gateway.http.middleware import GatewayMiddleware
@@ -280,8 +283,10 @@ class Exchange:
             record.model = model
         label = (model if model is not None and model in self.gateway.settings.model_prices
                  else OTHER_MODEL)
+        detail = SpendDetail(record.path[:LEDGER_TEXT_CHARS],
+                             (model or "")[:LEDGER_TEXT_CHARS], usage.cached, self.status)
         return Settlement(self.ref, self.request_id, usage.prompt, usage.completion, cost,
-                          self.decision.plan, model=label)
+                          self.decision.plan, model=label, detail=detail)
 
     async def settle(self) -> None:
         """Settles exactly once; cancelling the request (a client disconnect, a shutdown

@@ -89,6 +89,8 @@ class GatewayMiddleware:
             url = self.settings.redis_url
             store = (connect(url, self.settings.redis_timeout_seconds) if url
                      else embedded_store())
+        if self.settings.ledger.stream_cap:
+            store.ledger_cap = self.settings.ledger.stream_cap
         self.store = store
         self.metrics = metrics or default_metrics()
         self.resolver = KeyResolver(store, self.settings.auth_cache_seconds)

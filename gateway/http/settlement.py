@@ -20,7 +20,8 @@ from typing import Any
 
 from gateway.errors import StoreCommandError, StoreUnavailable
 from gateway.obs.metrics import OTHER_MODEL, Metrics
-from gateway.store import KeyRef, Store
+from gateway.store import KeyRef, SpendDetail, Store
+from gateway.store.records import NO_DETAIL
 
 log = logging.getLogger("gateway.settlement")
 
@@ -40,6 +41,7 @@ class Settlement:
     plan: str  # metric label only
     count_usage: bool = True
     model: str = ""  # metric label only: a model [pricing.models] names, or "other"
+    detail: SpendDetail = NO_DETAIL  # what the ledger entry records besides the numbers
 
 
 def release(ref: KeyRef, request_id: str) -> Settlement:
@@ -78,7 +80,7 @@ class SettlementQueue:
         if not item.count_usage:
             return None
         reply = self.store.settle_started(item.ref, item.request_id, item.prompt_tokens,
-                                          item.completion_tokens, item.cost)
+                                          item.completion_tokens, item.cost, item.detail)
         if reply is None:
             return None
         self._track(reply)
@@ -164,7 +166,8 @@ class SettlementQueue:
     async def _write(self, item: Settlement) -> bool:
         started = time.perf_counter()
         applied = await self.store.settle(item.ref, item.request_id, item.prompt_tokens,
-                                          item.completion_tokens, item.cost, item.count_usage)
+                                          item.completion_tokens, item.cost, item.count_usage,
+                                          item.detail)
         self.metrics.settlement_seconds.observe(time.perf_counter() - started)
         return applied
 

@@ -15,6 +15,7 @@ from gateway.store.records import (
     KeyUsage,
     MgmtKey,
     MgmtRef,
+    SpendDetail,
     Throttle,
     UsageSnapshot,
 )
@@ -23,5 +24,5 @@ from gateway.store.store import Store
 
 __all__ = ["RESERVATION_TTL_SECONDS", "SUBSCRIPTION_DEFAULT_SECONDS", "Account", "Ask",
            "CreditEntry", "Decision", "KeyCounters", "KeyRecord", "KeyRef", "KeyUsage",
-           "MgmtKey", "MgmtRef", "Names", "Store", "Throttle", "UsageSnapshot", "connect",
-           "lua_source"]
+           "MgmtKey", "MgmtRef", "Names", "SpendDetail", "Store", "Throttle", "UsageSnapshot",
+           "connect", "lua_source"]

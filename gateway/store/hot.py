@@ -8,7 +8,16 @@ from typing import Any
 
 from gateway.store.base import StoreBase
 from gateway.store.names import RESERVATION_TTL_SECONDS, HotNames, Names
-from gateway.store.records import Ask, Decision, KeyRef, KeyUsage, _optional_int, _text
+from gateway.store.records import (
+    NO_DETAIL,
+    Ask,
+    Decision,
+    KeyRef,
+    KeyUsage,
+    SpendDetail,
+    _optional_int,
+    _text,
+)
 from gateway.store.replies import FAILURES, store_error
 
 _MAX_CACHED_NAMES = 100_000
@@ -16,6 +25,10 @@ _MAX_CACHED_NAMES = 100_000
 
 class HotPath(StoreBase):
     """Lookup, admission, settlement, and what /v1/usage reads."""
+
+    # Entries each account's ledger stream may hold (settle.lua); 0: settlements append no
+    # ledger entry. The gateway sets it from [ledger] when a PostgreSQL URL is configured.
+    ledger_cap = 0
 
     def _hot_names(self, ref: KeyRef) -> HotNames:
         names = self._names.get(ref)
@@ -47,23 +60,39 @@ class HotPath(StoreBase):
                         _text(raw[9]), int(raw[10]))
 
     async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
-                     completion_tokens: int, cost: int, count_usage: bool = True) -> bool:
-        args = [prompt_tokens, completion_tokens, cost, 1 if count_usage else 0]
+                     completion_tokens: int, cost: int, count_usage: bool = True,
+                     detail: SpendDetail = NO_DETAIL) -> bool:
+        args = self._settle_args(ref, request_id, prompt_tokens, completion_tokens, cost,
+                                 count_usage, detail)
         return bool(await self._evalsha(self._settle, self._settle_keys(ref, request_id), args))
 
     def _settle_keys(self, ref: KeyRef, request_id: str) -> list[str]:
         names = self._hot_names(ref)
         return [names.key, names.account, names.reservation_prefix + request_id,
-                names.usage_prefix]
+                names.usage_prefix, names.ledger]
+
+    def _settle_args(self, ref: KeyRef, request_id: str, prompt_tokens: int,
+                     completion_tokens: int, cost: int, count_usage: bool,
+                     detail: SpendDetail) -> list[Any]:
+        if not count_usage:
+            return [prompt_tokens, completion_tokens, cost, 0]
+        if not self.ledger_cap:
+            return [prompt_tokens, completion_tokens, cost, 1]
+        return [prompt_tokens, completion_tokens, cost, 1, self.ledger_cap, request_id,
+                ref.key_id, ref.account_id, detail.route, detail.model, detail.cached_tokens,
+                detail.status]
 
     def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
-                       completion_tokens: int, cost: int) -> asyncio.Future[Any] | None:
+                       completion_tokens: int, cost: int,
+                       detail: SpendDetail = NO_DETAIL) -> asyncio.Future[Any] | None:
         """The settlement, queued on the hot connection before this returns, so that no
         cancellation of the caller can stop it; it is written when the caller next yields
         to the loop, before anything the caller writes after that. None when there is no
         connected hot connection (then use settle()). Read the outcome with settled()."""
-        return self.client.started(self._settle, self._settle_keys(ref, request_id),
-                                   [prompt_tokens, completion_tokens, cost, 1])
+        return self.client.started(
+            self._settle, self._settle_keys(ref, request_id),
+            self._settle_args(ref, request_id, prompt_tokens, completion_tokens, cost, True,
+                              detail))
 
     @staticmethod
     def settled(reply: asyncio.Future[Any]) -> bool:

@@ -22,6 +22,7 @@ class HotNames:
     account: str
     reservation_prefix: str
     usage_prefix: str
+    ledger: str
 
 
 class Names:
@@ -44,6 +45,11 @@ class Names:
         return f"{cls._acct(account_id)}:credit-log"
 
     @classmethod
+    def ledger(cls, account_id: str) -> str:
+        """The account's spend ledger: a stream settle.lua appends to, the exporter drains."""
+        return f"{cls._acct(account_id)}:ledger"
+
+    @classmethod
     def deleted_keys(cls, account_id: str) -> str:
         return f"{cls._acct(account_id)}:deleted-keys"
 
@@ -63,7 +69,8 @@ class Names:
     def hot(cls, ref: KeyRef) -> HotNames:
         return HotNames(cls.key(ref.account_id, ref.key_id), cls.account(ref.account_id),
                         cls.reservation_prefix(ref.account_id),
-                        cls.usage_prefix(ref.account_id, ref.key_id))
+                        cls.usage_prefix(ref.account_id, ref.key_id),
+                        cls.ledger(ref.account_id))
 
     @classmethod
     def usage_prefix(cls, account_id: str, key_id: str) -> str:
@@ -82,6 +89,7 @@ class Names:
         return f"gw:account-name:{name}"
 
     ACCOUNTS = "gw:accounts"
+    LEDGER_GROUP = "ledger-export"  # the exporters' consumer group on every ledger stream
 
     # -- management ---------------------------------------------------------------------
 

@@ -14,6 +14,19 @@ class KeyRef:
     key_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class SpendDetail:
+    """What a settlement's ledger entry says beyond its tokens and cost."""
+
+    route: str = ""
+    model: str = ""  # as the upstream reported serving it, else as asked
+    cached_tokens: int = 0
+    status: int = 0  # the upstream's HTTP status; 0: it gave no answer
+
+
+NO_DETAIL = SpendDetail()
+
+
 @dataclass(slots=True)
 class Ask:
     """What one admission reserves: an upper bound of the request's tokens and its cost."""
