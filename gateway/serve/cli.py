@@ -13,7 +13,13 @@ from gateway.config.levels import FORMATS, LEVELS
 from gateway.config.limits import LIMITS_ENV
 from gateway.config.settings import Settings
 from gateway.config.view import effective_settings, flat_items
-from gateway.errors import ConfigError, LimitReached, NotFound, StoreUnavailable
+from gateway.errors import (
+    ConfigError,
+    LedgerUnavailable,
+    LimitReached,
+    NotFound,
+    StoreUnavailable,
+)
 from gateway.obs.logs import logging_config
 from gateway.obs.metrics import multiprocess_dir, serve_metrics
 from gateway.serve.cli_accounts import add_account_commands, plans
@@ -129,13 +135,14 @@ def _fail(message: str) -> int:
     return 1
 
 
-async def _run_with_store(args: argparse.Namespace, settings: Settings) -> None:
+async def _run_with_store(args: argparse.Namespace, settings: Settings) -> int | None:
     if not settings.redis_url:
         raise ConfigError("no Redis configured: pass --redis URL or set GATEWAY_REDIS_URL "
                           "(the embedded store lives only inside `gateway demo`)")
     store = connect(settings.redis_url, max(settings.redis_timeout_seconds, 2.0))
     try:
-        await args.run(args, settings, store)
+        status: int | None = await args.run(args, settings, store)
+        return status
     finally:
         await store.close()
 
@@ -223,12 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args, settings)
         if args.group == "serve":
             return _serve(args, settings)
-        if args.run in (plans, _config_check):  # no Redis needed
-            asyncio.run(args.run(args, settings, None))
+        # A command's run may return its exit status (reconcile: 1 on any difference).
+        if args.run in (plans, _config_check) or getattr(args, "no_redis", False):
+            status = asyncio.run(args.run(args, settings, None))
         else:
-            asyncio.run(_run_with_store(args, settings))
+            status = asyncio.run(_run_with_store(args, settings))
     except (ConfigError, NotFound, LimitReached) as exc:
         return _fail(str(exc))
+    except LedgerUnavailable as exc:  # its message never holds the URL
+        return _fail(f"cannot use the ledger's database ({exc})")
     except StoreUnavailable as exc:
         hint = ""
         if (settings.redis_url or "").lower().startswith("rediss"):
@@ -237,4 +247,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot reach Redis at the configured URL ({exc}){hint}")
     except KeyboardInterrupt:
         return 130
-    return 0
+    return int(status or 0)

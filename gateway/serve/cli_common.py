@@ -9,10 +9,14 @@ from typing import Any, NoReturn
 
 import orjson
 
+from gateway.config.ledger import check_postgres_url
 from gateway.config.settings import Settings
+from gateway.errors import ConfigError
 from gateway.store import Store
 
-Run = Callable[[argparse.Namespace, Settings, Store], Awaitable[None]]
+# A command: None or its exit status. `no_redis` in its defaults: run without a Store
+# (the ledger's database only), then given None.
+Run = Callable[[argparse.Namespace, Settings, Store], Awaitable[int | None]]
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,3 +65,18 @@ def emit(args: argparse.Namespace, doc: Any, text: str) -> None:
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
     else:
         print(text)
+
+
+def postgres_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--postgres", metavar="URL", default=None,
+                        help="the ledger's PostgreSQL URL, e.g. postgresql://gw@db/ledger "
+                             "(env GATEWAY_POSTGRES_URL, or [ledger] postgres_url)")
+
+
+def postgres_url(args: argparse.Namespace, settings: Settings) -> str:
+    """--postgres, else the configuration's; a ConfigError naming the three ways when none."""
+    url = getattr(args, "postgres", None) or settings.ledger.postgres_url
+    if not url:
+        raise ConfigError("no ledger database configured: pass --postgres URL or set "
+                          "GATEWAY_POSTGRES_URL (or [ledger] postgres_url in the config)")
+    return check_postgres_url(str(url))
