@@ -47,10 +47,12 @@ class LedgerState:
     last_id: str  # the last id the stream ever gave ("" for none)
     now_ms: int  # Redis time
     account_total: int
-    account_base: int  # lifetime spend before the ledger's first entry
+    # The lifetime spend before the ledger's first entry; None: no entry was ever appended
+    # (then all of the total is from before the ledger).
+    account_base: int | None
     dropped: int  # entries dropped at the cap, and their cost
     dropped_micro: int
-    key_totals: dict[str, tuple[int, int]]  # key id -> (total_spent, ledger_base)
+    key_totals: dict[str, tuple[int, int | None]]  # key id -> (total_spent, ledger_base)
 
 
 def stream_order(stream_id: str) -> tuple[int, int]:
@@ -60,6 +62,10 @@ def stream_order(stream_id: str) -> tuple[int, int]:
 
 def _int(value: Any) -> int:
     return int(value) if value not in (None, b"", "") else 0
+
+
+def _maybe(value: Any) -> int | None:
+    return int(value) if value not in (None, b"", "") else None
 
 
 def _entry(stream_id: Any, flat: Sequence[Any]) -> LedgerEntry:
@@ -123,8 +129,13 @@ class LedgerStreams:
                 *(Names.key(account_id, k) for k in key_ids)]
         raw = await self.store._evalsha(self._state, keys, [])
         account = raw[4]
-        totals = {k: (_int(pair[0]), _int(pair[1])) for k, pair in zip(key_ids, raw[5:],
-                                                                        strict=True)}
+        totals = {k: (_int(pair[0]), _maybe(pair[1]))
+                  for k, pair in zip(key_ids, raw[5:], strict=True)}
         return LedgerState(int(raw[0]), _text(raw[1]), _text(raw[2]), int(raw[3]),
-                           _int(account[0]), _int(account[1]), _int(account[2]),
+                           _int(account[0]), _maybe(account[1]), _int(account[2]),
                            _int(account[3]), totals)
+
+    async def key_ids(self, account_id: str) -> list[str]:
+        """Every key of the account (deleted ones too: their records and spend stay)."""
+        return sorted(_text(k) for k in await self.store._cmd(
+            "SMEMBERS", Names.account_keys(account_id)))

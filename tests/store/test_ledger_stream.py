@@ -70,7 +70,7 @@ async def test_the_cap_drops_the_oldest_and_counts_them(store: Store) -> None:
     state = await streams.state(account_id)
     assert (state.length, state.dropped, state.dropped_micro) == (3, 2, 100 + 101)
     assert state.account_total == sum(100 + n for n in range(5))
-    assert state.account_base == 0
+    assert state.account_base == 0  # the ledger was on from the first settlement
 
 
 async def test_ledger_base_is_the_spend_before_the_ledger(store: Store) -> None:
