@@ -23,6 +23,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from gateway.ledger.metrics import ExporterMetrics
 from gateway.obs.metrics import STATUS_CLASSES, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +31,14 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
 K8S = DEPLOY / "kubernetes" / "gateway-sidecar.yaml"
+EXPORTER_K8S = DEPLOY / "kubernetes" / "ledger-exporter.yaml"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "gateway-dashboard.json"
 GATEWAY_TOML = DEPLOY / "gateway.toml"
+METRICS_DOC = ROOT / "docs" / "metrics.md"
+README = ROOT / "README.md"
 
 # Kubernetes version whose schemas kubernetes-validate ships (validated offline).
 K8S_VERSION = "1.30.0"
@@ -47,6 +51,17 @@ GAUGES = {m.name for m in _EXPORTED.registry.collect() if m.type == "gauge"}
 EXPORTED_SERIES = COUNTERS | GAUGES | {
     f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
 }
+# What `gateway ledger export` serves on its own listener (docs/metrics.md, "Ledger
+# exporter"), read from its own metrics too. gateway_ledger_dropped_entries_total is a gauge:
+# the count Redis keeps, read at each scrape.
+_LEDGER = ExporterMetrics(CollectorRegistry())
+LEDGER_COUNTERS = {f"{m.name}_total" for m in _LEDGER.registry.collect() if m.type == "counter"}
+LEDGER_HISTOGRAMS = {m.name for m in _LEDGER.registry.collect() if m.type == "histogram"}
+LEDGER_GAUGES = {m.name for m in _LEDGER.registry.collect() if m.type == "gauge"}
+LEDGER_SERIES = LEDGER_COUNTERS | LEDGER_GAUGES | {
+    f"{name}{suffix}" for name in LEDGER_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
+}
+EXPORTER_METRICS_PORT = 9108
 # Series that Prometheus itself produces for every scrape target.
 SCRAPE_SERIES = {"up"}
 
@@ -170,7 +185,7 @@ def test_alert_tests_cover_each_corrected_alert_firing_and_quiet() -> None:
     assert doc["rule_files"] == ["alerts.yml"]
     cases = [case for test in doc["tests"] for case in test["alert_rule_test"]]
     for name in ("GatewayHighRejectionRatio", "GatewaySettlementFailures",
-                 "GatewayUpstreamFailing"):
+                 "GatewayUpstreamFailing", *LEDGER_ALERTS):
         mine = [case for case in cases if case["alertname"] == name]
         assert any(case["exp_alerts"] for case in mine), f"{name} is never seen firing"
         assert any(not case["exp_alerts"] for case in mine), f"{name} is never seen quiet"
@@ -203,6 +218,80 @@ def test_alert_tests_fail_against_the_alerts_as_they_were(
     res = run([promtool, "test", "rules", str(tmp_path / "alerts_test.yml")])
     assert res.returncode != 0, res.stdout
     assert f"alertname: {alert}," in res.stdout + res.stderr
+
+
+LEDGER_ALERTS = ("GatewayLedgerExporterDown", "GatewayLedgerLagging", "GatewayLedgerStreamNearCap",
+                 "GatewayLedgerDropped", "GatewayLedgerExportFailing")
+
+
+@pytest.mark.parametrize(("alert", "old", "new"), [
+    # Only `up == 0`: an exporter that was never scraped at all would never page.
+    ("GatewayLedgerExporterDown", ' or absent(up{job="ledger-exporter"})', ""),
+    # Without `for`: a lag spike shorter than 5 minutes would page.
+    ("GatewayLedgerLagging", "gateway_ledger_oldest_unexported_seconds) > 300\n        for: 5m",
+     "gateway_ledger_oldest_unexported_seconds) > 300\n        for: 0m"),
+    ("GatewayLedgerStreamNearCap", "gateway_ledger_stream_fill_ratio) > 0.8",
+     "gateway_ledger_stream_fill_ratio) > 0.9"),
+    # On the dropped count itself: an old count, not growing, would page forever.
+    ("GatewayLedgerDropped", "increase(gateway_ledger_dropped_entries_total[10m]) > 0",
+     "gateway_ledger_dropped_entries_total > 0"),
+    # Without the stage: the page could not say which side fails.
+    ("GatewayLedgerExportFailing", "sum by (stage) (rate(gateway_ledger_export_errors_total",
+     "sum(rate(gateway_ledger_export_errors_total"),
+])
+def test_ledger_alert_tests_fail_against_weaker_rules(
+        promtool: str, tmp_path: Path, alert: str, old: str, new: str) -> None:
+    text = ALERTS.read_text()
+    assert text.count(old) == 1, old
+    (tmp_path / "alerts.yml").write_text(text.replace(old, new))
+    shutil.copy(ALERT_TESTS, tmp_path / "alerts_test.yml")
+    res = run([promtool, "test", "rules", str(tmp_path / "alerts_test.yml")])
+    assert res.returncode != 0, res.stdout
+    assert f"alertname: {alert}," in res.stdout + res.stderr
+
+
+def test_the_exporter_exports_what_the_ledger_alerts_and_docs_name() -> None:
+    specified = {"gateway_ledger_lag_entries", "gateway_ledger_oldest_unexported_seconds",
+                 "gateway_ledger_stream_fill_ratio", "gateway_ledger_dropped_entries_total",
+                 "gateway_ledger_exported_total", "gateway_ledger_export_errors_total",
+                 "gateway_ledger_batch_seconds_bucket"}
+    assert specified <= LEDGER_SERIES
+    assert "gateway_ledger_dropped_entries_total" in LEDGER_GAUGES  # increase() over Redis's count
+    section = METRICS_DOC.read_text().split("\n## Ledger exporter\n", 1)[1].split("\n## ", 1)[0]
+    for name in LEDGER_COUNTERS | LEDGER_GAUGES | LEDGER_HISTOGRAMS:
+        assert f"| `{name}` |" in section, f"docs/metrics.md does not list {name}"
+    assert not (LEDGER_SERIES & EXPORTED_SERIES), "a metric in both processes would double"
+
+
+def test_every_alert_is_in_the_readme_and_docs_tables() -> None:
+    readme = README.read_text().split("\n### Alerts\n", 1)[1].split("\n### ", 1)[0]
+    doc = METRICS_DOC.read_text().split("\n## Alert rules", 1)[1]
+    for rule in alert_rules():
+        assert f"| `{rule['alert']}` |" in readme, f"README's Alerts table lacks {rule['alert']}"
+        assert f"| `{rule['alert']}` |" in doc, f"docs/metrics.md lacks {rule['alert']}"
+        severity = rule["labels"]["severity"]
+        line = next(ln for ln in doc.splitlines() if ln.startswith(f"| `{rule['alert']}` |"))
+        assert line.endswith(f"| {severity} |"), line
+
+
+def test_ledger_alerts_are_as_specified() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    expected = {  # alert: (severity, for)
+        "GatewayLedgerExporterDown": ("critical", "5m"),
+        "GatewayLedgerLagging": ("warning", "5m"),
+        "GatewayLedgerStreamNearCap": ("critical", "5m"),
+        "GatewayLedgerDropped": ("critical", "0m"),
+        "GatewayLedgerExportFailing": ("warning", "5m"),
+    }
+    for name, (severity, duration) in expected.items():
+        assert rules[name]["labels"]["severity"] == severity, name
+        assert rules[name]["for"] == duration, name
+    (cfg,) = load_yaml_docs(PROM_CONFIG)
+    jobs = {j["job_name"] for j in cfg["scrape_configs"]}
+    # The exporter's job as the rules name it is the job Prometheus scrapes it as.
+    for job in re.findall(r'job="([^"]+)"', rules["GatewayLedgerExporterDown"]["expr"]):
+        assert job in jobs
+    assert "billing records lost" in rules["GatewayLedgerDropped"]["annotations"]["summary"]
 
 
 def test_settlement_failure_alert_says_the_estimate_stands() -> None:
@@ -256,6 +345,11 @@ def test_prometheus_config_scrapes_gateway_and_loads_alerts() -> None:
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     assert "gateway:9464" in targets  # the metrics listener, not the clients' port
+    (ledger,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "ledger-exporter"]
+    assert ledger.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in ledger["static_configs"] for t in sc["targets"]]
+    assert targets == [f"ledger-exporter:{EXPORTER_METRICS_PORT}"]
+    assert "ledger-exporter" in compose()["services"]
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -275,7 +369,7 @@ def test_alerts_have_severity_and_annotations() -> None:
 
 def test_alerts_only_reference_exported_metrics() -> None:
     for rule in alert_rules():
-        unknown = metric_names(rule["expr"]) - EXPORTED_SERIES - SCRAPE_SERIES
+        unknown = metric_names(rule["expr"]) - EXPORTED_SERIES - LEDGER_SERIES - SCRAPE_SERIES
         assert not unknown, f"{rule['alert']} uses metrics the gateway does not export: {unknown}"
 
 
@@ -306,6 +400,27 @@ def k8s_one(kind: str) -> dict[str, Any]:
     return doc
 
 
+def k8s_secret(name: str) -> dict[str, Any]:
+    (doc,) = [d for d in k8s_docs() if d["kind"] == "Secret" and d["metadata"]["name"] == name]
+    return doc
+
+
+def exporter_deployment() -> dict[str, Any]:
+    (doc,) = load_yaml_docs(EXPORTER_K8S)
+    assert doc["kind"] == "Deployment"
+    return doc
+
+
+def exporter_pod() -> dict[str, Any]:
+    pod: dict[str, Any] = exporter_deployment()["spec"]["template"]["spec"]
+    return pod
+
+
+def exporter_container() -> dict[str, Any]:
+    (container,) = exporter_pod()["containers"]
+    return container
+
+
 def containers() -> dict[str, dict[str, Any]]:
     spec = k8s_one("Deployment")["spec"]["template"]["spec"]
     return {c["name"]: c for c in spec["containers"]}
@@ -325,7 +440,8 @@ def test_k8s_service_publishes_the_clients_port_only() -> None:
 def test_k8s_manifest_validates_against_schemas() -> None:
     docs = k8s_docs()
     assert {d["kind"] for d in docs} == {"Secret", "ConfigMap", "Deployment", "Service"}
-    for doc in docs:
+    assert [d["kind"] for d in load_yaml_docs(EXPORTER_K8S)] == ["Deployment"]
+    for doc in docs + load_yaml_docs(EXPORTER_K8S):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
@@ -376,10 +492,89 @@ def test_k8s_redis_url_comes_from_secret() -> None:
     env = {e["name"]: e for e in containers()["gateway"]["env"]}
     ref = env["GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
     assert "value" not in env["GATEWAY_REDIS_URL"]
-    secret = k8s_one("Secret")
-    assert secret["metadata"]["name"] == ref["name"]
+    secret = k8s_secret(ref["name"])
     assert ref["key"] in secret["stringData"]
     assert "CHANGE-ME" in secret["stringData"][ref["key"]]
+
+
+def test_k8s_postgres_url_comes_from_its_secret_everywhere() -> None:
+    # The gateway (its ledger streams, /api/spend), the exporter and its migrations.
+    envs = {"gateway": containers()["gateway"]["env"],
+            "ledger-exporter": exporter_container()["env"]}
+    envs |= {c["name"]: c["env"] for c in exporter_pod()["initContainers"]}
+    assert set(envs) == {"gateway", "ledger-exporter", "ledger-migrate"}
+    for name, env_list in envs.items():
+        env = {e["name"]: e for e in env_list}
+        assert "value" not in env["GATEWAY_POSTGRES_URL"], name
+        ref = env["GATEWAY_POSTGRES_URL"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("gateway-postgres", "url"), name
+        assert not ref.get("optional"), name  # no database, no start: never a silent ledger
+    secret = k8s_secret("gateway-postgres")
+    assert secret["stringData"]["url"].startswith("postgresql://")
+    assert "CHANGE-ME" in secret["stringData"]["url"]
+
+
+def test_k8s_ledger_exporter_runs_the_export_with_its_metrics_scraped() -> None:
+    deployment = exporter_deployment()
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two during a rollout
+    template = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= \
+        template["metadata"]["labels"].items()
+    # Not selected by the clients' Service: it serves no client.
+    assert not k8s_one("Service")["spec"]["selector"].items() <= \
+        template["metadata"]["labels"].items()
+
+    container = exporter_container()
+    assert container["name"] == "ledger-exporter"
+    command = container["command"]
+    assert command[:3] == ["gateway", "ledger", "export"]
+    assert "--once" not in command  # long-running
+    assert command[command.index("--metrics-port") + 1] == str(EXPORTER_METRICS_PORT)
+    assert command[command.index("--metrics-host") + 1] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": EXPORTER_METRICS_PORT}
+
+    # Scraped the way the gateway's pods are: the same prometheus.io/* annotations.
+    annotations = template["metadata"]["annotations"]
+    assert set(annotations) == set(pod_annotations())
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(EXPORTER_METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/metrics"
+    assert probe["port"] in ("metrics", EXPORTER_METRICS_PORT)
+
+    env = {e["name"]: e for e in container["env"]}
+    gateway_env = {e["name"]: e for e in containers()["gateway"]["env"]}
+    assert env["GATEWAY_REDIS_URL"] == gateway_env["GATEWAY_REDIS_URL"]  # the same Secret
+
+
+def test_k8s_ledger_migrations_run_before_the_exporter() -> None:
+    (init,) = exporter_pod()["initContainers"]
+    assert init["name"] == "ledger-migrate"
+    assert init["command"] == ["gateway", "ledger", "migrate"]
+    assert init["image"] == exporter_container()["image"]
+
+
+def test_k8s_ledger_pods_are_locked_down_like_the_gateway() -> None:
+    pod = exporter_pod()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config = {e["name"]: e.get("value") for e in containers()["gateway"]["env"]}["GATEWAY_CONFIG"]
+    for c in [*pod["initContainers"], *pod["containers"]]:
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc.get("runAsUser", 1) != 0, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
+        mounts = {Path(m["mountPath"]): volumes[m["name"]] for m in c["volumeMounts"]}
+        assert "emptyDir" in mounts[Path("/tmp")], c["name"]
+        # The same configuration file as the gateway, from the same ConfigMap.
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["GATEWAY_CONFIG"] == config, c["name"]
+        cm = mounts[Path(config).parent]["configMap"]["name"]
+        assert cm == k8s_one("ConfigMap")["metadata"]["name"], c["name"]
 
 
 def test_k8s_config_mounted_from_configmap() -> None:
@@ -480,17 +675,70 @@ def compose() -> dict[str, Any]:
     return doc
 
 
+ONE_SHOT = {"ledger-migrate"}
+
+
 def test_compose_services_and_dependencies() -> None:
     services = compose()["services"]
-    assert set(services) == {"gateway", "redis", "upstream", "prometheus"}
+    assert set(services) == {"gateway", "redis", "upstream", "prometheus", "postgres",
+                             "ledger-migrate", "ledger-exporter"}
     for name, svc in services.items():
-        assert "healthcheck" in svc, name
+        if name in ONE_SHOT:
+            # It exits; the image's HEALTHCHECK (the gateway's port) would never pass.
+            assert svc["healthcheck"] == {"disable": True}, name
+            assert svc["restart"] == "no", name
+        else:
+            assert "test" in svc["healthcheck"], name
         for dep, cond in svc.get("depends_on", {}).items():
             assert dep in services
-            assert cond["condition"] in ("service_healthy", "service_started")
+            if dep in ONE_SHOT:
+                assert cond["condition"] == "service_completed_successfully", (name, dep)
+            else:
+                assert cond["condition"] in ("service_healthy", "service_started"), (name, dep)
     deps = services["gateway"]["depends_on"]
     assert deps["redis"]["condition"] == "service_healthy"
     assert deps["upstream"]["condition"] == "service_healthy"
+    deps = services["ledger-exporter"]["depends_on"]
+    assert deps["ledger-migrate"]["condition"] == "service_completed_successfully"
+    assert deps["redis"]["condition"] == "service_healthy"
+    assert services["ledger-migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_ledger_services_run_migrate_and_export() -> None:
+    services = compose()["services"]
+    migrate, exporter = services["ledger-migrate"], services["ledger-exporter"]
+    assert migrate["entrypoint"] + migrate["command"] == ["gateway", "ledger", "migrate"]
+    command = exporter["entrypoint"] + exporter["command"]
+    assert command[:3] == ["gateway", "ledger", "export"] and "--once" not in command
+    assert command[command.index("--metrics-port") + 1] == str(EXPORTER_METRICS_PORT)
+    assert command[command.index("--metrics-host") + 1] == "0.0.0.0"
+    assert f"127.0.0.1:{EXPORTER_METRICS_PORT}/metrics" in " ".join(exporter["healthcheck"]["test"])
+    assert "ports" not in exporter  # for Prometheus on the compose network only
+    for name in ("gateway", "ledger-migrate", "ledger-exporter"):
+        build = services[name]["build"]
+        assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE, name
+        env = services[name]["environment"]
+        assert env["GATEWAY_POSTGRES_URL"].startswith("postgresql://"), name
+        assert env["GATEWAY_POSTGRES_URL"].split("@")[1] == "postgres:5432/gateway", name
+    urls = {services[n]["environment"]["GATEWAY_POSTGRES_URL"]
+            for n in ("gateway", "ledger-migrate", "ledger-exporter")}
+    assert len(urls) == 1
+    assert exporter["environment"]["GATEWAY_REDIS_URL"] == \
+        services["gateway"]["environment"]["GATEWAY_REDIS_URL"]
+
+
+def test_compose_postgres_is_durable_and_matches_the_url() -> None:
+    doc = compose()
+    postgres = doc["services"]["postgres"]
+    assert postgres["image"] == "postgres:16"
+    (volume,) = postgres["volumes"]
+    name, target = volume.split(":")[:2]
+    assert target == "/var/lib/postgresql/data" and name in doc["volumes"]
+    env = postgres["environment"]
+    url = doc["services"]["gateway"]["environment"]["GATEWAY_POSTGRES_URL"]
+    assert url == (f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}"
+                   f"@postgres:5432/{env['POSTGRES_DB']}")
+    assert "pg_isready" in postgres["healthcheck"]["test"]
 
 
 def test_compose_gateway_and_upstream_use_the_dockerfile() -> None:
@@ -563,11 +811,12 @@ def test_dashboard_only_uses_exported_metrics() -> None:
     for expr in dashboard_exprs():
         names = metric_names(expr)
         assert names, expr
-        unknown = names - EXPORTED_SERIES
+        unknown = names - EXPORTED_SERIES - LEDGER_SERIES
         assert not unknown, f"dashboard uses metrics the gateway does not export: {unknown}"
         used |= names
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
-    assert families == COUNTERS | HISTOGRAMS | GAUGES, "every exported metric has a panel"
+    ledger = LEDGER_COUNTERS | LEDGER_GAUGES | LEDGER_HISTOGRAMS
+    assert families == COUNTERS | HISTOGRAMS | GAUGES | ledger, "every exported metric has a panel"
 
 
 # --------------------------------------------------------------------------- the gateway itself
@@ -585,6 +834,7 @@ EMITTED_LABEL_VALUES = {
     "outcome": {"settled", "retried", "failed"},
     "kind": {"prompt", "completion"},
     "status_class": set(STATUS_CLASSES),
+    "stage": {"redis", "postgres"},  # gateway_ledger_export_errors_total
 }
 
 
@@ -627,6 +877,24 @@ def test_gateway_commands_parse_with_the_real_cli() -> None:
         parsed = _parser().parse_args(["serve", *args])
         assert parsed.port == 8080
         assert parsed.host == "0.0.0.0"
+
+
+def test_ledger_commands_parse_with_the_real_cli() -> None:
+    import argparse
+
+    from gateway.serve.cli import _parser
+
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if "ledger" not in sub.choices:
+        pytest.skip("the CLI has no `gateway ledger` command yet")
+    services = compose()["services"]
+    commands = [exporter_container()["command"], exporter_pod()["initContainers"][0]["command"],
+                *(services[n]["entrypoint"] + services[n]["command"]
+                  for n in ("ledger-migrate", "ledger-exporter"))]
+    for command in commands:
+        assert command[0] == "gateway"
+        parser.parse_args(command[1:])
 
 
 def test_mock_upstream_accepts_the_compose_arguments() -> None:
@@ -675,8 +943,11 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
-    needed = ["pyproject.toml", "README.md", "gateway/cli.py", "gateway/logs.py", "lua/admit.lua"]
+    needed = ["pyproject.toml", "README.md", "gateway/serve/cli.py", "gateway/obs/logs.py",
+              "gateway/ledger/__init__.py", "lua/admit.lua", "lua/settle.lua"]
+    assert [p for p in needed if not (ROOT / p).exists()] == []  # a stale list checks nothing
     assert not [p for p in needed if dockerignored(p)]
-    dropped = [".git/config", ".venv/bin/python", ".env", "gateway/__pycache__/cli.cpython-311.pyc",
+    dropped = [".git/config", ".venv/bin/python", ".env",
+               "gateway/serve/__pycache__/cli.cpython-311.pyc",
                "tests/test_deploy.py", "bench/__init__.py", "dump.rdb"]
     assert [p for p in dropped if not dockerignored(p)] == []
