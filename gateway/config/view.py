@@ -71,6 +71,8 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
     for name in _URL_FIELDS:
         if doc.get(name):
             doc[name] = mask_url(doc[name])
+    if doc["ledger"].get("postgres_url"):
+        doc["ledger"]["postgres_url"] = mask_url(doc["ledger"]["postgres_url"])
     return doc
 
 
