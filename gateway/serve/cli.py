@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
+from gateway.config.ledger import LedgerSettings
 from gateway.config.levels import FORMATS, LEVELS
 from gateway.config.limits import LIMITS_ENV
 from gateway.config.settings import Settings
@@ -218,6 +220,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.redis:
         raise ConfigError("gateway demo always runs on the embedded store; for Redis use "
                           "`gateway serve --redis URL`")
+    # The embedded store lives in this process: no exporter could read a ledger from it.
+    settings = dataclasses.replace(settings, ledger=LedgerSettings())
     # Every request is logged, as text: the demo is watched in a terminal.
     uvicorn.run(DemoApp(args.host, args.port, settings), host=args.host, port=args.port,
                 log_config=logging_config("info", "text"), http=SERVER_PROTOCOL, loop="uvloop")
