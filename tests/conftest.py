@@ -257,6 +257,7 @@ def post_scope(path: str, secret: str, body: bytes) -> Scope:
 
 os.environ.pop("GATEWAY_REDIS_URL", None)
 os.environ.pop("GATEWAY_CONFIG", None)
+os.environ.pop("GATEWAY_POSTGRES_URL", None)  # a ledger only where a test gives one
 
 
 @pytest.fixture(autouse=True)
