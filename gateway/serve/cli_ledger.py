@@ -90,6 +90,10 @@ async def _export(args: argparse.Namespace, settings: Settings, store: Store) ->
              exporter.totals.exported, exporter.totals.duplicates)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _side_json(side: Any) -> dict[str, Any]:
     return {"scope": side.scope, "account_id": side.account_id, "key_id": side.key_id,
             "redis_usd": _usd(side.redis_micro), "ledger_usd": _usd(side.ledger_micro),
@@ -120,8 +124,9 @@ async def _reconcile(args: argparse.Namespace, settings: Settings, store: Store)
                      f"stored, {side.waiting_rows} waiting in Redis), Redis "
                      f"{_usd(side.redis_micro)} USD: {verdict}"
                      + (f" ({side.note})" if side.note else ""))
-    summary = (f"{len(reports)} accounts, {sum(s.scope == 'key' for s in sides)} keys: "
-               + ("the ledger matches Redis" if not bad else f"{len(bad)} differences"))
+    keys = sum(s.scope == "key" for s in sides)
+    summary = (f"{_count(len(reports), 'account')}, {_count(keys, 'key')}: "
+               + ("the ledger matches Redis" if not bad else _count(len(bad), "difference")))
     emit(args, {"ok": not bad, "accounts": len(reports),
                 "differences": [_side_json(s) for s in bad],
                 "sides": [_side_json(s) for s in sides]},
