@@ -132,3 +132,15 @@ def test_the_store_calls_bench_measures_both_topologies(
     out = capsys.readouterr().out
     assert out.count("round ") == 2
     assert "standalone" in out and "cluster/standalone median" in out
+
+
+def test_the_ledger_bench_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import ledger
+    from tests.postgres import find_bindir
+
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL's initdb is not installed")
+    assert ledger.main(["--seconds", "1", "--rounds", "1", "--connections", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio on/off" in out and "the ledger matches Redis (exit 0)" in out
+    assert ": True" in out  # rows == requests answered

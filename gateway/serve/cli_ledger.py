@@ -85,7 +85,7 @@ async def _export(args: argparse.Namespace, settings: Settings, store: Store) ->
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log.info("ledger export started (consumer %s, metrics on %s)", args.consumer,
              f"{args.metrics_host}:{args.metrics_port}" if args.metrics_port else "none")
-    await exporter.run(stop, interval=args.interval)
+    await exporter.run(stop, interval=args.interval, lag_interval=args.lag_interval)
     log.info("ledger export stopped: %d rows exported, %d already stored",
              exporter.totals.exported, exporter.totals.duplicates)
 
@@ -157,6 +157,9 @@ def add_ledger_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         help="the metrics listener's address (default 127.0.0.1)")
     export.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
                         help="pause between passes when nothing is waiting (default 0.5)")
+    export.add_argument("--lag-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="how often the lag gauges are measured: one script per account "
+                             "(default 5)")
     export.add_argument("--consumer", default=os.environ.get("HOSTNAME") or socket.gethostname(),
                         help="this exporter's name in the consumer group (default: host name)")
     export.add_argument("--claim-after", type=float, default=60.0, metavar="SECONDS",
