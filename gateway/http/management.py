@@ -1,4 +1,5 @@
-"""The management API: /api/usage, /api/usage/{keyId}, /api/keys..., and /openapi.json.
+"""The management API: /api/usage, /api/usage/{keyId}, /api/spend, /api/keys..., and
+/openapi.json.
 
 Callers authenticate as an account: with a management key (`mk_…`, the built-in verifier) or
 with a dashboard session token that a pluggable verifier maps to an account id. Everything a
@@ -17,6 +18,7 @@ import orjson
 
 from gateway.config.routes import route_path
 from gateway.config.settings import Settings
+from gateway.config.units import micro_to_usd
 from gateway.core.keys import (
     MANAGEMENT_PREFIX,
     bearer_token,
@@ -48,6 +50,7 @@ from gateway.http.management_body import (
     uuid_text,
 )
 from gateway.http.ratelimit import format_reset
+from gateway.http.spend import spend_body, spend_query, unconfigured
 from gateway.store import KeyRecord, Store, Throttle
 from gateway.types import Headers, Receive, Scope, Send
 
@@ -95,6 +98,8 @@ def usage_row(record: KeyRecord, periods: dict[str, Any], now_us: int) -> dict[s
             "expiresAt": None if expires is None else iso_from_us(expires),
         }
     row["createdAt"] = iso_from_us(record.created_at_us)
+    # Beyond the seed's fields, after them: the key's lifetime spend (USD), as keys show says.
+    row["total_spent"] = micro_to_usd(record.total_spent)
     return row
 
 
@@ -153,6 +158,9 @@ class Management:
         elif len(parts) == 2 and parts[0] == "usage":
             allow(method, "GET")
             await self._usage(scope, send, parts[1])
+        elif parts == ["spend"]:
+            allow(method, "GET")
+            await self._spend(scope, send)
         elif parts == ["keys"]:
             allow(method, "GET, POST")
             principal = await self._authenticate(scope)
@@ -210,15 +218,7 @@ class Management:
     async def _usage(self, scope: Scope, send: Send, raw_key_id: str | None) -> None:
         principal = await self._authenticate(scope)
         key_id = None if raw_key_id is None else uuid_text(raw_key_id, "keyId")
-        throttle = await self.store.mgmt_throttle(principal.account_id, principal.bucket,
-                                                  self.usage_capacity,
-                                                  self.usage_period_seconds)
-        headers = throttle_headers(self.usage_capacity, throttle)
-        if not throttle.allowed:
-            raise Rejected(429, "rate_limit_exceeded",
-                           f"Rate limit reached: {self.usage_capacity} usage requests per "
-                           f"{self.usage_period_seconds // 3600} hours. Cache the response.",
-                           "requests", headers)
+        headers = await self._throttle(principal)
         snapshot = await self.store.usage_snapshot(principal.account_id, key_id)
         now_s = snapshot.now_us // 1_000_000
         rows = [usage_row(k.record, usage_document(aggregate(now_s, k.minute_hashes,
@@ -232,6 +232,32 @@ class Management:
                            "invalid_request_error", headers)
         else:
             await send_json(send, 200, orjson.dumps(rows[0]), headers)
+
+    async def _throttle(self, principal: Principal) -> Headers:
+        """One request of the principal's usage allowance (shared by /api/usage[/{keyId}]
+        and /api/spend): the rate headers, or a 429 with them."""
+        throttle = await self.store.mgmt_throttle(principal.account_id, principal.bucket,
+                                                  self.usage_capacity,
+                                                  self.usage_period_seconds)
+        headers = throttle_headers(self.usage_capacity, throttle)
+        if not throttle.allowed:
+            raise Rejected(429, "rate_limit_exceeded",
+                           f"Rate limit reached: {self.usage_capacity} usage requests per "
+                           f"{self.usage_period_seconds // 3600} hours. Cache the response.",
+                           "requests", headers)
+        return headers
+
+    async def _spend(self, scope: Scope, send: Send) -> None:
+        # Checked before the allowance is drawn: a bad query or a gateway without a ledger
+        # costs the caller nothing; a database outage after it does (it shields PostgreSQL).
+        principal = await self._authenticate(scope)
+        query = spend_query(scope.get("query_string", b""), await self.store.now_us())
+        url = self.settings.ledger.postgres_url
+        if not url:
+            raise unconfigured()
+        headers = await self._throttle(principal)
+        await send_json(send, 200, await spend_body(url, principal.account_id, query, headers),
+                        headers)
 
     # -- key administration -------------------------------------------------------------------
 

@@ -56,7 +56,11 @@ _SCHEMAS: dict[str, Schema] = {
                                                 "enum": ["active", "expired"]},
                                      "expiresAt": _NULLABLE_TIME}),
             "createdAt": _TIME,
-        }, required=["id", "name", "type", "plan", "isActive", "usage", "createdAt"]),
+            "total_spent": {**_USD, "minimum": 0,
+                            "description": "the key's lifetime spend in USD (beyond the "
+                                           "seed's fields)"},
+        }, required=["id", "name", "type", "plan", "isActive", "usage", "createdAt",
+                     "total_spent"]),
         # `subscription` is present exactly for subscription keys.
         "if": {"properties": {"type": {"const": "subscription"}}},
         "then": {"required": ["subscription"]},
@@ -75,6 +79,17 @@ _SCHEMAS: dict[str, Schema] = {
         "credits": _object({"balance": _USD}),
         "key": _object({"name": {"type": "string"}, "type": _KEY_TYPE, "created_at": _TIME}),
     }),
+    "SpendLine": _object({
+        "group": {"type": "string",
+                  "description": "a key id, a model, or a UTC day (YYYY-MM-DD) by group_by"},
+        "requests": _COUNT, "promptTokens": _COUNT, "completionTokens": _COUNT,
+        "costUsd": {**_USD, "minimum": 0}}),
+    "SpendList": _object({
+        "success": {"const": True},
+        "data": {"type": "array", "items": _ref("SpendLine")},
+        "totalCostUsd": {**_USD, "minimum": 0,
+                         "description": "the lines' costs summed in micro-USD, then "
+                                        "converted"}}),
     "Plan": _object({"slug": {"type": "string"}, "name": {"type": "string"},
                      "priceUsdc": {"type": "string"},
                      "rateLimits": _object({"tpm_limit": _COUNT, "rpm_limit": _COUNT})}),
@@ -141,7 +156,8 @@ _REASONS = {
     413: "Request body too large",
     429: "Rate limit, budget or credits exhausted",
     502: "Usage data or upstream temporarily unavailable",
-    503: "Store or limiter temporarily unavailable",
+    503: "Store or limiter temporarily unavailable (for /api/spend: also the ledger "
+         "database, ledger_unavailable)",
 }
 
 
@@ -163,6 +179,15 @@ def _errors(*statuses: int) -> dict[str, Schema]:
 
 _KEY_ID = {"name": "keyId", "in": "path", "required": True,
            "schema": {"type": "string", "format": "uuid"}}
+_SPEND_PARAMETERS = [
+    {"name": "from", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "ISO 8601 date (00:00 UTC) or date-time (UTC without an offset); "
+                    "default: 30 days before `to`"},
+    {"name": "to", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "exclusive, same forms; default: now. At most 366 days after `from`"},
+    {"name": "group_by", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["key", "model", "day"], "default": "key"}},
+]
 _MGMT: list[Any] = [{"managementKey": []}]
 _CONSUMER: list[Any] = [{"consumptionKey": []}]
 
@@ -205,6 +230,12 @@ def document() -> dict[str, Any]:
             "One key of the account, same shape as a row of /api/usage (shares its limit)",
             {"200": _json(_ref("KeyUsageRow"), "The key's row", usage_headers),
              **_errors(400, 401, 404, 405, 429, 502)}, _MGMT, parameters=[_KEY_ID])},
+        "/api/spend": {"get": _op(
+            "The account's spend from the ledger over [from, to), by key, model or UTC day "
+            "(shares the /api/usage limit)",
+            {"200": _json(_ref("SpendList"), "One line per group, in group order",
+                          usage_headers),
+             **_errors(400, 401, 405, 429, 503)}, _MGMT, parameters=_SPEND_PARAMETERS)},
         "/api/plans": {"get": _op(
             "Plans with rate limits and prices (no authentication)",
             {"200": _json({"type": "array", "items": _ref("Plan")}, "The plan catalog")})},

@@ -117,15 +117,16 @@ async def test_rows_match_the_seed_field_for_field(store: Store, settings: Setti
         rows = {r["id"]: r for r in (await get(client, "/api/usage", mk)).json()["data"]}
         single = (await get(client, f"/api/usage/{sub_id}", mk)).json()
     sub, credit = rows[sub_id], rows[credit_id]
-    assert list(sub) == list(SEED_ROW)  # same fields, same order
-    assert shape(sub) == shape(SEED_ROW)
+    # The seed's fields in its order, then the lifetime spend added after them (issue 14).
+    assert list(sub) == [*SEED_ROW, "total_spent"]
+    assert shape({k: v for k, v in sub.items() if k != "total_spent"}) == shape(SEED_ROW)
     assert single == sub
     assert sub["plan"] == "pro" and sub["type"] == "subscription" and sub["isActive"] is True
     assert sub["subscription"]["status"] == "active"
     assert ISO_MS.match(sub["createdAt"]) and ISO_MS.match(sub["subscription"]["expiresAt"])
     assert credit["plan"] == "credits" and credit["type"] == "credit"
     assert "subscription" not in credit
-    assert list(credit) == [f for f in SEED_ROW if f != "subscription"]
+    assert list(credit) == [*(f for f in SEED_ROW if f != "subscription"), "total_spent"]
 
 
 async def test_expired_subscription_is_reported(store: Store, settings: Settings,
