@@ -26,6 +26,7 @@ from gateway.obs.logs import logging_config
 from gateway.obs.metrics import multiprocess_dir, serve_metrics
 from gateway.serve.cli_accounts import add_account_commands, plans
 from gateway.serve.cli_common import Parser, action, common_options, common_parent, emit
+from gateway.serve.cli_invoices import add_invoice_command
 from gateway.serve.cli_keys import add_key_commands
 from gateway.serve.cli_ledger import add_ledger_commands
 from gateway.store import Store, connect
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_account_commands(sub, common)
     add_key_commands(sub, common)
+    add_invoice_command(sub, common)
     add_ledger_commands(sub, common)
 
     config = sub.add_parser("config", help="check the configuration",
