@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.config import ledger as ledger_settings
 from gateway.config import settings as settings_module
 from gateway.config.settings import Settings
 from tests.conftest import RedisServer, free_port
@@ -148,14 +149,13 @@ def test_the_configuration_reference_lists_every_key_and_variable_with_its_defau
     reference = section("Configuration")
     keys = (set(settings_module._TOP_LEVEL) | settings_module._PLAN_FIELDS
             | settings_module._PRICING_FIELDS | settings_module._MODEL_FIELDS
-            | settings_module._ROUTE_FIELDS | {"url", "api_key", "continuous_usage",
-                                               "timings_per_token"}) - {"plans", "credit",
-                                                                        "pricing", "routes",
-                                                                        "upstream"}
+            | settings_module._ROUTE_FIELDS | set(ledger_settings._FIELDS)
+            | {"url", "api_key", "continuous_usage", "timings_per_token"}) - {
+                "plans", "credit", "pricing", "routes", "upstream", "ledger"}
     for key in sorted(keys):
         assert f"`{key}`" in reference or f" {key}`" in reference, f"{key} is not documented"
     for table in ("[plans.SLUG]", "[credit]", "[pricing]", "[pricing.models.", "[upstream]",
-                  "[routes."):
+                  "[routes.", "[ledger]"):
         assert table in reference, table
     source = "\n".join(p.read_text() for p in (ROOT / "gateway").rglob("*.py"))
     variables = set(re.findall(r"GATEWAY_[A-Z][A-Z_]*[A-Z]", source))
