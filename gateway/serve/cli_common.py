@@ -80,3 +80,10 @@ def postgres_url(args: argparse.Namespace, settings: Settings) -> str:
         raise ConfigError("no ledger database configured: pass --postgres URL or set "
                           "GATEWAY_POSTGRES_URL (or [ledger] postgres_url in the config)")
     return check_postgres_url(str(url))
+
+
+def usd_text(micro: int) -> str:
+    """Integer micro-USD as an exact decimal string with 6 decimals: 12345678 -> '12.345678'."""
+    sign = "-" if micro < 0 else ""
+    whole, fraction = divmod(abs(micro), 1_000_000)
+    return f"{sign}{whole}.{fraction:06d}"

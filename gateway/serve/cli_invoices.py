@@ -16,7 +16,7 @@ from gateway.config.settings import Settings
 from gateway.errors import ConfigError
 from gateway.http.admin import resolve_account
 from gateway.obs.logs import escape_control
-from gateway.serve.cli_common import emit, postgres_option, postgres_url
+from gateway.serve.cli_common import emit, postgres_option, postgres_url, usd_text
 from gateway.store import Store, connect
 
 if TYPE_CHECKING:
@@ -46,13 +46,6 @@ examples:
   gateway invoices --account 0b7e6a52-3c1f-4d7a-9f43-1c2d3e4f5a6b --month 2026-11
   gateway invoices --account acme --month 2026-11 --csv > acme-2026-11.csv
   gateway invoices --account acme --month 2026-11 --json --postgres postgresql://gw@db/ledger"""
-
-
-def usd_text(micro: int) -> str:
-    """Integer micro-USD as an exact decimal string with 6 decimals: 12345678 -> '12.345678'."""
-    sign = "-" if micro < 0 else ""
-    whole, fraction = divmod(abs(micro), 1_000_000)
-    return f"{sign}{whole}.{fraction:06d}"
 
 
 def month(text: str) -> tuple[datetime, datetime]:

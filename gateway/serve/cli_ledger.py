@@ -13,16 +13,10 @@ from typing import Any
 from gateway.config.settings import Settings
 from gateway.errors import ConfigError
 from gateway.http.admin import resolve_account
-from gateway.serve.cli_common import action, emit, postgres_option, postgres_url
+from gateway.serve.cli_common import action, emit, postgres_option, postgres_url, usd_text
 from gateway.store import Store
 
 log = logging.getLogger("gateway.ledger")
-
-
-def _usd(micro: int) -> str:
-    sign = "-" if micro < 0 else ""
-    whole, frac = divmod(abs(micro), 1_000_000)
-    return f"{sign}{whole}.{frac:06d}"
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings, store: Store | None) -> None:
@@ -96,8 +90,8 @@ def _count(n: int, noun: str) -> str:
 
 def _side_json(side: Any) -> dict[str, Any]:
     return {"scope": side.scope, "account_id": side.account_id, "key_id": side.key_id,
-            "redis_usd": _usd(side.redis_micro), "ledger_usd": _usd(side.ledger_micro),
-            "difference_usd": _usd(side.ledger_micro - side.redis_micro),
+            "redis_usd": usd_text(side.redis_micro), "ledger_usd": usd_text(side.ledger_micro),
+            "difference_usd": usd_text(side.ledger_micro - side.redis_micro),
             "stored_rows": side.stored_rows, "waiting_rows": side.waiting_rows,
             "ok": not side.differs, "note": side.note}
 
@@ -119,10 +113,10 @@ async def _reconcile(args: argparse.Namespace, settings: Settings, store: Store)
         who = (f"account {side.account_id}" if side.scope == "account"
                else f"  key {side.key_id}")
         verdict = ("ok" if not side.differs
-                   else f"DIFFERS by {_usd(side.ledger_micro - side.redis_micro)} USD")
-        lines.append(f"{who}: ledger {_usd(side.ledger_micro)} USD ({side.stored_rows} rows "
+                   else f"DIFFERS by {usd_text(side.ledger_micro - side.redis_micro)} USD")
+        lines.append(f"{who}: ledger {usd_text(side.ledger_micro)} USD ({side.stored_rows} rows "
                      f"stored, {side.waiting_rows} waiting in Redis), Redis "
-                     f"{_usd(side.redis_micro)} USD: {verdict}"
+                     f"{usd_text(side.redis_micro)} USD: {verdict}"
                      + (f" ({side.note})" if side.note else ""))
     keys = sum(s.scope == "key" for s in sides)
     summary = (f"{_count(len(reports), 'account')}, {_count(keys, 'key')}: "
