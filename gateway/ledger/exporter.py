@@ -208,9 +208,6 @@ class Exporter:
         while not stop.is_set():
             try:
                 await self.export_pending()
-                if self.clock() - last_lag >= lag_interval:
-                    await self.observe_lag()
-                    last_lag = self.clock()
                 if failing is not None:
                     log.warning("ledger export resumed after %s failed", failing)
                 failing, backoff = None, interval
@@ -220,6 +217,12 @@ class Exporter:
                     log.error("ledger export paused: %s failed (%s); retrying, nothing is "
                               "lost (entries wait in Redis)", side, exc)
                 failing, backoff = side, min(backoff * 2, max_backoff)
+            # The lag is measured whatever the export did: while PostgreSQL is away is when
+            # it grows, and when its alert must see it.
+            if self.clock() - last_lag >= lag_interval:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.observe_lag()
+                    last_lag = self.clock()
             await _wait(stop, backoff)
         await self._drop_connection()
 
