@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
 
 import psycopg
 
@@ -46,8 +47,28 @@ def _row(entry: LedgerEntry) -> tuple[object, ...]:
             from_us(entry.settled_us), ms, seq)
 
 
-def unavailable(exc: psycopg.Error) -> LedgerUnavailable:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _secrets(url: str) -> list[str]:
+    """What of `url` must never be shown: the URL itself, its password as written and
+    decoded, and any password option of its query. libpq quotes the raw text of a URL it
+    cannot parse (a '%' in a password, an unclosed '[')."""
+    found = [url]
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0] if "@" in rest else ""
+    password = userinfo.partition(":")[2]
+    found += [password, unquote(password)]
+    for name, _, value in (item.partition("=") for item in url.partition("?")[2].split("&")):
+        if "password" in name.lower() or "passfile" in name.lower():
+            found += [value, unquote(value)]
+    # Longest first, so a password inside the URL goes with the URL; very short strings
+    # would blank out ordinary words (such a password is no secret anyway).
+    return sorted({f for f in found if len(f) >= 3}, key=len, reverse=True)
+
+
+def unavailable(exc: psycopg.Error, url: str) -> LedgerUnavailable:
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    for secret in _secrets(url):
+        reason = reason.replace(secret, "***")
     return LedgerUnavailable(f"PostgreSQL: {reason}")
 
 
@@ -58,11 +79,11 @@ async def connection(url: str) -> AsyncIterator[psycopg.AsyncConnection[tuple[ob
     try:
         conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
     except psycopg.Error as exc:
-        raise unavailable(exc) from None
+        raise unavailable(exc, url) from None
     try:
         yield conn
     except psycopg.Error as exc:
-        raise unavailable(exc) from None
+        raise unavailable(exc, url) from None
     finally:
         with contextlib.suppress(psycopg.Error, OSError):
             await conn.close()

@@ -31,6 +31,7 @@ log = logging.getLogger("gateway.ledger")
 BATCH_ROWS = 1000  # most rows one transaction inserts
 READ_COUNT = 500  # most entries read from one stream at a time
 CONCURRENT_READS = 64  # streams read at once (one multiplexed connection)
+INSERT_TIMEOUT_SECONDS = 60.0  # one batch's connect, insert and commit
 MAX_BATCHES_PER_PASS = 50  # then the lag is measured, even under unending traffic
 
 
@@ -153,15 +154,33 @@ class Exporter:
             self._unacked = None
 
     async def _insert(self, entries: Sequence[LedgerEntry]) -> int:
+        # A server that stops answering (frozen, a dead peer behind a NAT) would hold the
+        # batch for ever, and the lag gauges with it: past the deadline its socket is closed
+        # under it (cancelling alone would wait for a rollback that never comes) and the
+        # batch is retried on a new connection.
+        task = asyncio.ensure_future(self._insert_now(entries))
+        done, _ = await asyncio.wait({task}, timeout=INSERT_TIMEOUT_SECONDS)
+        if not done:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.pgconn.finish()
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+            self.metrics.errors.labels("postgres").inc()
+            raise LedgerUnavailable(f"PostgreSQL: no answer within {INSERT_TIMEOUT_SECONDS:g} s "
+                                    "to the batch insert")
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self.url, connect_timeout=db.CONNECT_TIMEOUT_SECONDS)
-            return await db.insert(self._conn, entries)
+            return task.result()
         except psycopg.Error as exc:
             self.metrics.errors.labels("postgres").inc()
             await self._drop_connection()
-            raise db.unavailable(exc) from None
+            raise db.unavailable(exc, self.url) from None
+
+    async def _insert_now(self, entries: Sequence[LedgerEntry]) -> int:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.url, connect_timeout=db.CONNECT_TIMEOUT_SECONDS)
+        return await db.insert(self._conn, entries)
 
     async def close(self) -> None:
         await self._drop_connection()
@@ -169,8 +188,8 @@ class Exporter:
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await conn.close()
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                await asyncio.wait_for(conn.close(), 5)
 
     # -- lag ----------------------------------------------------------------------------
 
@@ -214,8 +233,8 @@ class Exporter:
             except (LedgerUnavailable, StoreUnavailable) as exc:
                 side = "PostgreSQL" if isinstance(exc, LedgerUnavailable) else "Redis"
                 if failing != side:
-                    log.error("ledger export paused: %s failed (%s); retrying, nothing is "
-                              "lost (entries wait in Redis)", side, exc)
+                    log.error("ledger export paused: %s failed (%s); retrying (entries wait "
+                              "in Redis, up to the stream cap)", side, exc)
                 failing, backoff = side, min(backoff * 2, max_backoff)
             # The lag is measured whatever the export did: while PostgreSQL is away is when
             # it grows, and when its alert must see it.

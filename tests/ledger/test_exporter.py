@@ -4,6 +4,7 @@ acknowledgement, PostgreSQL down under traffic, a corrupted side)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -194,3 +195,47 @@ async def test_reconcile_fails_on_either_side_corrupted(
     assert [(d.scope, d.ledger_micro - d.redis_micro) for d in
             await reconciled(store, ledger_url)] == [("account", -waiting[3].cost_micro),
                                                 ("key", -waiting[3].cost_micro)]
+
+
+async def test_a_frozen_postgres_is_given_up_on_and_the_batch_retried(
+        store: Store, settings: Settings, metrics: Metrics, ledger_url: str,
+        postgres_server: Any, exporters: list[Exporter],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from gateway.ledger import exporter as exporter_module
+    from tests.postgres import _children
+
+    settings = with_ledger(settings, ledger_url)
+    secret, _, _ = await new_key(store, settings, rpm=1000, tpm=10_000_000)
+    exporter = Exporter(LedgerStreams(store), ledger_url)
+    exporters.append(exporter)
+    await traffic(store, settings, metrics, [secret], 2)
+    assert await exporter.export_pending() == 2  # its connection is open now
+    await traffic(store, settings, metrics, [secret], 3)
+    monkeypatch.setattr(exporter_module, "INSERT_TIMEOUT_SECONDS", 1.0)
+    frozen = [postgres_server.process.pid, *_children(postgres_server.process.pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(LedgerUnavailable, match="no answer within 1 s"):
+            await asyncio.wait_for(exporter.export_pending(), 10)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert await exporter.export_pending() == 3  # the kept batch, on a new connection
+    assert await reconciled(store, ledger_url) == []
+
+
+async def test_postgres_errors_never_show_the_password(postgres_server: Any) -> None:
+    from gateway.ledger import db
+
+    port = postgres_server.url.rsplit(":", 1)[1].split("/")[0]
+    for url in (f"postgresql://u:Sup3r%ZZSecret@127.0.0.1:{port}/qa",  # libpq quotes it
+                "postgresql://u:Sup3rSecret@[::1:5/qa",  # the whole URL, quoted
+                f"postgresql://u@127.0.0.1:{port}/qa?password=Sup3rSecret&sslmode=bogus"):
+        with pytest.raises(LedgerUnavailable) as caught:
+            async with db.connection(url):
+                pass
+        assert "Sup3r" not in str(caught.value), str(caught.value)
