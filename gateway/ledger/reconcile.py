@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import psycopg
+
 from gateway.ledger import queries
 from gateway.store.ledger import LedgerEntry, LedgerState, LedgerStreams, stream_order
 
@@ -71,11 +73,14 @@ async def reconcile_account(streams: LedgerStreams, conn: queries.Connection,
     key_ids = await streams.key_ids(account_id)
     state: LedgerState = await streams.state(account_id, key_ids)
     waiting = await _waiting(streams, account_id, state.last_id)
-    already = await queries.stored(conn, [e.request_id for e in waiting])
-    waiting = [e for e in waiting if e.request_id not in already]
     # No stream at all (never, or Redis lost it): every stored row counts, so a loss shows.
     upto = stream_order(state.last_id) if state.last_id else None
-    stored = await queries.key_sums(conn, account_id, upto)
+    # Both reads from one snapshot (REPEATABLE READ, see reconcile()): an entry the exporter
+    # commits between them would otherwise count as waiting and as stored.
+    async with conn.transaction():
+        already = await queries.stored(conn, [e.request_id for e in waiting])
+        stored = await queries.key_sums(conn, account_id, upto)
+    waiting = [e for e in waiting if e.request_id not in already]
 
     waiting_by_key: dict[str, tuple[int, int]] = {}
     for entry in waiting:
@@ -104,7 +109,12 @@ async def reconcile_account(streams: LedgerStreams, conn: queries.Connection,
 async def reconcile(streams: LedgerStreams, conn: queries.Connection,
                     account_ids: Sequence[str] | None = None) -> list[AccountReport]:
     """Every account Redis knows (and any only the ledger knows), or the ones named."""
+    # Each account's PostgreSQL reads are one transaction of their own, begun after its
+    # Redis snapshot: none may sit in an implicit transaction begun earlier.
+    await conn.commit()
+    await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
     if account_ids is None:
-        known = set(await streams.accounts()) | set(await queries.accounts_in_ledger(conn))
-        account_ids = sorted(known)
+        async with conn.transaction():
+            in_ledger = await queries.accounts_in_ledger(conn)
+        account_ids = sorted(set(await streams.accounts()) | set(in_ledger))
     return [await reconcile_account(streams, conn, a) for a in account_ids]

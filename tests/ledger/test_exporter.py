@@ -239,3 +239,27 @@ async def test_postgres_errors_never_show_the_password(postgres_server: Any) -> 
             async with db.connection(url):
                 pass
         assert "Sup3r" not in str(caught.value), str(caught.value)
+
+
+async def test_reconcile_under_a_commit_between_its_reads_sees_no_false_difference(
+        store: Store, settings: Settings, metrics: Metrics, ledger_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exporter commits the waiting entries just after reconcile asked which of them
+    are stored (QA's race): they must not count both as waiting and as stored."""
+    settings = with_ledger(settings, ledger_url)
+    secret, _, account = await new_key(store, settings, rpm=1000, tpm=10_000_000)
+    await traffic(store, settings, metrics, [secret], 3)
+    waiting = await LedgerStreams(store).tail(account)
+    real_stored = queries.stored
+
+    async def stored_then_exporter_commits(conn: Any, request_ids: Any) -> set[str]:
+        found = await real_stored(conn, request_ids)
+        async with db.connection(ledger_url) as other:
+            await db.insert(other, waiting)
+        return found
+
+    monkeypatch.setattr(queries, "stored", stored_then_exporter_commits)
+    assert await reconciled(store, ledger_url) == []
+    monkeypatch.setattr(queries, "stored", real_stored)
+    assert await rows(ledger_url) == 3
+    assert await reconciled(store, ledger_url) == []
