@@ -75,7 +75,10 @@ def spend_query(query_string: bytes, now_us: int) -> SpendQuery:
         raise bad_request(f"group_by must be key, model or day, not {group_by[:40]!r}")
     end = (_moment(given["to"], "to") if "to" in given
            else _EPOCH + timedelta(microseconds=now_us))
-    start = _moment(given["from"], "from") if "from" in given else end - DEFAULT_SPAN
+    try:
+        start = _moment(given["from"], "from") if "from" in given else end - DEFAULT_SPAN
+    except OverflowError:  # 30 days before a `to` in the first month of year 1
+        raise bad_request("to is too early: give from as well") from None
     if start > end:
         raise bad_request("from must not be after to")
     if end - start > MAX_SPAN:

@@ -144,7 +144,11 @@ class JsonFormatter(logging.Formatter):
 
 # Control characters (a newline in a path, terminal escapes in a name) written as \xNN, so
 # that one request is one line and a terminal shows text, not what it would obey.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+# And what reorders or breaks a line without being a control character: the bidirectional
+# overrides and isolates, the directional marks, the line and paragraph separators.
+_CONTROL |= {c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                                        *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
 def escape_control(text: str) -> str:

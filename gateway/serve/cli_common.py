@@ -75,7 +75,10 @@ def postgres_option(parser: argparse.ArgumentParser) -> None:
 
 def postgres_url(args: argparse.Namespace, settings: Settings) -> str:
     """--postgres, else the configuration's; a ConfigError naming the three ways when none."""
-    url = getattr(args, "postgres", None) or settings.ledger.postgres_url
+    given = getattr(args, "postgres", None)
+    if given is not None and not given.strip():
+        raise ConfigError("--postgres is empty: give the ledger database's URL")
+    url = given or settings.ledger.postgres_url
     if not url:
         raise ConfigError("no ledger database configured: pass --postgres URL or set "
                           "GATEWAY_POSTGRES_URL (or [ledger] postgres_url in the config)")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from gateway.ledger.queries import InvoiceLine
 
 CSV_HEADER = ("key_id", "model", "requests", "prompt_tokens", "completion_tokens", "cost_usd")
-_MONTH = re.compile(r"(\d{4})-(\d{2})")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")  # ASCII digits: \d takes any script's
 # A spreadsheet runs a cell that starts with one of these as a formula; a model name is the
 # client's text, so such a cell is written with a leading apostrophe.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -60,19 +60,22 @@ def month(text: str) -> tuple[datetime, datetime]:
 
 
 async def _account_id(text: str, settings: Settings) -> str:
-    """An id as given (it needs no Redis: the ledger outlives a lost Redis); a name through
+    """An id as given (it needs no Redis: the ledger outlives a lost Redis; with Redis
+    configured, a mistyped id is refused rather than invoiced at zero); a name through
     Redis. Account names never look like ids (accounts create refuses that)."""
     try:
-        return str(uuid.UUID(text))
+        account_id = str(uuid.UUID(text))
     except ValueError:
-        pass
+        account_id = ""
+    if account_id and not settings.redis_url:
+        return account_id
     if not settings.redis_url:
         raise ConfigError(f"--account {text[:80]!r} is not an account id, and looking a name "
                           f"up needs Redis: pass --redis URL (or set GATEWAY_REDIS_URL), or "
                           f"give the account's id")
     store = connect(settings.redis_url, max(settings.redis_timeout_seconds, 2.0))
     try:
-        return await resolve_account(store, text, create=False)
+        return await resolve_account(store, account_id or text, create=False)
     finally:
         await store.close()
 
@@ -135,7 +138,9 @@ async def _invoices(args: argparse.Namespace, settings: Settings, store: Store |
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(CSV_HEADER)
         for line in lines:
-            writer.writerow([line.key_id, _cell(line.model), line.requests, line.prompt_tokens,
+            # Client text: no terminal escape or line break reaches whoever cats the file.
+            writer.writerow([line.key_id, _cell(escape_control(line.model)), line.requests,
+                             line.prompt_tokens,
                              line.completion_tokens, usd_text(line.cost_micro)])
         return
     doc = {"account_id": account_id, "month": label, "lines": [_line_json(li) for li in lines],

@@ -172,6 +172,8 @@ async def test_the_default_window_is_the_last_30_days(
     ("?group_by=week", "group_by"),
     ("?group_by=", "group_by"),
     ("?group_by=KEY", "group_by"),
+    ("?to=0001-01-05", "to is too early"),  # the default from would be before year 1 (QA)
+    ("?to=0001-01-01T00:00:00%2B00:00", "to is too early"),
 ])
 async def test_bad_parameters_are_400_naming_them_and_cost_nothing(
         store: Store, settings: Settings, metrics: Metrics, postgres_url: str, query: str,
