@@ -5,12 +5,17 @@ uvicorn on loopback in front of the mock upstream. Clients drive chats, streams,
 embeddings, unknown keys, rate-limit rejections and mid-stream disconnects over many keys and
 accounts; the append-only redis-server is stopped and started again in the middle. Then the
 invariants of DESIGN.md are checked against what the clients saw.
+
+The replicas keep the spend ledger (issue 14): an exporter runs beside them all along, across
+the restart, into a PostgreSQL of the test's own; at the end every settled request is one
+row, per key, and reconcile finds no difference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections import defaultdict
@@ -22,11 +27,16 @@ import httpx
 import orjson
 from prometheus_client import CollectorRegistry
 
+from gateway.config.ledger import LedgerSettings
 from gateway.config.settings import Price, Settings
 from gateway.demo.mock_upstream import MockUpstream
 from gateway.http.middleware import GatewayMiddleware
+from gateway.ledger import db
+from gateway.ledger.exporter import Exporter
+from gateway.ledger.reconcile import reconcile
 from gateway.obs.metrics import Metrics
-from gateway.store import Store, connect
+from gateway.store import Names, Store, connect
+from gateway.store.ledger import LedgerStreams
 from tests.conftest import RedisServer, bearer, new_key, serving
 from tests.redis_inspect import redis_of
 
@@ -132,14 +142,22 @@ async def _make_keys(store: Store) -> list[Key]:
     return keys
 
 
-async def test_soak_with_a_redis_restart(tmp_path: Path) -> None:
+async def test_soak_with_a_redis_restart(tmp_path: Path, postgres_url: str) -> None:
+    async with db.connection(postgres_url) as conn:
+        await db.migrate(conn)
     server = RedisServer(tmp_path, appendonly=True)
     server.start()
     admin = connect(server.url, 5.0)
     registries = [CollectorRegistry(), CollectorRegistry()]
     upstream = MockUpstream(chunk_delay=0.005)
-    gateways = [GatewayMiddleware(upstream, settings=SETTINGS, store=connect(server.url, 0.5),
+    settings = dataclasses.replace(SETTINGS, ledger=LedgerSettings(postgres_url))
+    gateways = [GatewayMiddleware(upstream, settings=settings, store=connect(server.url, 0.5),
                                   metrics=Metrics.create(r)) for r in registries]
+    exporter_store = connect(server.url, 0.5)
+    exporter = Exporter(LedgerStreams(exporter_store), postgres_url)
+    stop_exporting = asyncio.Event()
+    exporting = asyncio.ensure_future(exporter.run(stop_exporting, interval=0.05,
+                                                   lag_interval=0.5, max_backoff=0.2))
     try:
         keys = await _make_keys(admin)
         tally = Tally()
@@ -169,8 +187,17 @@ async def test_soak_with_a_redis_restart(tmp_path: Path) -> None:
             assert restarted
             for gateway in gateways:
                 await gateway.drain()
+        stop_exporting.set()
+        await exporting
+        # It exported all along (the restart in the middle paused it, no more).
+        assert exporter.totals.exported > 100, exporter.totals
         await _check(admin, keys, tally, registries, elapsed)
+        await _check_ledger(admin, exporter, postgres_url, keys, registries)
     finally:
+        stop_exporting.set()
+        await exporting
+        await exporter.close()
+        await exporter_store.close()
         for gateway in gateways:
             await gateway.store.close()
         await admin.close()
@@ -211,3 +238,37 @@ async def _check(store: Store, keys: list[Key], tally: Tally,
         balance = (await store.get_account(account_id)).credits
         assert balance == 3_000 - spent
         assert balance > -max(k.max_cost for k in keys)
+
+
+async def _check_ledger(store: Store, exporter: Exporter, url: str, keys: list[Key],
+                        registries: list[CollectorRegistry]) -> None:
+    """Each settled request is one row: every request answered 200 was admitted and settled
+    (with its actual usage, or for a client gone mid-stream with what it was sent), and none
+    fell back to the admission-time estimate (that one would have no entry: _check asserts
+    there were none). Releases of admissions whose answer was lost append nothing."""
+    deadline = time.monotonic() + 30
+    while True:
+        await exporter.export_pending()
+        if await exporter.observe_lag() == 0:
+            break
+        assert time.monotonic() < deadline, "the ledger's lag never reached 0"
+    fell_back = _metric(registries, "gateway_settlements_total", outcome="failed")
+    settled = sum(k.admitted for k in keys) - int(fell_back)
+    async with db.connection(url) as conn:
+        cur = await conn.execute("SELECT key_id, count(*), count(DISTINCT request_id) "
+                                 "FROM ledger_entries GROUP BY key_id")
+        per_key = {str(k): (int(n), int(d)) for k, n, d in await cur.fetchall()}  # type: ignore[call-overload]
+        reports = await reconcile(LedgerStreams(store), conn)
+    assert sum(n for n, _ in per_key.values()) == settled
+    assert {k: n for k, (n, d) in per_key.items() if n != d} == {}
+    assert {k.id: per_key.get(k.id, (0, 0))[0] for k in keys} == {
+        k.id: k.admitted for k in keys}
+    # Nothing appended twice to Redis either (a replayed settlement would append a second
+    # entry with the same request id, which PostgreSQL would then keep once).
+    appended = 0
+    for account_id in {k.account for k in keys}:
+        info = await redis_of(store).xinfo_stream(Names.ledger(account_id))
+        appended += int(info["entries-added"])
+    assert appended == settled
+    assert [d for r in reports for d in r.differences] == []
+    assert len(reports) == len({k.account for k in keys})
