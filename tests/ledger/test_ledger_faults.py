@@ -420,9 +420,6 @@ async def test_exporter_sigkilled_under_traffic_loses_and_doubles_nothing(
     assert exporter.starts == 7 and "ledger export stopped" in exporter.log()
 
 
-@pytest.mark.xfail(strict=True, reason="Exporter.run() measures the lag only after a pass "
-                   "that succeeded: while PostgreSQL is away the gauges freeze (reported to "
-                   "the lead with a fix; remove this mark with it)")
 async def test_postgres_stopped_under_traffic_then_back(
         upstream: Process, redis: RedisServer, admin: Store, ledger: str, tmp_path: Path,
         postgres_server: Any, started: list[Any]) -> None:
