@@ -223,26 +223,28 @@ class Exporter:
         per outage), never given up on."""
         backoff = interval
         failing: str | None = None
-        last_lag = -lag_interval
+        next_export = next_lag = self.clock()
         while not stop.is_set():
-            try:
-                await self.export_pending()
-                if failing is not None:
-                    log.warning("ledger export resumed after %s failed", failing)
-                failing, backoff = None, interval
-            except (LedgerUnavailable, StoreUnavailable) as exc:
-                side = "PostgreSQL" if isinstance(exc, LedgerUnavailable) else "Redis"
-                if failing != side:
-                    log.error("ledger export paused: %s failed (%s); retrying (entries wait "
-                              "in Redis, up to the stream cap)", side, exc)
-                failing, backoff = side, min(backoff * 2, max_backoff)
-            # The lag is measured whatever the export did: while PostgreSQL is away is when
-            # it grows, and when its alert must see it.
-            if self.clock() - last_lag >= lag_interval:
+            if self.clock() >= next_export:
+                try:
+                    await self.export_pending()
+                    if failing is not None:
+                        log.warning("ledger export resumed after %s failed", failing)
+                    failing, backoff = None, interval
+                except (LedgerUnavailable, StoreUnavailable) as exc:
+                    side = "PostgreSQL" if isinstance(exc, LedgerUnavailable) else "Redis"
+                    if failing != side:
+                        log.error("ledger export paused: %s failed (%s); retrying (entries "
+                                  "wait in Redis, up to the stream cap)", side, exc)
+                    failing, backoff = side, min(backoff * 2, max_backoff)
+                next_export = self.clock() + backoff
+            # The lag is measured on its own clock, backing off or not: while PostgreSQL is
+            # away is when it grows, and when its alert must see it.
+            if self.clock() >= next_lag:
                 with contextlib.suppress(StoreUnavailable):
                     await self.observe_lag()
-                    last_lag = self.clock()
-            await _wait(stop, backoff)
+                next_lag = self.clock() + lag_interval
+            await _wait(stop, max(0.0, min(next_export, next_lag) - self.clock()))
         await self._drop_connection()
 
 
