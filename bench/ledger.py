@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for service in reversed(services):
             service.stop()
         pg.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
