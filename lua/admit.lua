@@ -18,14 +18,19 @@
 -- ARGV[8] = reservation time to live, seconds
 -- ARGV[9] = 'clamp' to lower the bound to what the budget and credits can pay,
 --           'reject' to refuse a request they cannot pay in full
--- ARGV[10...] = the plans' limits, in threes: slug, rpm, tpm (slug '' for credit keys).
---           A key without its own rpm or tpm (the field empty) follows its plan's here,
---           so a plan edited in the config reaches every key on it.
+-- ARGV[10] = the model the request asks for; '\1' when an inference request names none
+--           (only a '*' pattern allows it); '' for a keyed request that is not inference
+--           (no model to check)
+-- ARGV[11...] = the plans, in fours: slug, rpm, tpm, models (slug '' for credit keys;
+--           models: names or 'prefix*' patterns joined by commas, '' for any model).
+--           A key without its own rpm, tpm or models (the field empty) follows its plan's
+--           here, so a plan edited in the config reaches every key on it.
 -- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
 --          tpm_reset_us, retry_after_us, plan, key_type, per_sequence}
 --   code (AdmitCode in gateway/store/codes.py): 0 admitted, 1 unknown key, 2 deactivated,
 --         3 subscription expired, 4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted,
---         7 credits exhausted, 8 plan unknown (not among ARGV[10...])
+--         7 credits exhausted, 8 plan unknown (not among ARGV[11...]),
+--         9 model not allowed (ARGV[10] matches none of the key's or its plan's models)
 --   retry_after_us is -1 when no wait helps.
 --   per_sequence: the completion bound admitted (ARGV[3], or less when clamped); the
 --   caller writes it into the forwarded request, so the upstream cannot generate more.
@@ -37,7 +42,7 @@ local WINDOW = 60000000 -- token buckets refill completely in one minute (micros
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
   'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at',
-  'rpm_rate', 'tpm_rate')
+  'rpm_rate', 'tpm_rate', 'models')
 if not rec[1] or rec[1] ~= ARGV[1] then
   return {1, 0, 0, 0, 0, 0, 0, -1, '', '', 0}
 end
@@ -50,10 +55,13 @@ local sequences = tonumber(ARGV[4])
 local cost = tonumber(ARGV[5])
 local key_type, plan = rec[3], rec[4]
 local rpm, tpm = tonumber(rec[6]), tonumber(rec[7])
-if not rpm or not tpm then
-  for i = 10, #ARGV - 2, 3 do
+local models = rec[16]
+if models == '' then models = false end
+if not rpm or not tpm or not models then
+  for i = 11, #ARGV - 3, 4 do
     if ARGV[i] == plan then
       rpm, tpm = rpm or tonumber(ARGV[i + 1]), tpm or tonumber(ARGV[i + 2])
+      models = models or ARGV[i + 3]
       break
     end
   end
@@ -85,6 +93,20 @@ end
 if rec[2] ~= '1' then return reply(2, rpm_tat, tpm_tat, -1) end
 if key_type == 'subscription' and rec[5] ~= '' and now >= tonumber(rec[5]) then
   return reply(3, rpm_tat, tpm_tat, -1)
+end
+
+-- The models the key (or its plan) allows: exact names or 'prefix*'; none listed, any.
+if models and models ~= '' and ARGV[10] ~= '' then
+  local asked, allowed = ARGV[10], false
+  for pattern in string.gmatch(models, '[^,]+') do
+    if string.byte(pattern, -1) == 42 then  -- '*'
+      allowed = string.sub(asked, 1, #pattern - 1) == string.sub(pattern, 1, -2)
+    else
+      allowed = asked == pattern
+    end
+    if allowed then break end
+  end
+  if not allowed then return reply(9, rpm_tat, tpm_tat, -1) end
 end
 
 -- Lazy, exact budget rollover: advance resets_at by whole durations from its anchor.

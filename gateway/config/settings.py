@@ -11,6 +11,7 @@ from typing import Any
 from gateway.config.ledger import LedgerSettings, ledger_from_config
 from gateway.config.levels import check_format, check_level
 from gateway.config.limits import Deadlines, RunningUsage, ServerLimits
+from gateway.config.plans import DEFAULT_PLANS, PLAN_FIELDS, Plan, plans_from_config
 from gateway.config.routes import DEFAULT_PUBLIC_PATHS, Kind, Route, default_routes
 from gateway.config.units import (
     DEFAULT_REQUEST_PRICE,
@@ -22,22 +23,12 @@ from gateway.config.units import (
     check_positive,
     check_rate,
     check_seconds,
-    check_slug,
     check_table,
     check_text,
     check_token,
     usd_to_micro,
 )
 from gateway.errors import ConfigError
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    slug: str
-    name: str
-    price_usdc: str
-    rpm: int
-    tpm: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +69,7 @@ _TOP_LEVEL = frozenset({
     "keep_alive_timeout", "shutdown_timeout", "auth_cache_seconds", "api_plan_keys",
     "max_keys_per_account", "metrics_host", "metrics_port", "metrics_token", "log_level",
     "log_format", "admin_token_file", "ledger"})
-_PLAN_FIELDS = frozenset({"name", "price_usdc", "rpm", "tpm"})
+_PLAN_FIELDS = PLAN_FIELDS
 _PRICING_FIELDS = frozenset({"default", "models", "per_request", "unknown_models"})
 
 
@@ -143,12 +134,6 @@ def _admin_token(env: Mapping[str, str], data: Mapping[str, Any]) -> str | None:
     return check_token(token, where)
 
 
-DEFAULT_PLANS = {
-    "standard": Plan("standard", "Standard", "20", 60, 3333),
-    "pro": Plan("pro", "Pro", "60", 200, 13333),
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str | None = None
@@ -194,8 +179,9 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)  # [ledger]
     highest_price: Price = field(init=False, repr=False, compare=False)
-    # What admission needs to know of the plans, flat: slug, rpm, tpm, slug, ... (the credit
-    # limits under the slug ""), for keys that follow their plan (lua/admit.lua ARGV[10...]).
+    # What admission needs to know of the plans, flat: slug, rpm, tpm, models (joined by
+    # commas; "" any), slug, ... (the credit limits under the slug ""), for keys that follow
+    # their plan (lua/admit.lua ARGV[11...]).
     plan_limits: tuple[str | int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -203,8 +189,8 @@ class Settings:
                            highest([self.default_price, *self.model_prices.values()]))
         flat: list[str | int] = []
         for plan in self.plans.values():
-            flat += [plan.slug, plan.rpm, plan.tpm]
-        flat += ["", self.credit_rpm, self.credit_tpm]
+            flat += [plan.slug, plan.rpm, plan.tpm, ",".join(plan.models)]
+        flat += ["", self.credit_rpm, self.credit_tpm, ""]
         object.__setattr__(self, "plan_limits", tuple(flat))
 
     def limits_for(self, plan: str, rpm: int | None, tpm: int | None) -> tuple[int, int]:
@@ -218,6 +204,13 @@ class Settings:
         else:
             base = (self.credit_rpm, self.credit_tpm)
         return (base[0] if rpm is None else rpm), (base[1] if tpm is None else tpm)
+
+    def models_for(self, plan: str, own: tuple[str, ...] | None) -> tuple[str, ...]:
+        """A key's allowed models: its own where it has them, else its plan's; () any."""
+        if own is not None:
+            return own
+        found = self.plans.get(plan) if plan else None
+        return found.models if found else ()
 
     def price_for(self, model: object) -> Price:
         """The price of what was served: the model the upstream reports (the default price
@@ -268,23 +261,7 @@ class Settings:
         fail_mode = env.get("GATEWAY_FAIL_MODE") or data.get("fail_mode", "closed")
         if fail_mode not in ("closed", "open"):
             raise ConfigError(f"fail_mode must be 'closed' or 'open', got {fail_mode!r}")
-        # Plans given in the config replace the built-in ones (a built-in slug named there
-        # keeps its built-in values for the fields it leaves out).
-        plan_tables = check_table(data.get("plans"), "plans")
-        plans = {} if plan_tables else dict(DEFAULT_PLANS)
-        for slug, raw in plan_tables.items():
-            if not isinstance(raw, Mapping):
-                raise ConfigError(f"[plans.{slug}] must be a table")
-            check_known(raw, _PLAN_FIELDS, f"[plans.{slug}]")
-            check_slug(slug)
-            base = DEFAULT_PLANS.get(slug)
-            plans[slug] = Plan(
-                slug=slug,
-                name=str(raw.get("name", base.name if base else slug.title())),
-                price_usdc=str(raw.get("price_usdc", base.price_usdc if base else "0")),
-                rpm=check_rate(raw.get("rpm", base.rpm if base else None), f"plans.{slug}.rpm"),
-                tpm=check_rate(raw.get("tpm", base.tpm if base else None), f"plans.{slug}.tpm"),
-            )
+        plans = plans_from_config(check_table(data.get("plans"), "plans"))
         credit = check_table(data.get("credit"), "credit")
         check_known(credit, ("rpm", "tpm"), "[credit]")
         pricing = check_table(data.get("pricing"), "pricing")

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.config.plans import parse_models
 from gateway.config.settings import Settings
 from gateway.config.units import (
     check_rate,
@@ -33,6 +34,7 @@ class KeySpec:
     budget_duration: str = "30d"
     expires_at: str | None = None
     expires_in: str | None = None
+    models: str | None = None  # the key's own allowed models, "a,qwen*"; None: its plan's
 
 
 MAX_NAME_LENGTH = 200
@@ -102,12 +104,13 @@ async def create_key(store: Store, settings: Settings, account_id: str,
         raise ConfigError("credit keys do not expire; expiry applies to plan keys")
     if expires_at is not None and expires_at <= await store.now_us():  # Redis time
         raise ConfigError(f"expires_at {spec.expires_at!r} is in the past")
+    models = None if spec.models is None else parse_models(spec.models)
     secret = new_consumption_secret()
     record = await store.create_key(
         account_id=account_id, name=spec.name, key_type=key_type, plan=slug, rpm=rpm, tpm=tpm,
         budget_limit=budget, budget_duration=duration, expires_at_us=expires_at,
         expires_in_seconds=expires_in, secret_hash=hash_secret(secret),
-        max_keys=settings.max_keys_per_account)
+        max_keys=settings.max_keys_per_account, models=models)
     return record, secret
 
 
@@ -124,8 +127,11 @@ def key_json(record: KeyRecord, settings: Settings,
         "plan": record.plan or None,
         "is_active": record.active,
         "rate_limits": {"rpm": rpm, "tpm": tpm},
+        # The models it may ask for (names or "prefix*"); [] means any.
+        "models": list(settings.models_for(record.plan, record.models)),
         # The key's own limits; null: it follows its plan's (or [credit]'s).
-        "overrides": {"rpm": record.rpm, "tpm": record.tpm},
+        "overrides": {"rpm": record.rpm, "tpm": record.tpm,
+                      "models": None if record.models is None else list(record.models)},
         "budget": {
             "limit": None if record.budget_limit is None else micro_to_usd(record.budget_limit),
             "duration": format_duration(record.budget_duration),

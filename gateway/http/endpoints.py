@@ -57,7 +57,9 @@ class Endpoints:
         self.resolver = resolver
         self.plans_body = orjson.dumps([
             {"slug": p.slug, "name": p.name, "priceUsdc": p.price_usdc,
-             "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm}}
+             "rateLimits": {"tpm_limit": p.tpm, "rpm_limit": p.rpm},
+             # Beyond the seed's fields: the models a key on the plan may ask for ([]: any).
+             "models": list(p.models)}
             for p in settings.plans.values()
         ])
         self.management = Management(store, settings, verifier)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.config.plans import parse_models
 from gateway.config.settings import Settings
 from gateway.config.units import check_rate, parse_duration, usd_to_micro
 from gateway.core.keys import hash_secret, new_consumption_secret
@@ -31,6 +32,16 @@ class ChangeSpec:
     expires_at: str | None = None
     expires_in: str | None = None
     active: bool | None = None
+    models: str | None = None  # "a,qwen*", or "plan"
+
+
+def _models(text: str | None) -> str | None:
+    """The key's own models (names or 'prefix*', comma-separated; '*' any), or FOLLOW_PLAN."""
+    if text is None:
+        return None
+    if text.strip().lower() in FOLLOW_WORDS:
+        return FOLLOW_PLAN
+    return parse_models(text)
 
 
 def _limit(text: str | None, what: str) -> int | str | None:
@@ -87,10 +98,10 @@ async def key_change(store: Store, settings: Settings, record: KeyRecord,
                          else parse_duration(spec.budget_duration)),
         expires_at_us=expires_at,
         expires_in_seconds=None if spec.expires_in is None else parse_duration(spec.expires_in),
-        active=spec.active)
+        active=spec.active, models=_models(spec.models))
     if change.is_empty():
         raise ConfigError("nothing to change: give at least one of name, plan, rpm, tpm, "
-                          "budget, budget_duration, expires_at, expires_in")
+                          "budget, budget_duration, expires_at, expires_in, models")
     return change
 
 

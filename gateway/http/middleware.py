@@ -39,6 +39,7 @@ from gateway.obs.logs import RequestRecord, log_request
 from gateway.obs.metrics import Metrics, default_metrics, rejection_reason
 from gateway.store import Ask, Decision, Store, connect
 from gateway.store.embedded import embedded_store
+from gateway.store.records import NO_MODEL
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway")
@@ -293,7 +294,7 @@ class GatewayMiddleware:
         ask = Ask(bound.prompt_tokens, bound.per_sequence, bound.sequences,
                   price.cost_micro(bound.prompt_tokens, bound.completion_tokens) + extra,
                   price.prompt_micro(bound.prompt_tokens) + extra, price.output,
-                  settings.on_insufficient == "clamp")
+                  settings.on_insufficient == "clamp", bound.model or NO_MODEL)
         return ask, bound
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -18,6 +18,10 @@ def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+# Allowed models: exact names or "prefix*"; empty: any model.
+_MODELS: Schema = {"type": "array", "items": {"type": "string"}}
+
+
 def _object(properties: dict[str, Schema], required: list[str] | None = None,
             closed: bool = True) -> Schema:
     schema: Schema = {"type": "object", "properties": properties,
@@ -92,7 +96,8 @@ _SCHEMAS: dict[str, Schema] = {
                                         "converted"}}),
     "Plan": _object({"slug": {"type": "string"}, "name": {"type": "string"},
                      "priceUsdc": {"type": "string"},
-                     "rateLimits": _object({"tpm_limit": _COUNT, "rpm_limit": _COUNT})}),
+                     "rateLimits": _object({"tpm_limit": _COUNT, "rpm_limit": _COUNT}),
+                     "models": _MODELS}),
     "Key": _object({
         "id": {"type": "string", "format": "uuid"},
         "key": {"type": "string", "pattern": "^sk_live_[0-9A-Za-z]{32,}$",
@@ -104,7 +109,9 @@ _SCHEMAS: dict[str, Schema] = {
         "is_active": {"type": "boolean"},
         "rate_limits": _object({"rpm": _COUNT, "tpm": _COUNT}),
         # the key's own limits; null: it follows its plan's
-        "overrides": _object({"rpm": _NULLABLE_COUNT, "tpm": _NULLABLE_COUNT}),
+        "models": _MODELS,
+        "overrides": _object({"rpm": _NULLABLE_COUNT, "tpm": _NULLABLE_COUNT,
+                              "models": {"type": ["array", "null"], "items": {"type": "string"}}}),
         "budget": _object({"limit": {"type": ["number", "null"]},
                            "duration": {"type": "string"}, "spent": _USD,
                            "resets_at": _TIME}),
@@ -113,7 +120,7 @@ _SCHEMAS: dict[str, Schema] = {
         "created_at": _TIME,
         "deleted_at": _NULLABLE_TIME,
     }, required=["id", "name", "type", "account_id", "plan", "is_active", "rate_limits",
-                 "overrides", "budget", "total_spent", "expires_at", "created_at",
+                 "models", "overrides", "budget", "total_spent", "expires_at", "created_at",
                  "deleted_at"]),
     "KeyWithSecret": {"allOf": [_ref("Key"), {"required": ["key"]}]},
     "KeyCreate": _object({

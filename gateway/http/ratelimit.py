@@ -15,6 +15,7 @@ RPM_EXHAUSTED, TPM_EXHAUSTED, BUDGET_EXHAUSTED, CREDITS_EXHAUSTED = (
     int(AdmitCode.RPM_EXHAUSTED), int(AdmitCode.TPM_EXHAUSTED),
     int(AdmitCode.BUDGET_EXHAUSTED), int(AdmitCode.CREDITS_EXHAUSTED))
 PLAN_UNKNOWN = int(AdmitCode.PLAN_UNKNOWN)
+MODEL_NOT_ALLOWED = int(AdmitCode.MODEL_NOT_ALLOWED)
 
 
 def format_reset(micros: int) -> str:
@@ -74,6 +75,10 @@ def rejection(d: Decision) -> Rejected:
         return Rejected(403, "plan_unavailable",
                         f"This key's plan {d.plan!r} is not offered any more; "
                         f"contact the operator.", "permission_error", headers)
+    if d.code == MODEL_NOT_ALLOWED:
+        return Rejected(403, "model_not_allowed",
+                        "This key's plan does not include the model asked for (or the request "
+                        "names none).", "permission_error", headers)
     if d.code == BUDGET_EXHAUSTED:
         return Rejected(429, "budget_exceeded", "The key's budget for this period is exhausted.",
                         "insufficient_quota", headers)

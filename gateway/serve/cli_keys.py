@@ -47,7 +47,7 @@ async def _create(args: argparse.Namespace, settings: Settings, store: Store) ->
     account_id = await resolve_account(store, args.account)
     spec = KeySpec(name=args.name, plan=args.plan, credit=args.credit, rpm=args.rpm,
                    tpm=args.tpm, budget_usd=args.budget, budget_duration=args.budget_duration,
-                   expires_at=args.expires_at, expires_in=args.expires_in)
+                   expires_at=args.expires_at, expires_in=args.expires_in, models=args.models)
     record, secret = await create_key(store, settings, account_id, spec)
     _show(args, settings, record, secret)
 
@@ -71,7 +71,8 @@ async def _set_active(args: argparse.Namespace, settings: Settings, store: Store
 async def _update(args: argparse.Namespace, settings: Settings, store: Store) -> None:
     spec = ChangeSpec(name=args.name, plan=args.plan, rpm=args.rpm, tpm=args.tpm,
                       budget=args.budget, budget_duration=args.budget_duration,
-                      expires_at=args.expires_at, expires_in=args.expires_in)
+                      expires_at=args.expires_at, expires_in=args.expires_in,
+                      models=args.models)
     _show(args, settings, await update_key(store, settings, args.key_id, spec))
 
 
@@ -111,6 +112,9 @@ def add_key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         "(default: follow the plan's)")
     create.add_argument("--budget", metavar="USD", help="spend limit per budget period "
                         "(default: none)")
+    create.add_argument("--models", metavar="A,B*",
+                        help="the models the key may ask for (names or 'prefix*', comma-"
+                             "separated; '*' any; default: follow the plan's)")
     create.add_argument("--budget-duration", default="30d", metavar="DURATION",
                         help="budget period: a number with s, m, h or d (default 30d)")
     expiry = create.add_mutually_exclusive_group()
@@ -146,6 +150,9 @@ def add_key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     update.add_argument("--tpm", metavar="N|plan",
                         help="the key's own tokens per minute, or 'plan' to follow the plan's")
     update.add_argument("--budget", metavar="USD|none", help="spend limit per period, or none")
+    update.add_argument("--models", metavar="A,B*|plan",
+                        help="the models the key may ask for (names or 'prefix*', comma-"
+                             "separated; '*' any), or 'plan' to follow the plan's")
     update.add_argument("--budget-duration", metavar="DURATION",
                         help="a new budget period; the period restarts now, spent carries on")
     expiry = update.add_mutually_exclusive_group()

@@ -86,6 +86,7 @@ class Administration(HotPath):
         tpm: int | None,
         budget_limit: int | None, budget_duration: int, expires_at_us: int | None,
         expires_in_seconds: int | None, secret_hash: str, max_keys: int = 100,
+        models: str | None = None,
     ) -> KeyRecord:
         await self.get_account(account_id)
         now = await self.now_us()
@@ -108,6 +109,8 @@ class Administration(HotPath):
             "budget_limit": "" if budget_limit is None else budget_limit,
             "budget_duration": budget_duration, "spent": 0,
             "resets_at": now + budget_duration * 1_000_000, "total_spent": 0,
+            # No models of its own (''): the plan's list decides (lua/admit.lua).
+            "models": models or "",
         }
         await self._hset(Names.key(account_id, key_id), record)
         await self._cmd("SET", Names.key_index(key_id), account_id)

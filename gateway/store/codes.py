@@ -18,6 +18,7 @@ class AdmitCode(IntEnum):
     BUDGET_EXHAUSTED = 6
     CREDITS_EXHAUSTED = 7
     PLAN_UNKNOWN = 8
+    MODEL_NOT_ALLOWED = 9
 
 
 class UsageCode(IntEnum):

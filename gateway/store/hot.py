@@ -53,7 +53,7 @@ class HotPath(StoreBase):
         keys = [names.key, names.account, names.reservation_prefix + request_id]
         args = [secret_hash, ask.prompt_tokens, ask.per_sequence, ask.sequences, ask.cost,
                 ask.prompt_cost, ask.output_price, RESERVATION_TTL_SECONDS,
-                "clamp" if ask.clamp else "reject", *plan_limits]
+                "clamp" if ask.clamp else "reject", ask.model, *plan_limits]
         raw = await self._evalsha(self._admit, keys, args)
         n = [int(v) for v in raw[:8]]
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),

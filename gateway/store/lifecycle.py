@@ -32,6 +32,7 @@ class KeyChange:
     expires_in_seconds: int | None = None
     renew_seconds: int | None = None
     active: bool | None = None
+    models: str | None = None  # patterns joined by commas, or FOLLOW_PLAN
 
     def fields(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -50,6 +51,8 @@ class KeyChange:
             out["expires_at"] = str(self.expires_at_us)
         if self.active is not None:
             out["active"] = "1" if self.active else "0"
+        if self.models is not None:
+            out["models"] = "" if self.models == FOLLOW_PLAN else self.models
         return out
 
     def is_empty(self) -> bool:

@@ -25,6 +25,7 @@ class SpendDetail:
 
 
 NO_DETAIL = SpendDetail()
+NO_MODEL = "\x01"  # never a model name (those are printable): only a '*' pattern allows it
 
 
 @dataclass(slots=True)
@@ -38,6 +39,9 @@ class Ask:
     prompt_cost: int  # micro-USD of the prompt alone
     output_price: int  # micro-USD per million completion tokens
     clamp: bool = True  # lower the bound to what can be paid, rather than refuse
+    # The model asked for, checked against the key's or its plan's models: NO_MODEL for an
+    # inference request that names none, "" for a keyed request that is not inference.
+    model: str = ""
 
     @classmethod
     def flat(cls, tokens: int, cost: int) -> Ask:
@@ -117,6 +121,7 @@ class KeyRecord:
     resets_at_us: int
     total_spent: int
     deleted_at_us: int | None = None  # deleted keys keep their record for their history
+    models: tuple[str, ...] | None = None  # the key's own allowed models; None: its plan's
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,7 @@ def _key_record(raw: dict[Any, Any]) -> KeyRecord:
         budget_duration=int(f["budget_duration"]), spent=int(f["spent"]),
         resets_at_us=int(f["resets_at"]), total_spent=int(f.get("total_spent", "0")),
         deleted_at_us=_optional_int(f.get("deleted_at")),
+        models=tuple(f["models"].split(",")) if f.get("models") else None,
     )
 
 

@@ -117,7 +117,7 @@ def test_every_429_documents_retry_after_and_the_rate_headers() -> None:
                   "key": {"name": "k", "type": "credit",
                           "created_at": "2026-01-01T00:00:00.000Z"}}),
     ("Plan", {"slug": "pro", "name": "Pro", "priceUsdc": "60",
-              "rateLimits": {"tpm_limit": 1, "rpm_limit": 1}}),
+              "rateLimits": {"tpm_limit": 1, "rpm_limit": 1}, "models": []}),
     ("Ready", {"status": "ready", "redis": True, "scripts": True}),
 ])
 def test_the_schemas_are_closed_and_require_every_field(

@@ -193,9 +193,9 @@ async def test_plans_and_health(store: Store, settings: Settings, metrics: Metri
         assert (await client.post("/v1/usage")).status_code == 405
     assert plans == [
         {"slug": "standard", "name": "Standard", "priceUsdc": "20",
-         "rateLimits": {"tpm_limit": 3333, "rpm_limit": 60}},
+         "rateLimits": {"tpm_limit": 3333, "rpm_limit": 60}, "models": []},
         {"slug": "pro", "name": "Pro", "priceUsdc": "60",
-         "rateLimits": {"tpm_limit": 13333, "rpm_limit": 200}},
+         "rateLimits": {"tpm_limit": 13333, "rpm_limit": 200}, "models": []},
     ]
 
 
