@@ -8,6 +8,9 @@
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>  (see admit.lua)
 -- KEYS[4] = usage counter prefix   gw:{acct:<id>}:usage:<key_id>  (same slot; suffixed below)
 -- KEYS[5] = the account's ledger   gw:{acct:<id>}:ledger, a stream (only with ARGV[5] > 0)
+-- KEYS[6] = the key's slots        gw:{acct:<id>}:slots:<key_id>, requests in flight
+-- KEYS[7] = the account's slots    gw:{acct:<id>}:slots  (both: sorted sets, see admit.lua)
+-- KEYS[8] = the account's alert outbox  gw:{acct:<id>}:alerts, a stream
 -- ARGV[1] = actual prompt tokens
 -- ARGV[2] = actual completion tokens
 -- ARGV[3] = actual cost, integer micro-USD
@@ -24,10 +27,18 @@ local reservation = redis.call('GET', KEYS[3])
 if not reservation then return 0 end
 redis.call('DEL', KEYS[3])
 -- The fifth number, the tpm the admission used (a key may follow its plan's), is absent
--- from reservations made before it was added: then the record's tpm serves.
-local tokens, budget, credits, period, admitted_tpm, admitted_us = string.match(reservation,
-  '^(%d+) (%d+) (%d+) (%d+) ?(%d*) ?(%d*)$')
+-- from reservations made before it was added: then the record's tpm serves; so are the
+-- slots, account and model limits of reservations made before those.
+local tokens, budget, credits, period, admitted_tpm, admitted_us, rest = string.match(
+  reservation, '^(%d+) (%d+) (%d+) (%d+) ?(%d*) ?(%d*) ?(.*)$')
 tokens, budget, credits = tonumber(tokens), tonumber(budget), tonumber(credits)
+local slots, account_tpm, model_tpm, model = string.match(rest, '^(%d+) (%d+) (%d+) ?(.*)$')
+slots, account_tpm, model_tpm = tonumber(slots) or 0, tonumber(account_tpm) or 0,
+  tonumber(model_tpm) or 0
+-- The request's slots are free again (a settlement comes at the end, on a disconnect, an
+-- upstream error or a cancellation alike).
+if slots % 2 == 1 then redis.call('ZREM', KEYS[6], KEYS[3]) end
+if slots >= 2 then redis.call('ZREM', KEYS[7], KEYS[3]) end
 
 -- Numbers go to redis.call as they are (written exactly below 1e17; see admit.lua).
 local prompt, completion, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -44,6 +55,17 @@ if rec[1] then
   if period == rec[4] then spent = spent + cost - budget end
   redis.call('HSET', KEYS[1], 'tpm_tat', tat, 'spent', spent,
     'total_spent', (tonumber(rec[6]) or 0) + cost)
+  if model_tpm > 0 and delta ~= 0 then  -- the key's bucket for this model, as above
+    local field = 'm:' .. model .. ':tpm_tat'
+    local mtat = tonumber(redis.call('HGET', KEYS[1], field))
+    if mtat then redis.call('HSET', KEYS[1], field, mtat + delta * 60000000 / model_tpm) end
+  end
+end
+-- The account's token bucket, when the account has one (shared by all its keys).
+local delta = prompt + completion - tokens
+if account_tpm > 0 and delta ~= 0 then
+  local atat = tonumber(redis.call('HGET', KEYS[2], 'tpm_tat'))
+  if atat then redis.call('HSET', KEYS[2], 'tpm_tat', atat + delta * 60000000 / account_tpm) end
 end
 -- Credits are the account's: corrected even if the key record has gone meanwhile.
 if rec[1] == 'credit' or credits > 0 then

@@ -69,7 +69,8 @@ class HotPath(StoreBase):
     def _settle_keys(self, ref: KeyRef, request_id: str) -> list[str]:
         names = self._hot_names(ref)
         return [names.key, names.account, names.reservation_prefix + request_id,
-                names.usage_prefix, names.ledger]
+                names.usage_prefix, names.ledger, names.key_slots, names.account_slots,
+                names.alerts]
 
     def _settle_args(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                      completion_tokens: int, cost: int, count_usage: bool,

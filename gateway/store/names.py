@@ -23,6 +23,9 @@ class HotNames:
     reservation_prefix: str
     usage_prefix: str
     ledger: str
+    key_slots: str
+    account_slots: str
+    alerts: str
 
 
 class Names:
@@ -70,7 +73,24 @@ class Names:
         return HotNames(cls.key(ref.account_id, ref.key_id), cls.account(ref.account_id),
                         cls.reservation_prefix(ref.account_id),
                         cls.usage_prefix(ref.account_id, ref.key_id),
-                        cls.ledger(ref.account_id))
+                        cls.ledger(ref.account_id), cls.key_slots(ref.account_id, ref.key_id),
+                        cls.account_slots(ref.account_id), cls.alerts(ref.account_id))
+
+    @classmethod
+    def key_slots(cls, account_id: str, key_id: str) -> str:
+        """The key's requests in flight: a sorted set of reservation ids by lease expiry."""
+        return f"{cls._acct(account_id)}:slots:{key_id}"
+
+    @classmethod
+    def account_slots(cls, account_id: str) -> str:
+        """The account's requests in flight (all its keys), like key_slots."""
+        return f"{cls._acct(account_id)}:slots"
+
+    @classmethod
+    def alerts(cls, account_id: str) -> str:
+        """The account's alert outbox: a stream the scripts append events to, once each,
+        and the alert sender delivers and deletes."""
+        return f"{cls._acct(account_id)}:alerts"
 
     @classmethod
     def usage_prefix(cls, account_id: str, key_id: str) -> str:
