@@ -32,6 +32,7 @@ from gateway.http.auth import KeyResolver, header
 from gateway.http.endpoints import Endpoints
 from gateway.http.exchange import Exchange
 from gateway.http.management import Verifier
+from gateway.http.queueing import AdmissionQueue
 from gateway.http.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
 from gateway.http.settlement import Settlement, SettlementQueue, release
 from gateway.obs import access_log
@@ -99,6 +100,7 @@ class GatewayMiddleware:
         self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry,
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
+        self.queue = AdmissionQueue(self.settings.plans.values(), self.metrics, _ClientGone)
         self._outage = False
         writer = access_log.installed()  # gateway serve's; else the stdlib logger
         self._log_request = log_request if writer is None else writer.write
@@ -240,6 +242,10 @@ class GatewayMiddleware:
         self.metrics.admission_seconds.observe(record.admission_seconds)
         record.plan = decision.plan or ("credits" if decision.key_type == "credit" else "")
         self._outage = False
+        if decision.code != ADMITTED and route is not None and decision.plan in self.queue.waits:
+            decision, receive = await self.queue.wait(decision, ref.key_id, receive, ask, lambda: (
+                self.store.admit(ref, secret_hash, reservation_id, ask,
+                                 self.settings.plan_limits)))
         if decision.code != ADMITTED:
             if decision.code == UNKNOWN_KEY:
                 self.resolver.forget(secret_hash)

@@ -38,6 +38,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)  # max_queue_wait <= 60 s
 
 # What the upstream answered, the `status_class` of gateway_upstream_duration_seconds: its
 # status class, ERROR when it gave no answer (unreachable, timed out, the app raised) and
@@ -121,6 +122,8 @@ class Metrics:
     settlements_pending: Gauge
     settlement_lag: Gauge
     in_flight: InFlight
+    queue_seconds: Histogram  # gateway_queue_seconds by outcome (gateway/http/queueing.py)
+    queued: Gauge
     registry: CollectorRegistry
     _children: dict[tuple[Counter, tuple[str, ...]], Counter] = field(default_factory=dict)
 
@@ -184,6 +187,13 @@ class Metrics:
                                  "Age of the oldest settlement waiting in the retry queue",
                                  registry=registry, multiprocess_mode="livemax"),
             in_flight=InFlight(in_flight),
+            queue_seconds=Histogram("gateway_queue_seconds",
+                                    "Short queueing (max_queue_wait): time a request refused "
+                                    "for RPM, TPM or a slot waited, by how it ended",
+                                    ["outcome"], buckets=_QUEUE_BUCKETS, registry=registry),
+            queued=Gauge("gateway_queued_requests",
+                         "Requests waiting in short queueing (max_queue_wait) now",
+                         registry=registry, multiprocess_mode="livesum"),
             registry=registry,
         )
 
