@@ -7,6 +7,8 @@
 -- ARGV[2] = the reason (text)
 -- ARGV[3] = who made it ('cli' or 'admin-api')
 -- ARGV[4] = how many adjustments the log keeps
+-- The account's alert_credits_low marker (see settle.lua) is removed when the balance after
+-- is at least the threshold it holds: credits.low may fire again.
 -- returns {code, balance}
 --   code (CreditCode in gateway/store/codes.py): 0 applied, 1 missing account,
 --         2 negative balance (refused: the balance would fall below zero)
@@ -17,6 +19,10 @@ local delta = tonumber(ARGV[1])
 local balance = tonumber(redis.call('HGET', KEYS[1], 'credits') or '0')
 if balance + delta < 0 then return {2, balance} end
 local after = redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
+-- alerts: credits.low fired below a threshold (settle.lua) is armed again once the balance
+-- is back up to that threshold.
+local low = tonumber(redis.call('HGET', KEYS[1], 'alert_credits_low') or '')
+if low and after >= low then redis.call('HDEL', KEYS[1], 'alert_credits_low') end
 local t = redis.call('TIME')
 redis.call('LPUSH', KEYS[2], cjson.encode({
   at = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])),

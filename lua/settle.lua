@@ -21,6 +21,8 @@
 --           together or not at all; the reservation makes a replay append nothing.
 -- ARGV[6..12] = the entry's request id, key id, account id, route, model served,
 --           cached prompt tokens, upstream status (0: no answer)
+-- ARGV[13...] = alerts (absent: none; then ARGV[5..12] are the ledger's, "off" without
+--           one): see the `-- alerts:` block below
 -- returns 1 when settled now, 0 when the reservation was already settled or had expired
 
 local reservation = redis.call('GET', KEYS[3])
@@ -44,7 +46,7 @@ if slots >= 2 then redis.call('ZREM', KEYS[7], KEYS[3]) end
 local prompt, completion, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 
 local rec = redis.call('HMGET', KEYS[1], 'type', 'tpm', 'tpm_tat', 'resets_at', 'spent',
-  'total_spent')
+  'total_spent', 'budget_limit', 'alert_budget')
 if rec[1] then
   local tat = tonumber(rec[3]) or 0
   local delta = prompt + completion - tokens
@@ -72,6 +74,60 @@ if rec[1] == 'credit' or credits > 0 then
   redis.call('HINCRBY', KEYS[2], 'credits', credits - cost)
 end
 local account_total = redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
+-- alerts: budget.threshold and credits.low, each created once per crossing (issue 16), in
+-- this script so that concurrent settlements on any replica cannot make one twice.
+-- ARGV[13] = the outbox's cap, events per account (absent or 0: no alerts)
+-- ARGV[14] = account id, ARGV[15] = key id (of the event)
+-- ARGV[16] = credits.low's threshold, micro-USD (-1: none)
+-- ARGV[17...] = budget thresholds, parts per million of the key's budget limit, ascending
+-- Markers: the key record's alert_budget = '<resets_at> <ppm>', the highest threshold fired
+-- in the budget period that ends at resets_at (a new period fires again); the account's
+-- alert_credits_low = the threshold it fired at (credits.lua removes it when credits bring
+-- the balance back up to it). Events go to KEYS[8]; at the cap the oldest are trimmed and
+-- counted in the account's alerts_dropped.
+local alert_cap = tonumber(ARGV[13]) or 0
+if alert_cap > 0 then
+  local events = {}
+  local limit = tonumber(rec[7])
+  if rec[1] and limit and limit > 0 and period == rec[4] and #ARGV >= 17 then
+    local spent_now = tonumber(rec[5]) + cost - budget
+    local fired_period, fired = string.match(rec[8] or '', '^(%d+) (%d+)$')
+    fired = (fired_period == rec[4] and tonumber(fired)) or 0
+    local top = fired
+    for i = 17, #ARGV do
+      local ppm = tonumber(ARGV[i])
+      if ppm > fired and spent_now >= limit * ppm / 1000000 then
+        events[#events + 1] = {'type', 'budget.threshold', 'threshold_ppm', ppm,
+          'limit_micro', limit, 'spent_micro', spent_now, 'resets_at', rec[4]}
+        top = math.max(top, ppm)
+      end
+    end
+    if top > fired then redis.call('HSET', KEYS[1], 'alert_budget', rec[4] .. ' ' .. top) end
+  end
+  local low = tonumber(ARGV[16]) or -1
+  if low >= 0 and (rec[1] == 'credit' or credits > 0) then
+    local acct = redis.call('HMGET', KEYS[2], 'credits', 'alert_credits_low')
+    local balance = tonumber(acct[1]) or 0
+    if balance < low and not acct[2] then
+      redis.call('HSET', KEYS[2], 'alert_credits_low', low)
+      events[#events + 1] = {'type', 'credits.low', 'balance_micro', balance,
+        'threshold_micro', low}
+    end
+  end
+  if #events > 0 then
+    local now = redis.call('TIME')
+    local created = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    for _, fields in ipairs(events) do
+      if redis.call('XLEN', KEYS[8]) >= alert_cap then
+        redis.call('HINCRBY', KEYS[2], 'alerts_dropped',
+          redis.call('XTRIM', KEYS[8], 'MAXLEN', alert_cap - 1))
+      end
+      redis.call('XADD', KEYS[8], '*', 'account_id', ARGV[14], 'key_id', ARGV[15],
+        'created_at', created, unpack(fields))
+    end
+  end
+end
+-- alerts: end
 if ARGV[4] == '0' then return 1 end
 local t = redis.call('TIME')
 

@@ -15,6 +15,7 @@ LAYERS = [
     {"store"},
     {"upstream"},
     {"ledger"},  # PostgreSQL's copy of the spend: read by http (/api/spend) and serve
+    {"alerts"},  # webhook alerts: the outbox streams and their sender, run by serve
     {"http"},
     {"demo"},  # the demo app and mock upstream: built from http, run by serve
     {"serve"},

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.config.alerts import AlertSettings, alerts_from_config
 from gateway.config.ledger import LedgerSettings, ledger_from_config
 from gateway.config.levels import check_format, check_level
 from gateway.config.limits import Deadlines, RunningUsage, ServerLimits
@@ -68,7 +69,7 @@ _TOP_LEVEL = frozenset({
     "max_header_bytes", "header_timeout", "body_timeout", "max_connections",
     "keep_alive_timeout", "shutdown_timeout", "auth_cache_seconds", "api_plan_keys",
     "max_keys_per_account", "metrics_host", "metrics_port", "metrics_token", "log_level",
-    "log_format", "admin_token_file", "ledger"})
+    "log_format", "admin_token_file", "ledger", "alerts"})
 _PLAN_FIELDS = PLAN_FIELDS
 _PRICING_FIELDS = frozenset({"default", "models", "per_request", "unknown_models"})
 
@@ -178,6 +179,7 @@ class Settings:
     # The operator API (/admin/*) answers only with this bearer token; None: it is 404.
     admin_token: str | None = field(default=None, repr=False)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)  # [ledger]
+    alerts: AlertSettings = field(default_factory=AlertSettings)  # [alerts], webhooks
     highest_price: Price = field(init=False, repr=False, compare=False)
     # What admission needs to know of the plans, flat: slug, rpm, tpm, models (joined by
     # commas; "" any), slug, ... (the credit limits under the slug ""), for keys that follow
@@ -372,4 +374,5 @@ class Settings:
                                    or upstream.get("api_key"), "upstream.api_key"),
             admin_token=_admin_token(env, data),
             ledger=ledger_from_config(data.get("ledger"), env),
+            alerts=alerts_from_config(data.get("alerts")),
         )

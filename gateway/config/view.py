@@ -73,6 +73,12 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
             doc[name] = mask_url(doc[name])
     if doc["ledger"].get("postgres_url"):
         doc["ledger"]["postgres_url"] = mask_url(doc["ledger"]["postgres_url"])
+    # alerts: a webhook's secret never shown, its URL without credentials or secret options
+    alerts = doc["alerts"]
+    for hook in alerts["webhooks"]:
+        hook["url"], hook["secret"] = mask_url(hook["url"]), MASK
+    low = alerts.pop("credits_low_micro")
+    alerts["credits_low_usd"] = None if low is None else low / 1e6
     return doc
 
 

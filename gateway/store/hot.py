@@ -29,6 +29,10 @@ class HotPath(StoreBase):
     # Entries each account's ledger stream may hold (settle.lua); 0: settlements append no
     # ledger entry. The gateway sets it from [ledger] when a PostgreSQL URL is configured.
     ledger_cap = 0
+    # alerts (gateway/alerts/outbox.py enable_alerts, from [alerts]): events each account's
+    # outbox may hold (0: no alert events) and settle.lua's ARGV[16...]
+    alert_cap = 0
+    alert_settle_args: tuple[int, ...] = ()
 
     def _hot_names(self, ref: KeyRef) -> HotNames:
         names = self._names.get(ref)
@@ -78,10 +82,17 @@ class HotPath(StoreBase):
         if not count_usage:
             return [prompt_tokens, completion_tokens, cost, 0]
         if not self.ledger_cap:
-            return [prompt_tokens, completion_tokens, cost, 1]
-        return [prompt_tokens, completion_tokens, cost, 1, self.ledger_cap, request_id,
+            if not self.alert_cap:
+                return [prompt_tokens, completion_tokens, cost, 1]
+            # alerts: ARGV[5..12] as the ledger's "off", then settle.lua's ARGV[13...]
+            return [prompt_tokens, completion_tokens, cost, 1, 0, "", "", "", "", "", "", "",
+                    self.alert_cap, ref.account_id, ref.key_id, *self.alert_settle_args]
+        args = [prompt_tokens, completion_tokens, cost, 1, self.ledger_cap, request_id,
                 ref.key_id, ref.account_id, detail.route, detail.model, detail.cached_tokens,
                 detail.status]
+        if self.alert_cap:
+            args += [self.alert_cap, ref.account_id, ref.key_id, *self.alert_settle_args]
+        return args
 
     def settle_started(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                        completion_tokens: int, cost: int,

@@ -71,10 +71,14 @@ class KeyLifecycle(Administration):
         args: list[str] = [
             "1" if change.budget_duration is not None else "0",
             "" if change.expires_in_seconds is None else str(change.expires_in_seconds),
-            "" if change.renew_seconds is None else str(change.renew_seconds)]
+            "" if change.renew_seconds is None else str(change.renew_seconds),
+            str(self.alert_cap)]  # alerts: a deactivation writes key.deactivated
+        keys = [Names.key(account_id, key_id)]
+        if self.alert_cap:
+            keys += [Names.account(account_id), Names.alerts(account_id)]
         for field, value in change.fields().items():
             args += [field, value]
-        reply = await self._evalsha(self._update_key, [Names.key(account_id, key_id)], args)
+        reply = await self._evalsha(self._update_key, keys, args)
         code = int(reply[0])
         if code == UpdateCode.MISSING:
             raise NotFound(f"no key with id {key_id}")
