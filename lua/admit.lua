@@ -7,7 +7,14 @@
 -- KEYS[2] = account record hash    gw:{acct:<id>}:account
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>
 --           a string "<tokens> <budget> <credits> <period> <tpm> <admitted_us>", read back
---           by settle.lua (admitted_us: this admission's Redis time, for the ledger)
+--           by settle.lua (admitted_us: this admission's Redis time, for the ledger),
+--           followed by " <slots> <account_tpm> <model_tpm> <model>" when the request took
+--           a slot or met an account or model token bucket (slots: 1 the key's, 2 the
+--           account's, 3 both)
+-- KEYS[4] = the key's slots        gw:{acct:<id>}:slots:<key_id>
+-- KEYS[5] = the account's slots    gw:{acct:<id>}:slots
+--           sorted sets of the reservations in flight (members: KEYS[3]) by lease expiry
+--           (Redis time, microseconds); an expired member is a dead process's and is freed
 -- ARGV[1] = SHA-256 of the presented secret (hex)
 -- ARGV[2] = prompt tokens, an upper bound
 -- ARGV[3] = completion tokens one sequence may generate (the bound asked for)
@@ -21,16 +28,31 @@
 -- ARGV[10] = the model the request asks for; '\1' when an inference request names none
 --           (only a '*' pattern allows it); '' for a keyed request that is not inference
 --           (no model to check)
--- ARGV[11...] = the plans, in fours: slug, rpm, tpm, models (slug '' for credit keys;
---           models: names or 'prefix*' patterns joined by commas, '' for any model).
---           A key without its own rpm, tpm or models (the field empty) follows its plan's
---           here, so a plan edited in the config reaches every key on it.
+-- ARGV[11] = a slot's lease, microseconds (renewed while the request lives)
+-- ARGV[12...] = the plans, in sevens: slug, rpm, tpm, models, max_concurrent, enforce,
+--           model_limit (slug '' for credit keys; models: names or 'prefix*' patterns
+--           joined by commas, '' for any model; max_concurrent 0 for none; enforce '0' for
+--           shadow mode; model_limit "<rpm> <tpm>" for the model asked, '' for none).
+--           A key without its own rpm, tpm, models or max_concurrent (the field empty)
+--           follows its plan's here, so a plan edited in the config reaches every key on it.
+--           The account record's own rpm, tpm and max_concurrent (absent: none) apply to
+--           all its keys together.
 -- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
---          tpm_reset_us, retry_after_us, plan, key_type, per_sequence}
+--          tpm_reset_us, retry_after_us, plan, key_type, per_sequence, slots, would_reject,
+--          scope}
+--   the rpm_* and tpm_* of the tightest bucket (the fewest remaining) of the key's, the
+--   model's and the account's
 --   code (AdmitCode in gateway/store/codes.py): 0 admitted, 1 unknown key, 2 deactivated,
 --         3 subscription expired, 4 rpm exhausted, 5 tpm exhausted, 6 budget exhausted,
 --         7 credits exhausted, 8 plan unknown (not among ARGV[11...]),
---         9 model not allowed (ARGV[10] matches none of the key's or its plan's models)
+--         9 model not allowed (ARGV[10] matches none of the key's or its plan's models),
+--         10 concurrency limit (max_concurrent requests of the key or account in flight)
+--   slots: the slots this admission took (as in the reservation), to renew while it lives
+--   would_reject: in shadow mode (the plan's enforce '0'), the code the plan's limits would
+--         have refused with (4, 5, 9 or 10), the request admitted without taking any of
+--         the buckets or slots it would have been refused for; else 0
+--   scope: which limit the rpm/tpm/concurrency refusal (or would_reject) is: 'key',
+--         'model' or 'account'
 --   retry_after_us is -1 when no wait helps.
 --   per_sequence: the completion bound admitted (ARGV[3], or less when clamped); the
 --   caller writes it into the forwarded request, so the upstream cannot generate more.
@@ -42,9 +64,9 @@ local WINDOW = 60000000 -- token buckets refill completely in one minute (micros
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
   'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at',
-  'rpm_rate', 'tpm_rate', 'models')
+  'rpm_rate', 'tpm_rate', 'models', 'max_concurrent')
 if not rec[1] or rec[1] ~= ARGV[1] then
-  return {1, 0, 0, 0, 0, 0, 0, -1, '', '', 0}
+  return {1, 0, 0, 0, 0, 0, 0, -1, '', '', 0, 0, 0, ''}
 end
 
 local t = redis.call('TIME')
@@ -57,43 +79,75 @@ local key_type, plan = rec[3], rec[4]
 local rpm, tpm = tonumber(rec[6]), tonumber(rec[7])
 local models = rec[16]
 if models == '' then models = false end
-if not rpm or not tpm or not models then
-  for i = 11, #ARGV - 3, 4 do
-    if ARGV[i] == plan then
-      rpm, tpm = rpm or tonumber(ARGV[i + 1]), tpm or tonumber(ARGV[i + 2])
-      models = models or ARGV[i + 3]
-      break
-    end
+local max_concurrent = tonumber(rec[17])
+local enforce, model_limit = true, ''
+for i = 12, #ARGV - 6, 7 do
+  if ARGV[i] == plan then
+    rpm, tpm = rpm or tonumber(ARGV[i + 1]), tpm or tonumber(ARGV[i + 2])
+    models = models or ARGV[i + 3]
+    max_concurrent = max_concurrent or tonumber(ARGV[i + 4])
+    enforce, model_limit = ARGV[i + 5] ~= '0', ARGV[i + 6]
+    break
   end
-  if not rpm or not tpm then return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0} end
 end
-local rpm_tat = math.max(tonumber(rec[8]) or 0, now)
-local tpm_tat = math.max(tonumber(rec[9]) or 0, now)
--- A bucket's debt (tat - now) was run up at the rate it was written with: under a new
--- limit (an update, a plan edited) the same share of the bucket stays used, so a raised
--- limit gives room at once and a lowered one takes it away at once.
-local rpm_rate, tpm_rate = tonumber(rec[14]) or rpm, tonumber(rec[15]) or tpm
-if rpm_rate ~= rpm then rpm_tat = now + (rpm_tat - now) * rpm_rate / rpm end
-if tpm_rate ~= tpm then tpm_tat = now + (tpm_tat - now) * tpm_rate / tpm end
-local rpm_interval, tpm_interval = WINDOW / rpm, WINDOW / tpm
+if not rpm or not tpm then return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0, 0, 0, ''} end
+local acct = redis.call('HMGET', KEYS[2], 'credits', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat',
+  'rpm_rate', 'tpm_rate', 'max_concurrent')
 
--- Generic cell rate algorithm: a bucket is one "theoretical arrival time".
-local function remaining(tat, interval)
+-- Generic cell rate algorithm: a bucket is one "theoretical arrival time" (tat). A bucket's
+-- debt (tat - now) was run up at the rate it was written with: under a new limit (an
+-- update, a plan edited) the same share of the bucket stays used, so a raised limit gives
+-- room at once and a lowered one takes it away at once.
+local function bucket(scope, limit, tat, rate)
+  tat = math.max(tonumber(tat) or 0, now)
+  rate = tonumber(rate) or limit
+  if rate ~= limit then tat = now + (tat - now) * rate / limit end
+  return {scope = scope, limit = limit, tat = tat, interval = WINDOW / limit}
+end
+local function remaining(b)
   -- 1e-3: microsecond timestamps near 1.7e15 carry a quarter-microsecond of float error
-  return math.max(0, math.floor((now + WINDOW - tat) / interval + 1e-3))
+  return math.max(0, math.floor((now + WINDOW - b.tat) / b.interval + 1e-3))
 end
 
-local function reply(code, r_tat, t_tat, retry)
+local requests = {bucket('key', rpm, rec[8], rec[14])}
+local tokens = {bucket('key', tpm, rec[9], rec[15])}
+local model_field
+if model_limit ~= '' then
+  local mrpm, mtpm = string.match(model_limit, '^(%d+) (%d+)$')
+  model_field = 'm:' .. ARGV[10] .. ':'
+  local m = redis.call('HMGET', KEYS[1], model_field .. 'rpm_tat', model_field .. 'tpm_tat')
+  requests[#requests + 1] = bucket('model', tonumber(mrpm), m[1], nil)
+  tokens[#tokens + 1] = bucket('model', tonumber(mtpm), m[2], nil)
+end
+local account_rpm, account_tpm = tonumber(acct[2]), tonumber(acct[3])
+if account_rpm then requests[#requests + 1] = bucket('account', account_rpm, acct[4], acct[6]) end
+if account_tpm then tokens[#tokens + 1] = bucket('account', account_tpm, acct[5], acct[7]) end
+
+local function tightest(list)
+  local best, fewest = list[1], remaining(list[1])
+  for i = 2, #list do
+    local left = remaining(list[i])
+    if left < fewest then best, fewest = list[i], left end
+  end
+  return best, fewest
+end
+
+local function reply(code, retry, slots, would, scope)
+  local r, r_left = tightest(requests)
+  local k, k_left = tightest(tokens)
   -- Numbers in a reply become integers on their own (string.format costs ~1 us a call).
-  return {code, rpm, remaining(r_tat, rpm_interval), r_tat - now,
-          tpm, remaining(t_tat, tpm_interval), t_tat - now, retry, plan, key_type,
-          per_sequence}
+  return {code, r.limit, r_left, r.tat - now, k.limit, k_left, k.tat - now, retry, plan,
+          key_type, per_sequence, slots or 0, would or 0, scope or ''}
 end
 
-if rec[2] ~= '1' then return reply(2, rpm_tat, tpm_tat, -1) end
+if rec[2] ~= '1' then return reply(2, -1) end
 if key_type == 'subscription' and rec[5] ~= '' and now >= tonumber(rec[5]) then
-  return reply(3, rpm_tat, tpm_tat, -1)
+  return reply(3, -1)
 end
+
+-- A limit of the plan refused: with enforce, the request is; in shadow mode it is admitted
+-- without taking what it was refused for, and the refusal is reported.
+local would, would_scope = 0, ''
 
 -- The models the key (or its plan) allows: exact names or 'prefix*'; none listed, any.
 if models and models ~= '' and ARGV[10] ~= '' then
@@ -106,7 +160,10 @@ if models and models ~= '' and ARGV[10] ~= '' then
     end
     if allowed then break end
   end
-  if not allowed then return reply(9, rpm_tat, tpm_tat, -1) end
+  if not allowed then
+    if enforce then return reply(9, -1) end
+    would, would_scope = 9, 'key'
+  end
 end
 
 -- Lazy, exact budget rollover: advance resets_at by whole durations from its anchor.
@@ -121,9 +178,9 @@ if now >= resets_at then
 end
 
 -- A refusal still records the rollover; an admission writes it with the rest.
-local function refuse(code, retry)
+local function refuse(code, retry, scope)
   if rolled then redis.call('HSET', KEYS[1], 'spent', 0, 'resets_at', resets_at) end
-  return reply(code, rpm_tat, tpm_tat, retry)
+  return reply(code, retry, 0, 0, scope)
 end
 
 -- What the budget and the credits can still pay, whichever is less (nil: no limit).
@@ -134,7 +191,7 @@ if rec[10] ~= '' then
   if affordable <= 0 then return refuse(6, short_retry) end
 end
 if key_type == 'credit' then
-  local balance = tonumber(redis.call('HGET', KEYS[2], 'credits') or '0')
+  local balance = tonumber(acct[1] or '0')
   if balance <= 0 then return refuse(7, -1) end
   if affordable == nil or balance < affordable then
     affordable, short, short_retry = balance, 7, -1
@@ -164,25 +221,95 @@ local est_tokens = prompt_tokens + per_sequence * sequences
 local reserve_credits = 0
 if key_type == 'credit' then reserve_credits = cost end
 
-local new_rpm_tat = rpm_tat + rpm_interval
-if new_rpm_tat - WINDOW > now + 1e-3 then
-  return refuse(4, new_rpm_tat - WINDOW - now)
+-- The limits, key's first: each bucket takes one request (its rpm) or the estimate (tpm).
+-- The account's limits are the operator's for the account, enforced even in shadow mode.
+local function over(code, retry, scope)
+  if enforce or scope == 'account' then return refuse(code, retry, scope) end
+  if would == 0 then would, would_scope = code, scope end
+  return nil
 end
-
+for _, b in ipairs(requests) do
+  b.next = b.tat + b.interval
+  if b.next - WINDOW > now + 1e-3 then
+    local r = over(4, b.next - WINDOW - now, b.scope)
+    if r then return r end
+  end
+end
 -- A request larger than the whole bucket is admitted once the bucket is full and leaves
 -- it in debt; later requests wait the debt out.
-local new_tpm_tat = tpm_tat + est_tokens * tpm_interval
-if new_tpm_tat - WINDOW > now + 1e-3 and tpm_tat > now then
-  local wait = new_tpm_tat - WINDOW - now
-  if est_tokens * tpm_interval > WINDOW then wait = tpm_tat - now end
-  return refuse(5, wait)
+for _, b in ipairs(tokens) do
+  b.next = b.tat + est_tokens * b.interval
+  if b.next - WINDOW > now + 1e-3 and b.tat > now then
+    local wait = b.next - WINDOW - now
+    if est_tokens * b.interval > WINDOW then wait = b.tat - now end
+    local r = over(5, wait, b.scope)
+    if r then return r end
+  end
 end
 
-redis.call('HSET', KEYS[1], 'rpm_tat', new_rpm_tat, 'tpm_tat', new_tpm_tat,
+-- Requests in flight: members past their lease belong to a process that died.
+local slots = 0
+local account_max = tonumber(acct[8])
+if ARGV[10] ~= '' then
+  if max_concurrent and max_concurrent > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+    if redis.call('ZCARD', KEYS[4]) >= max_concurrent then
+      local r = over(10, 1000000, 'key')
+      if r then return r end
+    else
+      slots = 1
+    end
+  end
+  if account_max and account_max > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+    if redis.call('ZCARD', KEYS[5]) >= account_max then
+      return refuse(10, 1000000, 'account')
+    end
+    slots = slots + 2
+  end
+end
+-- Shadow mode: a request the plan would have refused takes none of the plan's buckets or
+-- slots, so the counts go on as if it had been refused.
+if would ~= 0 then
+  requests[1].next, tokens[1].next = requests[1].tat, tokens[1].tat
+  if model_field then requests[2].next, tokens[2].next = requests[2].tat, tokens[2].tat end
+  if slots % 2 == 1 then slots = slots - 1 end
+end
+
+redis.call('HSET', KEYS[1], 'rpm_tat', requests[1].next, 'tpm_tat', tokens[1].next,
   'rpm_rate', rpm, 'tpm_rate', tpm,
   'spent', spent + cost, 'resets_at', resets_at)
+local model_tpm = 0
+if model_field then
+  model_tpm = tokens[2].limit
+  redis.call('HSET', KEYS[1], model_field .. 'rpm_tat', requests[2].next,
+    model_field .. 'tpm_tat', tokens[2].next)
+end
+if account_rpm or account_tpm then
+  local a = {}
+  for _, b in ipairs(requests) do
+    if b.scope == 'account' then a = {'rpm_tat', b.next, 'rpm_rate', b.limit} end
+  end
+  for _, b in ipairs(tokens) do
+    if b.scope == 'account' then
+      a[#a + 1], a[#a + 2], a[#a + 3], a[#a + 4] = 'tpm_tat', b.next, 'tpm_rate', b.limit
+    end
+  end
+  redis.call('HSET', KEYS[2], unpack(a))
+end
 if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
-local reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f', est_tokens, cost,
-  reserve_credits, resets_at, tpm, now)
+local lease_end = now + tonumber(ARGV[11])
+if slots % 2 == 1 then redis.call('ZADD', KEYS[4], lease_end, KEYS[3]) end
+if slots >= 2 then redis.call('ZADD', KEYS[5], lease_end, KEYS[3]) end
+local reservation
+if slots == 0 and not account_tpm and model_tpm == 0 then
+  reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f', est_tokens, cost,
+    reserve_credits, resets_at, tpm, now)
+else
+  reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f %d %.0f %.0f %s', est_tokens,
+    cost, reserve_credits, resets_at, tpm, now, slots, account_tpm or 0, model_tpm, ARGV[10])
+end
 redis.call('SET', KEYS[3], reservation, 'EX', ARGV[8])
-return reply(0, new_rpm_tat, new_tpm_tat, 0)
+for _, b in ipairs(requests) do b.tat = b.next end
+for _, b in ipairs(tokens) do b.tat = b.next end
+return reply(0, 0, slots, would, would_scope)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.config.admission import AdmissionArgs
 from gateway.config.alerts import AlertSettings, alerts_from_config
 from gateway.config.ledger import LedgerSettings, ledger_from_config
 from gateway.config.levels import check_format, check_level
@@ -69,7 +70,7 @@ _TOP_LEVEL = frozenset({
     "max_header_bytes", "header_timeout", "body_timeout", "max_connections",
     "keep_alive_timeout", "shutdown_timeout", "auth_cache_seconds", "api_plan_keys",
     "max_keys_per_account", "metrics_host", "metrics_port", "metrics_token", "log_level",
-    "log_format", "admin_token_file", "ledger", "alerts"})
+    "log_format", "admin_token_file", "ledger", "concurrency_lease", "alerts"})
 _PLAN_FIELDS = PLAN_FIELDS
 _PRICING_FIELDS = frozenset({"default", "models", "per_request", "unknown_models"})
 
@@ -179,21 +180,24 @@ class Settings:
     # The operator API (/admin/*) answers only with this bearer token; None: it is 404.
     admin_token: str | None = field(default=None, repr=False)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)  # [ledger]
+    # A request's slot (max_concurrent) is leased for this long, renewed while it lives: a
+    # process that dies holds its slots no longer than this.
+    concurrency_lease: float = 30.0
     alerts: AlertSettings = field(default_factory=AlertSettings)  # [alerts], webhooks
     highest_price: Price = field(init=False, repr=False, compare=False)
-    # What admission needs to know of the plans, flat: slug, rpm, tpm, models (joined by
-    # commas; "" any), slug, ... (the credit limits under the slug ""), for keys that follow
-    # their plan (lua/admit.lua ARGV[11...]).
-    plan_limits: tuple[str | int, ...] = field(init=False, repr=False, compare=False)
+    # What admission needs to know of the plans (gateway/config/admission.py).
+    admission: AdmissionArgs = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "highest_price",
                            highest([self.default_price, *self.model_prices.values()]))
-        flat: list[str | int] = []
-        for plan in self.plans.values():
-            flat += [plan.slug, plan.rpm, plan.tpm, ",".join(plan.models)]
-        flat += ["", self.credit_rpm, self.credit_tpm, ""]
-        object.__setattr__(self, "plan_limits", tuple(flat))
+        object.__setattr__(self, "admission", AdmissionArgs(
+            self.plans.values(), self.credit_rpm, self.credit_tpm, self.concurrency_lease))
+
+    @property
+    def plan_limits(self) -> tuple[str | int, ...]:
+        """Admission's arguments for a request whose model no plan limits."""
+        return self.admission.base
 
     def limits_for(self, plan: str, rpm: int | None, tpm: int | None) -> tuple[int, int]:
         """A key's effective (rpm, tpm): its own override where it has one, else its plan's
@@ -213,6 +217,13 @@ class Settings:
             return own
         found = self.plans.get(plan) if plan else None
         return found.models if found else ()
+
+    def concurrency_for(self, plan: str, own: int | None) -> int | None:
+        """A key's in-flight limit: its own where it has one, else its plan's; None: none."""
+        if own is not None:
+            return own
+        found = self.plans.get(plan) if plan else None
+        return found.max_concurrent if found else None
 
     def price_for(self, model: object) -> Price:
         """The price of what was served: the model the upstream reports (the default price
@@ -374,5 +385,7 @@ class Settings:
                                    or upstream.get("api_key"), "upstream.api_key"),
             admin_token=_admin_token(env, data),
             ledger=ledger_from_config(data.get("ledger"), env),
+            concurrency_lease=check_seconds(data.get("concurrency_lease", 30.0),
+                                            "concurrency_lease", zero_allowed=False),
             alerts=alerts_from_config(data.get("alerts")),
         )

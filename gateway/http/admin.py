@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config.plans import parse_models
+from gateway.config.plans import check_concurrency, parse_models
 from gateway.config.settings import Settings
 from gateway.config.units import (
     check_rate,
@@ -35,6 +36,7 @@ class KeySpec:
     expires_at: str | None = None
     expires_in: str | None = None
     models: str | None = None  # the key's own allowed models, "a,qwen*"; None: its plan's
+    max_concurrent: int | None = None  # the key's own in-flight limit; None: its plan's
 
 
 MAX_NAME_LENGTH = 200
@@ -110,7 +112,9 @@ async def create_key(store: Store, settings: Settings, account_id: str,
         account_id=account_id, name=spec.name, key_type=key_type, plan=slug, rpm=rpm, tpm=tpm,
         budget_limit=budget, budget_duration=duration, expires_at_us=expires_at,
         expires_in_seconds=expires_in, secret_hash=hash_secret(secret),
-        max_keys=settings.max_keys_per_account, models=models)
+        max_keys=settings.max_keys_per_account, models=models,
+        max_concurrent=(None if spec.max_concurrent is None else check_concurrency(
+            spec.max_concurrent, "max_concurrent")))
     return record, secret
 
 
@@ -130,8 +134,11 @@ def key_json(record: KeyRecord, settings: Settings,
         # The models it may ask for (names or "prefix*"); [] means any.
         "models": list(settings.models_for(record.plan, record.models)),
         # The key's own limits; null: it follows its plan's (or [credit]'s).
+        # Requests it may have in flight at once; null: no limit.
+        "max_concurrent": settings.concurrency_for(record.plan, record.max_concurrent),
         "overrides": {"rpm": record.rpm, "tpm": record.tpm,
-                      "models": None if record.models is None else list(record.models)},
+                      "models": None if record.models is None else list(record.models),
+                      "max_concurrent": record.max_concurrent},
         "budget": {
             "limit": None if record.budget_limit is None else micro_to_usd(record.budget_limit),
             "duration": format_duration(record.budget_duration),
@@ -147,7 +154,36 @@ def key_json(record: KeyRecord, settings: Settings,
 
 
 def account_json(account: Account) -> dict[str, Any]:
-    return {"id": account.id, "name": account.name, "credits": micro_to_usd(account.credits)}
+    return {"id": account.id, "name": account.name, "credits": micro_to_usd(account.credits),
+            # Shared by all the account's keys; null: none.
+            "limits": {"rpm": account.rpm, "tpm": account.tpm,
+                       "max_concurrent": account.max_concurrent}}
+
+
+ACCOUNT_LIMITS = ("rpm", "tpm", "max_concurrent")
+NO_LIMIT_WORDS = ("none", "off")
+
+
+def account_limits(values: Mapping[str, str | int | None]) -> dict[str, int | None]:
+    """An account's limits from the CLI or the operator API: an integer, or None / 'none'
+    to clear one; fields absent are left as they are."""
+    out: dict[str, int | None] = {}
+    for field in ACCOUNT_LIMITS:
+        if field not in values:
+            continue
+        value = values[field]
+        if value is None or (isinstance(value, str) and value.strip().lower() in NO_LIMIT_WORDS):
+            out[field] = None
+            continue
+        try:
+            number = int(value) if not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise ConfigError(f"{field} must be a whole number, or none, got {str(value)[:40]!r}")
+        out[field] = (check_concurrency(number, field) if field == "max_concurrent"
+                      else check_rate(number, field))
+    return out
 
 
 def credit_json(entry: CreditEntry) -> dict[str, Any]:

@@ -274,6 +274,8 @@ class Exchange:
 
     def _settlement(self) -> Settlement:
         self.settled = True
+        if self.decision.slots:
+            self.gateway.leases.drop(self.request_id)
         usage, cost = self.bill()
         record = self.record
         record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config.plans import parse_models
+from gateway.config.plans import check_concurrency, parse_models
 from gateway.config.settings import Settings
 from gateway.config.units import check_rate, parse_duration, usd_to_micro
 from gateway.core.keys import hash_secret, new_consumption_secret
@@ -33,6 +33,7 @@ class ChangeSpec:
     expires_in: str | None = None
     active: bool | None = None
     models: str | None = None  # "a,qwen*", or "plan"
+    max_concurrent: str | None = None  # "8", or "plan"
 
 
 def _models(text: str | None) -> str | None:
@@ -42,6 +43,18 @@ def _models(text: str | None) -> str | None:
     if text.strip().lower() in FOLLOW_WORDS:
         return FOLLOW_PLAN
     return parse_models(text)
+
+
+def _concurrency(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    if text.strip().lower() in FOLLOW_WORDS:
+        return FOLLOW_PLAN
+    try:
+        return check_concurrency(int(text), "max_concurrent")
+    except ValueError:
+        raise ConfigError(f"max_concurrent must be a whole number or 'plan', "
+                          f"got {text[:40]!r}") from None
 
 
 def _limit(text: str | None, what: str) -> int | str | None:
@@ -98,10 +111,12 @@ async def key_change(store: Store, settings: Settings, record: KeyRecord,
                          else parse_duration(spec.budget_duration)),
         expires_at_us=expires_at,
         expires_in_seconds=None if spec.expires_in is None else parse_duration(spec.expires_in),
-        active=spec.active, models=_models(spec.models))
+        active=spec.active, models=_models(spec.models),
+        max_concurrent=_concurrency(spec.max_concurrent))
     if change.is_empty():
         raise ConfigError("nothing to change: give at least one of name, plan, rpm, tpm, "
-                          "budget, budget_duration, expires_at, expires_in, models")
+                          "budget, budget_duration, expires_at, expires_in, models, "
+                          "max_concurrent")
     return change
 
 

@@ -31,9 +31,16 @@ from gateway.hooks import HOOKS, RequestHooks
 from gateway.http.auth import KeyResolver, header
 from gateway.http.endpoints import Endpoints
 from gateway.http.exchange import Exchange
+from gateway.http.leases import LeaseKeeper
 from gateway.http.management import Verifier
 from gateway.http.queueing import AdmissionQueue
-from gateway.http.ratelimit import ADMITTED, UNKNOWN_KEY, invalid_key, rejection
+from gateway.http.ratelimit import (
+    ADMITTED,
+    UNKNOWN_KEY,
+    WOULD_REJECT_REASONS,
+    invalid_key,
+    rejection,
+)
 from gateway.http.settlement import Settlement, SettlementQueue, release
 from gateway.obs import access_log
 from gateway.obs.logs import RequestRecord, log_request
@@ -101,6 +108,7 @@ class GatewayMiddleware:
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
         self.queue = AdmissionQueue(self.settings.plans.values(), self.metrics, _ClientGone)
+        self.leases = LeaseKeeper(store, self.settings.concurrency_lease)
         self._outage = False
         writer = access_log.installed()  # gateway serve's; else the stdlib logger
         self._log_request = log_request if writer is None else writer.write
@@ -226,7 +234,7 @@ class GatewayMiddleware:
         started = time.perf_counter()
         try:
             decision = await self.store.admit(ref, secret_hash, reservation_id, ask,
-                                              self.settings.plan_limits)
+                                              self.settings.admission.for_model(ask.model))
         except StoreUnavailable as exc:
             if isinstance(exc, StoreAmbiguous):  # undo a debit whose reply was lost
                 self.settlements.submit(release(ref, reservation_id))
@@ -245,7 +253,7 @@ class GatewayMiddleware:
         if decision.code != ADMITTED and route is not None and decision.plan in self.queue.waits:
             decision, receive = await self.queue.wait(decision, ref.key_id, receive, ask, lambda: (
                 self.store.admit(ref, secret_hash, reservation_id, ask,
-                                 self.settings.plan_limits)))
+                                 self.settings.admission.for_model(ask.model))))
         if decision.code != ADMITTED:
             if decision.code == UNKNOWN_KEY:
                 self.resolver.forget(secret_hash)
@@ -253,6 +261,11 @@ class GatewayMiddleware:
             raise self._reject(rejected, record.plan)
         self.metrics.child(self.metrics.requests, "allowed", "ok", record.plan).inc()
         record.decision, record.reason = "allowed", "ok"
+        if decision.slots:
+            self.leases.hold(ref, reservation_id)
+        if decision.would_reject:
+            self.metrics.child(self.metrics.would_reject, WOULD_REJECT_REASONS.get(
+                decision.would_reject, "other"), record.plan).inc()
 
         if bound is not None:
             body = bound.forwarded_body(body, decision.per_sequence)
@@ -370,6 +383,7 @@ class GatewayMiddleware:
 
     async def aclose(self) -> None:
         await self.drain()
+        await self.leases.aclose()
         await self.store.close()
         access_log.flush()
 

@@ -110,8 +110,10 @@ _SCHEMAS: dict[str, Schema] = {
         "rate_limits": _object({"rpm": _COUNT, "tpm": _COUNT}),
         # the key's own limits; null: it follows its plan's
         "models": _MODELS,
+        "max_concurrent": _NULLABLE_COUNT,
         "overrides": _object({"rpm": _NULLABLE_COUNT, "tpm": _NULLABLE_COUNT,
-                              "models": {"type": ["array", "null"], "items": {"type": "string"}}}),
+                              "models": {"type": ["array", "null"], "items": {"type": "string"}},
+                              "max_concurrent": _NULLABLE_COUNT}),
         "budget": _object({"limit": {"type": ["number", "null"]},
                            "duration": {"type": "string"}, "spent": _USD,
                            "resets_at": _TIME}),
@@ -120,8 +122,8 @@ _SCHEMAS: dict[str, Schema] = {
         "created_at": _TIME,
         "deleted_at": _NULLABLE_TIME,
     }, required=["id", "name", "type", "account_id", "plan", "is_active", "rate_limits",
-                 "models", "overrides", "budget", "total_spent", "expires_at", "created_at",
-                 "deleted_at"]),
+                 "models", "max_concurrent", "overrides", "budget", "total_spent",
+                 "expires_at", "created_at", "deleted_at"]),
     "KeyWithSecret": {"allOf": [_ref("Key"), {"required": ["key"]}]},
     "KeyCreate": _object({
         "name": {"type": "string", "minLength": 1, "maxLength": 200},

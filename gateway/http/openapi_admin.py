@@ -10,6 +10,11 @@ _ADMIN: list[Any] = [{"adminToken": []}]
 _USD_AMOUNT: Schema = {"type": ["number", "string"]}
 _DURATION: Schema = {"type": ["string", "null"], "pattern": r"^\s*\d+\s*[smhd]\s*$"}
 _TIME: Schema = {"type": "string"}
+# An account's own limits, shared by all its keys; null: none.
+_ACCOUNT_LIMITS: dict[str, Schema] = {
+    "rpm": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000},
+    "tpm": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000},
+    "max_concurrent": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000}}
 
 
 def _ref(name: str) -> Schema:
@@ -23,15 +28,18 @@ def _object(properties: dict[str, Schema], required: list[str]) -> Schema:
 
 SCHEMAS: dict[str, Schema] = {
     "Account": _object({"id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
-                        "credits": {"type": "number"}}, ["id", "name", "credits"]),
+                        "credits": {"type": "number"},
+                        "limits": _object(_ACCOUNT_LIMITS, list(_ACCOUNT_LIMITS))},
+                       ["id", "name", "credits", "limits"]),
+    "AccountLimits": _object(_ACCOUNT_LIMITS, []),
     "AccountWithHistory": _object({
         "id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
-        "credits": {"type": "number"},
+        "credits": {"type": "number"}, "limits": _object(_ACCOUNT_LIMITS, list(_ACCOUNT_LIMITS)),
         "credit_history": {"type": "array", "items": _object({
             "at": _TIME, "usd": {"type": "number"}, "balance": {"type": "number"},
             "by": {"type": "string", "enum": ["cli", "admin-api"]},
             "reason": {"type": "string"}}, ["at", "usd", "balance", "by", "reason"])},
-    }, ["id", "name", "credits", "credit_history"]),
+    }, ["id", "name", "credits", "limits", "credit_history"]),
     "AccountCreate": _object({"name": {"type": "string", "minLength": 1, "maxLength": 200}},
                              ["name"]),
     "CreditChange": _object({
@@ -51,6 +59,10 @@ SCHEMAS: dict[str, Schema] = {
         "expires_at": {"type": "string", "description": "ISO 8601, in the future"},
         "expires_in": _DURATION,
         "is_active": {"type": "boolean"},
+        "models": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 1,
+                   "description": "names or 'prefix*'; ['*'] any; null: follow the plan's"},
+        "max_concurrent": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000,
+                           "description": "requests in flight at once; null: the plan's"},
     }, []),
     "Renew": _object({"for": {**_DURATION, "description": "default 30d"}}, []),
     "Lookup": _object({"secret": {"type": "string"}}, ["secret"]),
@@ -115,7 +127,10 @@ def paths() -> dict[str, Any]:
                         body=_ref("AccountCreate"), status="201")},
         "/admin/accounts/{accountId}": {"get": _op(
             "An account with its recent credit adjustments", _ref("AccountWithHistory"),
-            400, parameters=account)},
+            400, parameters=account), "patch": _op(
+            "Set (an integer) or remove (null) the account's own limits, shared by all its "
+            "keys", _ref("Account"), 400, 413, body=_ref("AccountLimits"),
+            parameters=account)},
         "/admin/accounts/{accountId}/credits": {"post": _op(
             "Add or take away prepaid credits, with the reason recorded",
             _ref("Account"), 400, 413, body=_ref("CreditChange"), parameters=account)},

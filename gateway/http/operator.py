@@ -33,7 +33,15 @@ from gateway.errors import (
     send_json,
     send_rejection,
 )
-from gateway.http.admin import account_json, create_key, credit_json, key_json, mgmt_json
+from gateway.http.admin import (
+    ACCOUNT_LIMITS,
+    account_json,
+    account_limits,
+    create_key,
+    credit_json,
+    key_json,
+    mgmt_json,
+)
 from gateway.http.auth import header
 from gateway.http.key_changes import ChangeSpec, renew_key, rotate_key, update_key
 from gateway.http.management_body import (
@@ -52,7 +60,7 @@ from gateway.store import Store
 from gateway.types import Receive, Scope, Send
 
 PATCH_FIELDS = ("name", "plan", "rpm", "tpm", "budget", "budget_duration", "expires_at",
-                "expires_in", "is_active")
+                "expires_in", "is_active", "models", "max_concurrent")
 CREDIT_HISTORY = 50
 
 
@@ -109,8 +117,12 @@ class Operator:
             else:
                 await self._create_account(send, await json_object(scope, receive))
         elif head == "accounts" and len(rest) == 1:
-            allow(method, "GET")
-            await self._show_account(send, uuid_text(rest[0], "account id"))
+            allow(method, "GET, PATCH")
+            account_id = uuid_text(rest[0], "account id")
+            if method == "GET":
+                await self._show_account(send, account_id)
+            else:
+                await self._account_limits(send, account_id, await json_object(scope, receive))
         elif head == "accounts" and len(rest) == 2 and rest[1] == "credits":
             allow(method, "POST")
             await self._credits(send, uuid_text(rest[0], "account id"),
@@ -155,6 +167,17 @@ class Operator:
             raise _not_found()
 
     # -- accounts -------------------------------------------------------------------------
+
+    async def _account_limits(self, send: Send, account_id: str,
+                              body: dict[str, Any]) -> None:
+        only_fields(body, ACCOUNT_LIMITS)
+        for field, value in body.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad_request(f"{field} must be an integer, or null for no limit")
+        if not body:
+            raise bad_request("give at least one of rpm, tpm, max_concurrent")
+        account = await self.store.set_account_limits(account_id, account_limits(body))
+        await send_json(send, 200, orjson.dumps(account_json(account)))
 
     async def _list_accounts(self, send: Send, name: str | None) -> None:
         if name is not None:
@@ -225,7 +248,8 @@ class Operator:
             budget_duration=checked_duration(body, "budget_duration"),
             expires_at=optional_str(body, "expires_at"),
             expires_in=checked_duration(body, "expires_in"),
-            active=_flag(body, "is_active"))
+            active=_flag(body, "is_active"), models=_models(body),
+            max_concurrent=_limit(body, "max_concurrent"))
         await self._key(send, 200, await update_key(self.store, self.settings, key_id, spec))
 
     async def _lookup(self, send: Send, body: dict[str, Any]) -> None:
@@ -278,6 +302,19 @@ def _limit(body: dict[str, Any], field: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"{field} must be an integer, or null to follow the plan's")
     return str(value)
+
+
+def _models(body: dict[str, Any]) -> str | None:
+    if "models" not in body:
+        return None
+    value = body["models"]
+    if value is None:
+        return "plan"  # null: the key follows its plan's models again
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(m, str) and "," not in m for m in value)):
+        raise bad_request("models must be a non-empty list of model names or 'prefix*' "
+                          "patterns, or null to follow the plan's")
+    return ",".join(value)
 
 
 def _budget(body: dict[str, Any]) -> str | None:

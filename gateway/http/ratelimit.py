@@ -16,6 +16,14 @@ RPM_EXHAUSTED, TPM_EXHAUSTED, BUDGET_EXHAUSTED, CREDITS_EXHAUSTED = (
     int(AdmitCode.BUDGET_EXHAUSTED), int(AdmitCode.CREDITS_EXHAUSTED))
 PLAN_UNKNOWN = int(AdmitCode.PLAN_UNKNOWN)
 MODEL_NOT_ALLOWED = int(AdmitCode.MODEL_NOT_ALLOWED)
+CONCURRENCY_LIMIT = int(AdmitCode.CONCURRENCY_LIMIT)
+# Which limit refused: the key's own (or its plan's), its plan's for the model, the account's.
+_WHOSE = {"key": "", "model": " for this model", "account": " for the account"}
+# Shadow mode's would-be refusals by the `reason` label refusals have (rejection_reason).
+WOULD_REJECT_REASONS = {RPM_EXHAUSTED: "rate_limit_exceeded_rpm",
+                        TPM_EXHAUSTED: "rate_limit_exceeded_tpm",
+                        MODEL_NOT_ALLOWED: "model_not_allowed",
+                        CONCURRENCY_LIMIT: "concurrency_limit_exceeded"}
 
 
 def format_reset(micros: int) -> str:
@@ -64,12 +72,17 @@ def rejection(d: Decision) -> Rejected:
                         "permission_error", headers)
     if d.code == RPM_EXHAUSTED:
         return Rejected(429, "rate_limit_exceeded",
-                        f"Rate limit reached: {d.rpm_limit} requests per minute.",
-                        "requests", headers)
+                        f"Rate limit reached: {d.rpm_limit} requests per minute"
+                        f"{_WHOSE.get(d.scope, '')}.", "requests", headers)
     if d.code == TPM_EXHAUSTED:
         return Rejected(429, "rate_limit_exceeded",
-                        f"Rate limit reached: {d.tpm_limit} tokens per minute.",
-                        "tokens", headers)
+                        f"Rate limit reached: {d.tpm_limit} tokens per minute"
+                        f"{_WHOSE.get(d.scope, '')}.", "tokens", headers)
+    if d.code == CONCURRENCY_LIMIT:
+        whose = "the account's" if d.scope == "account" else "this key's"
+        return Rejected(429, "concurrency_limit_exceeded",
+                        f"Too many requests in flight: {whose} concurrency limit is reached; "
+                        f"retry when one finishes.", "requests", headers)
     if d.code == PLAN_UNKNOWN:
         # The operator removed the plan from the config while keys still name it.
         return Rejected(403, "plan_unavailable",

@@ -113,6 +113,7 @@ class Metrics:
     store_errors: Counter
     settlements: Counter
     fail_open: Counter
+    would_reject: Counter  # shadow mode: refusals the plan's limits would have made
     over_bound: Counter
     over_reservation: Counter
     upstream: tuple[Histogram, ...]  # gateway_upstream_duration_seconds by STATUS_CLASSES
@@ -162,6 +163,10 @@ class Metrics:
             fail_open=Counter("gateway_fail_open_requests_total",
                               "Requests forwarded unenforced while the store was down",
                               registry=registry),
+            would_reject=Counter("gateway_would_reject_total",
+                                 "Requests a plan in shadow mode (enforce = false) admitted "
+                                 "that its limits would have refused", ["reason", "plan"],
+                                 registry=registry),
             over_bound=Counter("gateway_usage_over_bound_total",
                                "Responses whose reported completion tokens exceeded the bound "
                                "forwarded (billed at the bound)", registry=registry),

@@ -9,7 +9,13 @@ from gateway.config.settings import Settings
 from gateway.config.units import usd_to_micro_signed
 from gateway.core.keys import hash_secret, new_management_secret
 from gateway.errors import ConfigError
-from gateway.http.admin import account_json, credit_json, mgmt_json, resolve_account
+from gateway.http.admin import (
+    account_json,
+    account_limits,
+    credit_json,
+    mgmt_json,
+    resolve_account,
+)
 from gateway.http.management_body import MAX_REASON_LENGTH
 from gateway.obs.logs import escape_control
 from gateway.serve.cli_common import action, emit
@@ -17,12 +23,45 @@ from gateway.store import Store
 
 
 def _account_line(doc: dict[str, Any]) -> str:
-    return f"{doc['id']}  {escape_control(doc['name'])}  credits ${doc['credits']:.6f}"
+    limits = "  ".join(f"{field} {value}" for field, value in doc["limits"].items()
+                       if value is not None)
+    return (f"{doc['id']}  {escape_control(doc['name'])}  credits ${doc['credits']:.6f}"
+            + (f"  limits: {limits}" if limits else ""))
+
+
+def _limits_given(args: argparse.Namespace) -> dict[str, str]:
+    given = {"rpm": args.rpm, "tpm": args.tpm, "max_concurrent": args.max_concurrent}
+    return {field: value for field, value in given.items() if value is not None}
 
 
 async def _create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    doc = account_json(await store.create_account(args.name))
+    limits = account_limits(_limits_given(args))  # checked before anything is made
+    account = await store.create_account(args.name)
+    if limits:
+        account = await store.set_account_limits(account.id, limits)
+    doc = account_json(account)
     emit(args, doc, _account_line(doc))
+
+
+async def _update(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    limits = account_limits(_limits_given(args))
+    if not limits:
+        raise ConfigError("nothing to change: give at least one of --rpm, --tpm, "
+                          "--max-concurrent")
+    account_id = await resolve_account(store, args.account, create=False)
+    doc = account_json(await store.set_account_limits(account_id, limits))
+    emit(args, doc, _account_line(doc))
+
+
+def _limit_options(parser: argparse.ArgumentParser, clear: bool) -> None:
+    suffix = "|none" if clear else ""
+    tail = ", or none to remove it" if clear else ""
+    parser.add_argument("--rpm", metavar=f"N{suffix}",
+                        help=f"requests per minute for all the account's keys together{tail}")
+    parser.add_argument("--tpm", metavar=f"N{suffix}",
+                        help=f"tokens per minute for all the account's keys together{tail}")
+    parser.add_argument("--max-concurrent", metavar=f"N{suffix}",
+                        help=f"requests of all the account's keys in flight at once{tail}")
 
 
 async def _add_credits(args: argparse.Namespace, settings: Settings, store: Store) -> None:
@@ -94,6 +133,12 @@ def add_account_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     create = action(actions, "create", common, _create, "create an account",
                     "gateway accounts create --name acme")
     create.add_argument("--name", required=True, help="a unique name")
+    _limit_options(create, clear=False)
+    update = action(actions, "update", common, _update,
+                    "set or remove the account's own limits, shared by all its keys",
+                    "gateway accounts update acme --rpm 600 --max-concurrent 16")
+    update.add_argument("account", metavar="ACCOUNT", help="the account's id or name")
+    _limit_options(update, clear=True)
     credits = action(actions, "add-credits", common, _add_credits,
                      "add prepaid credits to an account (negative to take some away), with "
                      "the reason recorded",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Mapping
 
 import orjson
 
@@ -15,7 +16,14 @@ from gateway.errors import (
 from gateway.store.codes import CreditCode
 from gateway.store.hot import HotPath
 from gateway.store.names import SUBSCRIPTION_DEFAULT_SECONDS, Names
-from gateway.store.records import Account, CreditEntry, KeyRecord, _key_record, _text
+from gateway.store.records import (
+    Account,
+    CreditEntry,
+    KeyRecord,
+    _key_record,
+    _optional_int,
+    _text,
+)
 
 CREDIT_LOG_ENTRIES = 1000  # per account; older adjustments drop off
 
@@ -50,7 +58,20 @@ class Administration(HotPath):
         if not raw:
             raise NotFound(f"no account with id {account_id}")
         f = {_text(k): _text(v) for k, v in raw.items()}
-        return Account(f["id"], f["name"], int(f["credits"]), int(f["created_at"]))
+        return Account(f["id"], f["name"], int(f["credits"]), int(f["created_at"]),
+                       _optional_int(f.get("rpm")), _optional_int(f.get("tpm")),
+                       _optional_int(f.get("max_concurrent")))
+
+    async def set_account_limits(self, account_id: str,
+                                 limits: Mapping[str, int | None]) -> Account:
+        """Sets (an int) or clears (None) the account's rpm, tpm and max_concurrent, all in
+        one step (lua/account_limits.lua); raises NotFound for a missing account."""
+        args: list[str] = []
+        for field, value in limits.items():
+            args += [field, "" if value is None else str(value)]
+        if not await self._evalsha(self._account_limits, [Names.account(account_id)], args):
+            raise NotFound(f"no account with id {account_id}")
+        return await self.get_account(account_id)
 
     async def list_accounts(self) -> list[Account]:
         ids = sorted(_text(i) for i in await self._cmd("SMEMBERS", Names.ACCOUNTS))
@@ -86,7 +107,7 @@ class Administration(HotPath):
         tpm: int | None,
         budget_limit: int | None, budget_duration: int, expires_at_us: int | None,
         expires_in_seconds: int | None, secret_hash: str, max_keys: int = 100,
-        models: str | None = None,
+        models: str | None = None, max_concurrent: int | None = None,
     ) -> KeyRecord:
         await self.get_account(account_id)
         now = await self.now_us()
@@ -111,6 +132,7 @@ class Administration(HotPath):
             "resets_at": now + budget_duration * 1_000_000, "total_spent": 0,
             # No models of its own (''): the plan's list decides (lua/admit.lua).
             "models": models or "",
+            "max_concurrent": "" if max_concurrent is None else max_concurrent,
         }
         await self._hset(Names.key(account_id, key_id), record)
         await self._cmd("SET", Names.key_index(key_id), account_id)

@@ -19,6 +19,7 @@ class AdmitCode(IntEnum):
     CREDITS_EXHAUSTED = 7
     PLAN_UNKNOWN = 8
     MODEL_NOT_ALLOWED = 9
+    CONCURRENCY_LIMIT = 10
 
 
 class UsageCode(IntEnum):

@@ -54,14 +54,26 @@ class HotPath(StoreBase):
         """`plan_limits` (Settings.plan_limits): the limits of keys that follow their plan;
         such a key's plan missing from it is refused (PLAN_UNKNOWN)."""
         names = self._hot_names(ref)
-        keys = [names.key, names.account, names.reservation_prefix + request_id]
+        keys = [names.key, names.account, names.reservation_prefix + request_id,
+                names.key_slots, names.account_slots]
         args = [secret_hash, ask.prompt_tokens, ask.per_sequence, ask.sequences, ask.cost,
                 ask.prompt_cost, ask.output_price, RESERVATION_TTL_SECONDS,
                 "clamp" if ask.clamp else "reject", ask.model, *plan_limits]
         raw = await self._evalsha(self._admit, keys, args)
         n = [int(v) for v in raw[:8]]
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
-                        _text(raw[9]), int(raw[10]))
+                        _text(raw[9]), int(raw[10]), int(raw[11]), int(raw[12]),
+                        _text(raw[13]))
+
+    async def renew_slots(self, ref: KeyRef, reservation_ids: Sequence[str],
+                          lease_us: int) -> int:
+        """Extends the leases of these requests' slots (those still held) by `lease_us` from
+        Redis's now; returns how many were renewed."""
+        names = self._hot_names(ref)
+        members = [names.reservation_prefix + request_id for request_id in reservation_ids]
+        return int(await self._evalsha(self._renew_slots,
+                                       [names.key_slots, names.account_slots],
+                                       [lease_us, *members]))
 
     async def settle(self, ref: KeyRef, request_id: str, prompt_tokens: int,
                      completion_tokens: int, cost: int, count_usage: bool = True,

@@ -33,6 +33,7 @@ class KeyChange:
     renew_seconds: int | None = None
     active: bool | None = None
     models: str | None = None  # patterns joined by commas, or FOLLOW_PLAN
+    max_concurrent: int | str | None = None  # or FOLLOW_PLAN
 
     def fields(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -53,6 +54,9 @@ class KeyChange:
             out["active"] = "1" if self.active else "0"
         if self.models is not None:
             out["models"] = "" if self.models == FOLLOW_PLAN else self.models
+        if self.max_concurrent is not None:
+            out["max_concurrent"] = ("" if self.max_concurrent == FOLLOW_PLAN
+                                     else str(self.max_concurrent))
         return out
 
     def is_empty(self) -> bool:

@@ -62,6 +62,9 @@ class Decision:
     plan: str
     key_type: str
     per_sequence: int = 0  # the completion bound admitted (at most the one asked for)
+    slots: int = 0  # the slots taken (1 the key's, 2 the account's, 3 both): renew them
+    would_reject: int = 0  # shadow mode: the code the plan's limits would have refused with
+    scope: str = ""  # whose limit refused (or would have): "key", "model" or "account"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,10 @@ class Account:
     name: str
     credits: int
     created_at_us: int
+    # The account's own limits, shared by all its keys; None: none.
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,7 @@ class KeyRecord:
     total_spent: int
     deleted_at_us: int | None = None  # deleted keys keep their record for their history
     models: tuple[str, ...] | None = None  # the key's own allowed models; None: its plan's
+    max_concurrent: int | None = None  # the key's own in-flight limit; None: its plan's
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +188,7 @@ def _key_record(raw: dict[Any, Any]) -> KeyRecord:
         resets_at_us=int(f["resets_at"]), total_spent=int(f.get("total_spent", "0")),
         deleted_at_us=_optional_int(f.get("deleted_at")),
         models=tuple(f["models"].split(",")) if f.get("models") else None,
+        max_concurrent=_optional_int(f.get("max_concurrent")),
     )
 
 
