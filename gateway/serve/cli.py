@@ -25,6 +25,7 @@ from gateway.errors import (
 from gateway.obs.logs import logging_config
 from gateway.obs.metrics import multiprocess_dir, serve_metrics
 from gateway.serve.cli_accounts import add_account_commands, plans
+from gateway.serve.cli_alerts import add_alert_commands
 from gateway.serve.cli_common import Parser, action, common_options, common_parent, emit
 from gateway.serve.cli_invoices import add_invoice_command
 from gateway.serve.cli_keys import add_key_commands
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     add_key_commands(sub, common)
     add_invoice_command(sub, common)
     add_ledger_commands(sub, common)
+    add_alert_commands(sub, common)
 
     config = sub.add_parser("config", help="check the configuration",
                             description="Check the configuration.")
@@ -117,6 +119,7 @@ _EXAMPLES = """examples:
   gateway --redis redis://127.0.0.1:6379/0 keys create --account acme --name prod --plan pro
   gateway serve --redis redis://127.0.0.1:6379/0 --upstream http://127.0.0.1:8000
   gateway config check --config gateway.toml
+  gateway alerts send --redis redis://127.0.0.1:6379/0 --config gateway.toml
 
 every option before the command (--redis, --config, --json) also works after it."""
 
@@ -146,6 +149,10 @@ async def _run_with_store(args: argparse.Namespace, settings: Settings) -> int |
         raise ConfigError("no Redis configured: pass --redis URL or set GATEWAY_REDIS_URL "
                           "(the embedded store lives only inside `gateway demo`)")
     store = connect(settings.redis_url, max(settings.redis_timeout_seconds, 2.0))
+    if settings.alerts.enabled:  # a key deactivated here writes its key.deactivated event
+        from gateway.alerts.outbox import enable_alerts
+
+        enable_alerts(store, settings.alerts)
     try:
         status: int | None = await args.run(args, settings, store)
         return status

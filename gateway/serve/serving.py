@@ -16,4 +16,12 @@ def create_app() -> GatewayMiddleware:
     access_log.install(settings.log_level, settings.log_format)
     upstream = UpstreamProxy(settings.upstream_url, settings.upstream_api_key,
                              routes=settings.routes, deadlines=settings.upstream_deadlines)
-    return GatewayMiddleware(upstream, settings=settings)
+    if not settings.alerts.enabled:
+        return GatewayMiddleware(upstream, settings=settings)
+    # alerts: the scripts write events, and a sender runs beside the server (its lifespan)
+    from gateway.alerts.lifespan import AlertsInServe
+
+    alerts = AlertsInServe(upstream, settings.alerts)
+    app = GatewayMiddleware(alerts, settings=settings)
+    alerts.attach(app.store)
+    return app

@@ -1,0 +1,119 @@
+"""`gateway alerts send`: deliver the alert outboxes to the configured webhooks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import signal
+from typing import Any
+
+from gateway.config.settings import Settings
+from gateway.errors import ConfigError
+from gateway.serve.cli_common import action, emit
+from gateway.store import Store
+
+log = logging.getLogger("gateway.alerts")
+
+
+async def _send(args: argparse.Namespace, settings: Settings, store: Store) -> None:
+    from gateway.alerts.lifespan import consumer_name
+    from gateway.alerts.metrics import AlertMetrics
+    from gateway.alerts.outbox import Outbox
+    from gateway.alerts.sender import AlertSender, SenderOptions
+
+    if not settings.alerts.enabled:
+        raise ConfigError("no webhook configured: add [[alerts.webhooks]] (url, secret) to "
+                          "the config file (--config or GATEWAY_CONFIG)")
+    metrics = AlertMetrics()
+    sender = AlertSender(Outbox(store, args.consumer or consumer_name("send", per_process=False)),
+                         settings.alerts, metrics,
+                         SenderOptions(claim_idle_seconds=args.claim_after))
+    if args.once:
+        try:
+            await sender.run_pass()
+            waiting = await sender.observe_lag()
+        finally:
+            await sender.close()
+        t = sender.totals
+        emit(args, {"delivered": t.delivered, "failed": t.failed, "given_up": t.given_up,
+                    "done": t.done, "expiring_created": t.expiring, "retrying": sender.pending,
+                    "waiting": waiting},
+             f"{t.done} events done ({t.delivered} webhook calls delivered, {t.failed} "
+             f"failed, {t.given_up} events given up); {sender.pending} to retry; "
+             f"{waiting} events waiting in Redis")
+        return
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(args.metrics_port, addr=args.metrics_host,
+                              registry=metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {args.metrics_host}:"
+                              f"{args.metrics_port}: {exc.strerror}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log.info("alert sender started: %d webhook(s), consumer %s", len(settings.alerts.webhooks),
+             sender.outbox.consumer)
+    try:
+        await sender.run(stop, interval=args.interval)
+    finally:
+        await sender.close()
+    t = sender.totals
+    log.info("alert sender stopped: %d events done, %d given up", t.done, t.given_up)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or value > 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 (at most a day), got "
+                                         f"{text[:40]!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: none), got {text[:40]!r}")
+    return int(text)
+
+
+def _name(text: str) -> str:
+    if not text.strip() or len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError("expected a printable name of 1 to 200 characters")
+    return text
+
+
+def add_alert_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    alerts = sub.add_parser(
+        "alerts", help="webhook alerts: budget thresholds, low credits, expiring keys",
+        description="Deliver the alert events the gateway's scripts write ([alerts] and "
+                    "[[alerts.webhooks]] in the config) to the webhooks, signed, with "
+                    "retries. `gateway serve` runs a sender too; this one runs apart.")
+    actions = alerts.add_subparsers(dest="command", required=True, metavar="ACTION")
+    send = action(actions, "send", common, _send,
+                  "deliver every account's alert events to the webhooks that want them, "
+                  "with retries and backoff; runs until stopped (SIGTERM), or once with --once",
+                  "gateway alerts send --redis redis://127.0.0.1:6379/0 "
+                  "--config gateway.toml --metrics-port 9109")
+    send.add_argument("--once", action="store_true",
+                      help="one pass: write key.expiring, try each waiting event once, print "
+                           "the counts and exit (failed events stay for the next run)")
+    send.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+                      help="pause between passes when nothing is due (default 1)")
+    send.add_argument("--metrics-port", type=_port, default=9109, metavar="PORT",
+                      help="serve Prometheus metrics here (0: none; default 9109)")
+    send.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                      help="the metrics listener's address (default 127.0.0.1)")
+    send.add_argument("--consumer", type=_name, default=None,
+                      help="this sender's name in the consumer group (default: HOST-send)")
+    send.add_argument("--claim-after", type=_seconds, default=120.0, metavar="SECONDS",
+                      help="take over events another sender left unacknowledged this long "
+                           "(default 120)")
