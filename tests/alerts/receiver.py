@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gateway.alerts.signing import verify
+
+def expected_signature(secret: str, body: bytes) -> str:
+    """Computed here, as a receiver would, not with the gateway's own signing code."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -37,7 +42,8 @@ class Receiver:
         return {c.headers["x-gateway-event-id"] for c in self.accepted()}
 
     def verifies(self, secret: str) -> bool:
-        return all(verify(secret, c.body, c.headers["x-gateway-signature"])
+        return all(hmac.compare_digest(expected_signature(secret, c.body),
+                                       c.headers["x-gateway-signature"])
                    for c in self.calls)
 
     async def _handle(self, reader: asyncio.StreamReader,

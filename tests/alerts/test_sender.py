@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from gateway.alerts.metrics import AlertMetrics
 from gateway.alerts.outbox import Outbox
 from gateway.alerts.sender import AlertSender, SenderOptions
-from gateway.alerts.signing import sign
+from gateway.alerts.signing import verify
 from gateway.config.settings import Settings
 from gateway.http.key_changes import ChangeSpec, update_key
 from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
 from tests.alerts.helpers import SECRET, alert_settings, chat, outbox, upstream, with_alerts
-from tests.alerts.receiver import Receiver, receiving
+from tests.alerts.receiver import Receiver, expected_signature, receiving
 from tests.conftest import bearer, client_for, gateway, new_key
 
 FAST = SenderOptions.with_backoff(0.05, 0.2)
@@ -101,7 +101,8 @@ async def test_every_event_arrives_signed_with_one_id_across_retries(
         doc = orjson.loads(call.body)
         assert doc["id"] == call.headers["x-gateway-event-id"]
         assert doc["type"] == call.headers["x-gateway-event-type"]
-        assert call.headers["x-gateway-signature"] == sign(SECRET, call.body)
+        assert call.headers["x-gateway-signature"] == expected_signature(SECRET, call.body)
+        assert verify(SECRET, call.body, call.headers["x-gateway-signature"])
         assert doc["account_id"] == account_id and doc["created_at"].endswith("Z")
         assert call.path == "/hook"
     [budget] = [orjson.loads(c.body) for c in rx.accepted()
