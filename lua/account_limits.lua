@@ -3,7 +3,8 @@
 --
 -- KEYS[1] = account record hash    gw:{acct:<id>}:account
 -- ARGV[1...] = field, value pairs: rpm, tpm or max_concurrent, each a positive integer or
---           '' to clear (no limit of the account's)
+--           '' to clear (no limit of the account's); windows, budget windows as admit.lua
+--           reads them ('' none; a window's spent carries on while its duration stays)
 -- returns 1 when applied, 0 when there is no such account
 
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end

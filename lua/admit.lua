@@ -8,9 +8,11 @@
 -- KEYS[3] = reservation            gw:{acct:<id>}:res:<request_id>
 --           a string "<tokens> <budget> <credits> <period> <tpm> <admitted_us>", read back
 --           by settle.lua (admitted_us: this admission's Redis time, for the ledger),
---           followed by " <slots> <account_tpm> <model_tpm> <model>" when the request took
---           a slot or met an account or model token bucket (slots: 1 the key's, 2 the
---           account's, 3 both)
+--           followed by " <slots> <account_tpm> <model_tpm> <windows> <model>" when the
+--           request took a slot, met an account or model token bucket or a budget window
+--           (slots: 1 the key's, 2 the account's, 3 both; windows: '-' none, else entries
+--           '<k|a><field>@<resets>' joined by ';', the windows charged, in the key's (k) or
+--           the account's (a) record, and the period each was charged to)
 -- KEYS[4] = the key's slots        gw:{acct:<id>}:slots:<key_id>
 -- KEYS[5] = the account's slots    gw:{acct:<id>}:slots
 --           sorted sets of the reservations in flight (members: KEYS[3]) by lease expiry
@@ -29,14 +31,17 @@
 --           (only a '*' pattern allows it); '' for a keyed request that is not inference
 --           (no model to check)
 -- ARGV[11] = a slot's lease, microseconds (renewed while the request lives)
--- ARGV[12...] = the plans, in sevens: slug, rpm, tpm, models, max_concurrent, enforce,
---           model_limit (slug '' for credit keys; models: names or 'prefix*' patterns
---           joined by commas, '' for any model; max_concurrent 0 for none; enforce '0' for
---           shadow mode; model_limit "<rpm> <tpm>" for the model asked, '' for none).
---           A key without its own rpm, tpm, models or max_concurrent (the field empty)
---           follows its plan's here, so a plan edited in the config reaches every key on it.
---           The account record's own rpm, tpm and max_concurrent (absent: none) apply to
---           all its keys together.
+-- ARGV[12...] = the plans, in eights: slug, rpm, tpm, models, max_concurrent, enforce,
+--           model_limit, windows (slug '' for credit keys; models: names or 'prefix*'
+--           patterns joined by commas, '' for any model; max_concurrent 0 for none; enforce
+--           '0' for shadow mode; model_limit "<rpm> <tpm>" for the model asked, '' for none;
+--           windows: budget windows "<limit_micro>:<seconds>:<r|c>" joined by commas, r
+--           rolling from first use, c aligned to UTC (30 or 31 days: calendar months)).
+--           A key without its own rpm, tpm, models, max_concurrent or windows (the field
+--           empty) follows its plan's here, so a plan edited in the config reaches every
+--           key on it. The account record's own rpm, tpm, max_concurrent and windows
+--           (absent: none) apply to all its keys together. A window's state is two fields
+--           of the record that holds it: 'bw:<seconds><r|c>:s' spent, ':r' resets_at.
 -- returns {code, rpm_limit, rpm_remaining, rpm_reset_us, tpm_limit, tpm_remaining,
 --          tpm_reset_us, retry_after_us, plan, key_type, per_sequence, slots, would_reject,
 --          scope}
@@ -64,7 +69,7 @@ local WINDOW = 60000000 -- token buckets refill completely in one minute (micros
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'active', 'type', 'plan', 'expires_at',
   'rpm', 'tpm', 'rpm_tat', 'tpm_tat', 'budget_limit', 'budget_duration', 'spent', 'resets_at',
-  'rpm_rate', 'tpm_rate', 'models', 'max_concurrent')
+  'rpm_rate', 'tpm_rate', 'models', 'max_concurrent', 'windows')
 if not rec[1] or rec[1] ~= ARGV[1] then
   return {1, 0, 0, 0, 0, 0, 0, -1, '', '', 0, 0, 0, ''}
 end
@@ -81,18 +86,21 @@ local models = rec[16]
 if models == '' then models = false end
 local max_concurrent = tonumber(rec[17])
 local enforce, model_limit = true, ''
-for i = 12, #ARGV - 6, 7 do
+local key_windows = rec[18]
+if key_windows == '' then key_windows = false end
+for i = 12, #ARGV - 7, 8 do
   if ARGV[i] == plan then
     rpm, tpm = rpm or tonumber(ARGV[i + 1]), tpm or tonumber(ARGV[i + 2])
     models = models or ARGV[i + 3]
     max_concurrent = max_concurrent or tonumber(ARGV[i + 4])
     enforce, model_limit = ARGV[i + 5] ~= '0', ARGV[i + 6]
+    key_windows = key_windows or ARGV[i + 7]
     break
   end
 end
 if not rpm or not tpm then return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0, 0, 0, ''} end
 local acct = redis.call('HMGET', KEYS[2], 'credits', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat',
-  'rpm_rate', 'tpm_rate', 'max_concurrent')
+  'rpm_rate', 'tpm_rate', 'max_concurrent', 'windows')
 
 -- Generic cell rate algorithm: a bucket is one "theoretical arrival time" (tat). A bucket's
 -- debt (tat - now) was run up at the rate it was written with: under a new limit (an
@@ -189,6 +197,65 @@ if rec[10] ~= '' then
   affordable = tonumber(rec[10]) - spent
   short, short_retry = 6, resets_at - now
   if affordable <= 0 then return refuse(6, short_retry) end
+end
+
+-- Budget windows beyond the primary one: the key's (or its plan's) and the account's,
+-- each with its own lazy rollover. Calendar windows end on the UTC grid of their length
+-- (a 30 or 31 day one on the 1st of the month); rolling ones run from their first use.
+local DAY = 86400000000
+local function month_after(day)  -- the day number of the 1st of the month after `day`
+  -- civil_from_days and days_from_civil (H. Hinnant), proleptic Gregorian, UTC
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  m = m + 1
+  if m > 12 then m, y = 1, y + 1 end
+  if m <= 2 then y = y - 1 end
+  era = math.floor(y / 400)
+  yoe = y - era * 400
+  mp = m > 2 and m - 3 or m + 9
+  doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + math.floor((153 * mp + 2) / 5)
+  return era * 146097 + doe - 719468
+end
+local windows = {}
+local function add_windows(spec, hash, where)
+  if not spec or spec == '' then return end
+  for limit, seconds, mode in string.gmatch(spec, '(%d+):(%d+):(%a)') do
+    local field = 'bw:' .. seconds .. mode
+    local state = redis.call('HMGET', hash, field .. ':s', field .. ':r')
+    local length = tonumber(seconds) * 1000000
+    local w_resets, w_spent = tonumber(state[2]), tonumber(state[1]) or 0
+    if not w_resets or now >= w_resets then
+      w_spent = 0
+      if mode == 'c' and (length == 30 * DAY or length == 31 * DAY) then
+        w_resets = month_after(math.floor(now / DAY)) * DAY
+      elseif mode == 'c' then
+        w_resets = (math.floor(now / length) + 1) * length
+      elseif not w_resets then
+        w_resets = now + length
+      else
+        w_resets = w_resets + (math.floor((now - w_resets) / length) + 1) * length
+      end
+    end
+    windows[#windows + 1] = {hash = hash, where = where, field = field,
+                             limit = tonumber(limit), spent = w_spent, resets = w_resets}
+  end
+end
+add_windows(key_windows, KEYS[1], 'k')
+add_windows(acct[9], KEYS[2], 'a')
+for _, w in ipairs(windows) do
+  local left = w.limit - w.spent
+  if left <= 0 then return refuse(6, w.resets - now) end
+  if affordable == nil or left < affordable then
+    affordable, short, short_retry = left, 6, w.resets - now
+  end
 end
 if key_type == 'credit' then
   local balance = tonumber(acct[1] or '0')
@@ -298,16 +365,26 @@ if account_rpm or account_tpm then
   redis.call('HSET', KEYS[2], unpack(a))
 end
 if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
+local charged = '-'
+if #windows > 0 then
+  local entries = {}
+  for _, w in ipairs(windows) do
+    redis.call('HSET', w.hash, w.field .. ':s', w.spent + cost, w.field .. ':r', w.resets)
+    entries[#entries + 1] = string.format('%s%s@%.0f', w.where, w.field, w.resets)
+  end
+  charged = table.concat(entries, ';')
+end
 local lease_end = now + tonumber(ARGV[11])
 if slots % 2 == 1 then redis.call('ZADD', KEYS[4], lease_end, KEYS[3]) end
 if slots >= 2 then redis.call('ZADD', KEYS[5], lease_end, KEYS[3]) end
 local reservation
-if slots == 0 and not account_tpm and model_tpm == 0 then
+if slots == 0 and not account_tpm and model_tpm == 0 and charged == '-' then
   reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f', est_tokens, cost,
     reserve_credits, resets_at, tpm, now)
 else
-  reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f %d %.0f %.0f %s', est_tokens,
-    cost, reserve_credits, resets_at, tpm, now, slots, account_tpm or 0, model_tpm, ARGV[10])
+  reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f %d %.0f %.0f %s %s', est_tokens,
+    cost, reserve_credits, resets_at, tpm, now, slots, account_tpm or 0, model_tpm, charged,
+    ARGV[10])
 end
 redis.call('SET', KEYS[3], reservation, 'EX', ARGV[8])
 for _, b in ipairs(requests) do b.tat = b.next end

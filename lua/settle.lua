@@ -34,7 +34,8 @@ redis.call('DEL', KEYS[3])
 local tokens, budget, credits, period, admitted_tpm, admitted_us, rest = string.match(
   reservation, '^(%d+) (%d+) (%d+) (%d+) ?(%d*) ?(%d*) ?(.*)$')
 tokens, budget, credits = tonumber(tokens), tonumber(budget), tonumber(credits)
-local slots, account_tpm, model_tpm, model = string.match(rest, '^(%d+) (%d+) (%d+) ?(.*)$')
+local slots, account_tpm, model_tpm, windows, model = string.match(rest,
+  '^(%d+) (%d+) (%d+) (%S+) ?(.*)$')
 slots, account_tpm, model_tpm = tonumber(slots) or 0, tonumber(account_tpm) or 0,
   tonumber(model_tpm) or 0
 -- The request's slots are free again (a settlement comes at the end, on a disconnect, an
@@ -61,6 +62,14 @@ if rec[1] then
     local field = 'm:' .. model .. ':tpm_tat'
     local mtat = tonumber(redis.call('HGET', KEYS[1], field))
     if mtat then redis.call('HSET', KEYS[1], field, mtat + delta * 60000000 / model_tpm) end
+  end
+end
+-- The budget windows charged at admission, each corrected if still in the same period.
+for where, field, resets in string.gmatch(windows or '', '([ka])([^@;]+)@(%d+)') do
+  local hash = KEYS[2]
+  if where == 'k' then hash = KEYS[1] end
+  if cost ~= budget and redis.call('HGET', hash, field .. ':r') == resets then
+    redis.call('HINCRBY', hash, field .. ':s', cost - budget)
   end
 end
 -- The account's token bucket, when the account has one (shared by all its keys).

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config.units import check_flag, check_known, check_rate, check_slug
+from gateway.config.windows import BudgetWindow, windows_from_config
 from gateway.errors import ConfigError
 
 PLAN_FIELDS = frozenset({"name", "price_usdc", "rpm", "tpm", "models", "max_concurrent",
-                         "enforce", "max_queue_wait", "model_limits"})
+                         "enforce", "max_queue_wait", "model_limits", "budgets", "reset"})
 MAX_MODEL_PATTERN = 200
 MAX_CONCURRENT = 100_000
 MAX_QUEUE_WAIT_SECONDS = 60.0
@@ -38,6 +39,8 @@ class Plan:
     max_queue_wait: float = 0.0
     # Per-model limits of a key on the plan: (model, rpm, tpm), exact model names.
     model_limits: tuple[tuple[str, int, int], ...] = ()
+    # Budget windows of every key on the plan that has none of its own (config/windows.py).
+    budgets: tuple[BudgetWindow, ...] = ()
 
 
 DEFAULT_PLANS = {
@@ -126,5 +129,7 @@ def plans_from_config(tables: Mapping[str, Any]) -> dict[str, Plan]:
                                             f"plans.{slug}.max_queue_wait"),
             model_limits=_model_limits(raw.get("model_limits", {}),
                                        f"plans.{slug}.model_limits"),
+            budgets=windows_from_config(raw.get("budgets", []), raw.get("reset", "rolling"),
+                                        f"plans.{slug}"),
         )
     return plans

@@ -16,6 +16,7 @@ from gateway.config.units import (
     parse_duration,
     usd_to_micro,
 )
+from gateway.config.windows import decode_windows, windows_field
 from gateway.core.keys import hash_secret, new_consumption_secret
 from gateway.core.timefmt import iso_from_us, parse_iso_to_us
 from gateway.errors import ConfigError, NotFound
@@ -37,6 +38,7 @@ class KeySpec:
     expires_in: str | None = None
     models: str | None = None  # the key's own allowed models, "a,qwen*"; None: its plan's
     max_concurrent: int | None = None  # the key's own in-flight limit; None: its plan's
+    budget_windows: list[str] | None = None  # "5/1d", "100/30d/calendar"; None: its plan's
 
 
 MAX_NAME_LENGTH = 200
@@ -114,7 +116,8 @@ async def create_key(store: Store, settings: Settings, account_id: str,
         expires_in_seconds=expires_in, secret_hash=hash_secret(secret),
         max_keys=settings.max_keys_per_account, models=models,
         max_concurrent=(None if spec.max_concurrent is None else check_concurrency(
-            spec.max_concurrent, "max_concurrent")))
+            spec.max_concurrent, "max_concurrent")),
+        windows=windows_field(spec.budget_windows, ""))
     return record, secret
 
 
@@ -136,9 +139,16 @@ def key_json(record: KeyRecord, settings: Settings,
         # The key's own limits; null: it follows its plan's (or [credit]'s).
         # Requests it may have in flight at once; null: no limit.
         "max_concurrent": settings.concurrency_for(record.plan, record.max_concurrent),
+        # Budget windows beyond `budget` (its own, else its plan's), as USD/DURATION[/calendar].
+        "budget_windows": [w.text() for w in (
+            decode_windows(record.windows) if record.windows is not None
+            else settings.plans[record.plan].budgets if record.plan in settings.plans
+            else ())],
         "overrides": {"rpm": record.rpm, "tpm": record.tpm,
                       "models": None if record.models is None else list(record.models),
-                      "max_concurrent": record.max_concurrent},
+                      "max_concurrent": record.max_concurrent,
+                      "budget_windows": None if record.windows is None else [
+                          w.text() for w in decode_windows(record.windows)]},
         "budget": {
             "limit": None if record.budget_limit is None else micro_to_usd(record.budget_limit),
             "duration": format_duration(record.budget_duration),
@@ -157,7 +167,8 @@ def account_json(account: Account) -> dict[str, Any]:
     return {"id": account.id, "name": account.name, "credits": micro_to_usd(account.credits),
             # Shared by all the account's keys; null: none.
             "limits": {"rpm": account.rpm, "tpm": account.tpm,
-                       "max_concurrent": account.max_concurrent}}
+                       "max_concurrent": account.max_concurrent,
+                       "budget_windows": [w.text() for w in decode_windows(account.windows)]}}
 
 
 ACCOUNT_LIMITS = ("rpm", "tpm", "max_concurrent")

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.config.settings import Settings
 from gateway.config.units import format_duration, micro_to_usd
+from gateway.config.windows import next_reset_us
 from gateway.core.timefmt import iso_from_us
 from gateway.errors import Rejected, StoreUnavailable, send_json, send_rejection
 from gateway.http.auth import KeyResolver, header
@@ -20,6 +21,7 @@ from gateway.http.ratelimit import invalid_key
 from gateway.obs.metrics import exposition
 from gateway.store import KeyUsage, Store
 from gateway.store.codes import UsageCode
+from gateway.store.records import WindowState
 from gateway.types import Receive, Scope, Send
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -44,7 +46,23 @@ def usage_document(u: KeyUsage, settings: Settings) -> dict[str, Any]:
         },
         "credits": {"balance": micro_to_usd(u.credits)},
         "key": {"name": u.name, "type": u.key_type, "created_at": iso_from_us(u.created_at_us)},
+        # Beyond the seed's fields: every budget window of the key, the primary one (the
+        # seed's `budget`) first, then its own or its plan's, then its account's.
+        "budgets": [{"scope": "key", "primary": True, "limit": (
+            None if u.budget_limit is None else micro_to_usd(u.budget_limit)),
+            "duration": format_duration(u.budget_duration), "reset": "rolling",
+            "spent": micro_to_usd(u.spent), "resets_at": iso_from_us(u.resets_at_us)},
+            *(_window_document(w, u.now_us) for w in u.windows)],
     }
+
+
+def _window_document(w: WindowState, now_us: int) -> dict[str, Any]:
+    resets = next_reset_us(w.seconds, w.calendar, w.resets_at_us, now_us)
+    spent = w.spent if resets == w.resets_at_us else 0  # a rollover due: a new period
+    return {"scope": w.scope, "primary": False, "limit": micro_to_usd(w.limit),
+            "duration": format_duration(w.seconds),
+            "reset": "calendar" if w.calendar else "rolling", "spent": micro_to_usd(spent),
+            "resets_at": None if resets is None else iso_from_us(resets)}
 
 
 class Endpoints:
@@ -86,7 +104,8 @@ class Endpoints:
             return
         try:
             found = await self.resolver.authenticate(header(scope["headers"], b"authorization"))
-            usage = None if found is None else await self.store.key_usage(found[1], found[0])
+            usage = None if found is None else await self.store.key_usage(
+                found[1], found[0], self.settings.admission.windows)
         except StoreUnavailable:
             await send_rejection(send, Rejected(
                 502, "usage_unavailable", "Usage data is temporarily unavailable.", "api_error"))

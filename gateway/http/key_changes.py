@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gateway.config.plans import check_concurrency, parse_models
 from gateway.config.settings import Settings
 from gateway.config.units import check_rate, parse_duration, usd_to_micro
+from gateway.config.windows import windows_field
 from gateway.core.keys import hash_secret, new_consumption_secret
 from gateway.core.timefmt import parse_iso_to_us
 from gateway.errors import ConfigError, NotFound
@@ -34,6 +35,7 @@ class ChangeSpec:
     active: bool | None = None
     models: str | None = None  # "a,qwen*", or "plan"
     max_concurrent: str | None = None  # "8", or "plan"
+    budget_windows: list[str] | None = None  # ["5/1d", "100/30d/calendar"], ["plan"], ["none"]
 
 
 def _models(text: str | None) -> str | None:
@@ -112,11 +114,12 @@ async def key_change(store: Store, settings: Settings, record: KeyRecord,
         expires_at_us=expires_at,
         expires_in_seconds=None if spec.expires_in is None else parse_duration(spec.expires_in),
         active=spec.active, models=_models(spec.models),
-        max_concurrent=_concurrency(spec.max_concurrent))
+        max_concurrent=_concurrency(spec.max_concurrent),
+        windows=windows_field(spec.budget_windows, FOLLOW_PLAN))
     if change.is_empty():
         raise ConfigError("nothing to change: give at least one of name, plan, rpm, tpm, "
                           "budget, budget_duration, expires_at, expires_in, models, "
-                          "max_concurrent")
+                          "max_concurrent, budget windows")
     return change
 
 

@@ -29,6 +29,15 @@ from gateway.errors import (
 )
 from gateway.hooks import HOOKS, RequestHooks
 from gateway.http.auth import KeyResolver, header
+from gateway.http.body import (
+    ClientGone,
+    canonical,
+    limiter_unavailable,
+    not_json,
+    read_body,
+    replay,
+    too_large,
+)
 from gateway.http.endpoints import Endpoints
 from gateway.http.exchange import Exchange
 from gateway.http.leases import LeaseKeeper
@@ -55,39 +64,6 @@ log = logging.getLogger("gateway")
 _NOTHING = Ask(0, 0, 1, 0, 0, 0)  # what a keyed request that is not inference reserves
 
 
-class _ClientGone(Exception):
-    pass
-
-
-def _too_large() -> Rejected:
-    return Rejected(413, "request_too_large", "Request body is larger than the gateway allows.")
-
-
-def _not_json() -> Rejected:
-    return Rejected(400, "invalid_request", "Request body must be a valid JSON object.")
-
-
-def _limiter_unavailable() -> Rejected:
-    return Rejected(503, "limiter_unavailable",
-                    "The rate limiter is unavailable; the request was not forwarded.", "api_error")
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large()
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 class GatewayMiddleware:
     def __init__(self, app: ASGIApp, *, settings: Settings | None = None,
                  store: Store | None = None, metrics: Metrics | None = None,
@@ -107,7 +83,7 @@ class GatewayMiddleware:
         self.endpoints = Endpoints(store, self.settings, self.resolver, self.metrics.registry,
                                    verifier)
         self.settlements = SettlementQueue(store, self.metrics)
-        self.queue = AdmissionQueue(self.settings.plans.values(), self.metrics, _ClientGone)
+        self.queue = AdmissionQueue(self.settings.plans.values(), self.metrics, ClientGone)
         self.leases = LeaseKeeper(store, self.settings.concurrency_lease)
         self._outage = False
         writer = access_log.installed()  # gateway serve's; else the stdlib logger
@@ -140,7 +116,7 @@ class GatewayMiddleware:
                 except Rejected as rejected:
                     record.decision, record.reason = "rejected", rejection_reason(rejected)
                     await send_rejection(send, rejected)
-                except _ClientGone:
+                except ClientGone:
                     return
                 finally:
                     self.metrics.in_flight.leave()
@@ -177,7 +153,7 @@ class GatewayMiddleware:
                   scope["path"], record.request_id, exc_info=exc)
         record.decision, record.reason = "error", "internal_error"
         if record.status == 0:
-            rejected = (_limiter_unavailable() if from_store else Rejected(
+            rejected = (limiter_unavailable() if from_store else Rejected(
                 500, "internal_error", "The gateway failed to handle the request.",
                 "api_error"))
             with contextlib.suppress(Exception):
@@ -199,7 +175,7 @@ class GatewayMiddleware:
         the exchange, which records the response itself (one header pass, not two)."""
         path = route_path(scope)
         route = self._routes.get(path)
-        if route is None and not _canonical(path):
+        if route is None and not canonical(path):
             # The upstream would resolve `/v1/./chat/completions` to a metered route that
             # the gateway would meter as some other path: refuse rather than guess.
             raise self._reject(Rejected(400, "invalid_request",
@@ -241,7 +217,7 @@ class GatewayMiddleware:
             if bound is not None:  # fail open forwards the body we already read
                 body = bound.forwarded_body(body, ask.per_sequence)
                 scope = record.outbound_scope(scope, len(body))
-                receive = _replay(body, receive)
+                receive = replay(body, receive)
             else:
                 scope = record.outbound_scope(scope)
             await self._store_down(scope, receive, send, record, exc)
@@ -291,7 +267,7 @@ class GatewayMiddleware:
             except orjson.JSONDecodeError:
                 parsed = None
             if not isinstance(parsed, dict):
-                raise self._reject(_not_json())
+                raise self._reject(not_json())
             payload = parsed
         kind = route.kind
         if kind is INVOCATIONS and payload is not None:
@@ -347,9 +323,9 @@ class GatewayMiddleware:
         limit = self.settings.max_body_bytes
         declared = header(scope["headers"], b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise self._reject(_too_large())
+            raise self._reject(too_large())
         try:
-            return await _read_body(receive, limit)
+            return await read_body(receive, limit)
         except Rejected as rejected:
             raise self._reject(rejected) from None
 
@@ -366,7 +342,7 @@ class GatewayMiddleware:
             record.decision, record.reason = "allowed", "fail_open"
             await self.app(scope, receive, send)
             return
-        raise self._reject(_limiter_unavailable())
+        raise self._reject(limiter_unavailable())
 
     def _closing_on_shutdown(self, receive: Receive) -> Receive:
         async def lifespan_receive() -> Message:
@@ -386,25 +362,3 @@ class GatewayMiddleware:
         await self.leases.aclose()
         await self.store.close()
         access_log.flush()
-
-
-def _canonical(path: str) -> bool:
-    if "/." not in path and "//" not in path and not path.endswith("/") and ";" not in path \
-            and "\\" not in path:
-        return True  # the common case, without splitting
-    segments = path.split("/")[1:]
-    return all(segment not in ("", ".", "..") for segment in segments) and not any(
-        c in path for c in ";\\")
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed

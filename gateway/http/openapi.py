@@ -82,6 +82,15 @@ _SCHEMAS: dict[str, Schema] = {
                          "expires_at": _NULLABLE_TIME}),
         "credits": _object({"balance": _USD}),
         "key": _object({"name": {"type": "string"}, "type": _KEY_TYPE, "created_at": _TIME}),
+        "budgets": {"type": "array", "description": "every budget window of the key: the "
+                    "primary one (`budget`) first, then its own or its plan's, then its "
+                    "account's", "items": _object({
+                        "scope": {"type": "string", "enum": ["key", "account"]},
+                        "primary": {"type": "boolean"},
+                        "limit": {"type": ["number", "null"]},
+                        "duration": {"type": "string"},
+                        "reset": {"type": "string", "enum": ["rolling", "calendar"]},
+                        "spent": _USD, "resets_at": _NULLABLE_TIME})},
     }),
     "SpendLine": _object({
         "group": {"type": "string",
@@ -111,9 +120,13 @@ _SCHEMAS: dict[str, Schema] = {
         # the key's own limits; null: it follows its plan's
         "models": _MODELS,
         "max_concurrent": _NULLABLE_COUNT,
+        # budget windows beyond `budget`, as USD/DURATION[/calendar]
+        "budget_windows": {"type": "array", "items": {"type": "string"}},
         "overrides": _object({"rpm": _NULLABLE_COUNT, "tpm": _NULLABLE_COUNT,
                               "models": {"type": ["array", "null"], "items": {"type": "string"}},
-                              "max_concurrent": _NULLABLE_COUNT}),
+                              "max_concurrent": _NULLABLE_COUNT,
+                              "budget_windows": {"type": ["array", "null"],
+                                                 "items": {"type": "string"}}}),
         "budget": _object({"limit": {"type": ["number", "null"]},
                            "duration": {"type": "string"}, "spent": _USD,
                            "resets_at": _TIME}),
@@ -122,7 +135,7 @@ _SCHEMAS: dict[str, Schema] = {
         "created_at": _TIME,
         "deleted_at": _NULLABLE_TIME,
     }, required=["id", "name", "type", "account_id", "plan", "is_active", "rate_limits",
-                 "models", "max_concurrent", "overrides", "budget", "total_spent",
+                 "models", "max_concurrent", "budget_windows", "overrides", "budget", "total_spent",
                  "expires_at", "created_at", "deleted_at"]),
     "KeyWithSecret": {"allOf": [_ref("Key"), {"required": ["key"]}]},
     "KeyCreate": _object({

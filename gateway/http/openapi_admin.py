@@ -14,7 +14,10 @@ _TIME: Schema = {"type": "string"}
 _ACCOUNT_LIMITS: dict[str, Schema] = {
     "rpm": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000},
     "tpm": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000},
-    "max_concurrent": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000}}
+    "max_concurrent": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000},
+    "budget_windows": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 4,
+                       "description": "USD/DURATION[/calendar] each, e.g. 100/30d; shared "
+                                      "by all the account's keys; null or []: none"}}
 
 
 def _ref(name: str) -> Schema:

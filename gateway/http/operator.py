@@ -16,6 +16,7 @@ import orjson
 from gateway.config.routes import route_path
 from gateway.config.settings import Settings
 from gateway.config.units import usd_to_micro_signed
+from gateway.config.windows import encode_windows, parse_windows
 from gateway.core.keys import (
     CONSUMPTION_PREFIX,
     MANAGEMENT_PREFIX,
@@ -170,13 +171,20 @@ class Operator:
 
     async def _account_limits(self, send: Send, account_id: str,
                               body: dict[str, Any]) -> None:
-        only_fields(body, ACCOUNT_LIMITS)
+        only_fields(body, (*ACCOUNT_LIMITS, "budget_windows"))
+        windows = body.pop("budget_windows", False)
         for field, value in body.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise bad_request(f"{field} must be an integer, or null for no limit")
-        if not body:
-            raise bad_request("give at least one of rpm, tpm, max_concurrent")
-        account = await self.store.set_account_limits(account_id, account_limits(body))
+        limits: dict[str, int | str | None] = dict(account_limits(body))
+        if windows is not False:
+            if windows is not None and (not isinstance(windows, list) or not all(
+                    isinstance(w, str) for w in windows)):
+                raise bad_request("budget_windows must be a list like [\"100/30d\"], or null")
+            limits["windows"] = encode_windows(parse_windows(windows or []))
+        if not limits:
+            raise bad_request("give at least one of rpm, tpm, max_concurrent, budget_windows")
+        account = await self.store.set_account_limits(account_id, limits)
         await send_json(send, 200, orjson.dumps(account_json(account)))
 
     async def _list_accounts(self, send: Send, name: str | None) -> None:

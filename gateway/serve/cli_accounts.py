@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.config.settings import Settings
 from gateway.config.units import usd_to_micro_signed
+from gateway.config.windows import NO_WINDOWS, windows_field
 from gateway.core.keys import hash_secret, new_management_secret
 from gateway.errors import ConfigError
 from gateway.http.admin import (
@@ -24,7 +25,9 @@ from gateway.store import Store
 
 def _account_line(doc: dict[str, Any]) -> str:
     limits = "  ".join(f"{field} {value}" for field, value in doc["limits"].items()
-                       if value is not None)
+                       if value is not None and field != "budget_windows")
+    if doc["limits"]["budget_windows"]:
+        limits += "  budgets " + ", ".join(doc["limits"]["budget_windows"])
     return (f"{doc['id']}  {escape_control(doc['name'])}  credits ${doc['credits']:.6f}"
             + (f"  limits: {limits}" if limits else ""))
 
@@ -34,8 +37,16 @@ def _limits_given(args: argparse.Namespace) -> dict[str, str]:
     return {field: value for field, value in given.items() if value is not None}
 
 
+def _checked_limits(args: argparse.Namespace) -> dict[str, int | str | None]:
+    limits: dict[str, int | str | None] = dict(account_limits(_limits_given(args)))
+    windows = windows_field(args.budget_window, "")
+    if windows is not None:
+        limits["windows"] = "" if windows == NO_WINDOWS else windows
+    return limits
+
+
 async def _create(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    limits = account_limits(_limits_given(args))  # checked before anything is made
+    limits = _checked_limits(args)  # checked before anything is made
     account = await store.create_account(args.name)
     if limits:
         account = await store.set_account_limits(account.id, limits)
@@ -44,10 +55,10 @@ async def _create(args: argparse.Namespace, settings: Settings, store: Store) ->
 
 
 async def _update(args: argparse.Namespace, settings: Settings, store: Store) -> None:
-    limits = account_limits(_limits_given(args))
+    limits = _checked_limits(args)
     if not limits:
         raise ConfigError("nothing to change: give at least one of --rpm, --tpm, "
-                          "--max-concurrent")
+                          "--max-concurrent, --budget-window")
     account_id = await resolve_account(store, args.account, create=False)
     doc = account_json(await store.set_account_limits(account_id, limits))
     emit(args, doc, _account_line(doc))
@@ -62,6 +73,10 @@ def _limit_options(parser: argparse.ArgumentParser, clear: bool) -> None:
                         help=f"tokens per minute for all the account's keys together{tail}")
     parser.add_argument("--max-concurrent", metavar=f"N{suffix}",
                         help=f"requests of all the account's keys in flight at once{tail}")
+    parser.add_argument("--budget-window", action="append", metavar=f"USD/DURATION{suffix}",
+                        help="a budget window for all the account's keys together, e.g. "
+                             "100/30d or 100/30d/calendar (repeatable; replaces the "
+                             f"account's){tail}")
 
 
 async def _add_credits(args: argparse.Namespace, settings: Settings, store: Store) -> None:

@@ -48,7 +48,7 @@ async def _create(args: argparse.Namespace, settings: Settings, store: Store) ->
     spec = KeySpec(name=args.name, plan=args.plan, credit=args.credit, rpm=args.rpm,
                    tpm=args.tpm, budget_usd=args.budget, budget_duration=args.budget_duration,
                    expires_at=args.expires_at, expires_in=args.expires_in, models=args.models,
-                   max_concurrent=args.max_concurrent)
+                   max_concurrent=args.max_concurrent, budget_windows=args.budget_window)
     record, secret = await create_key(store, settings, account_id, spec)
     _show(args, settings, record, secret)
 
@@ -73,7 +73,8 @@ async def _update(args: argparse.Namespace, settings: Settings, store: Store) ->
     spec = ChangeSpec(name=args.name, plan=args.plan, rpm=args.rpm, tpm=args.tpm,
                       budget=args.budget, budget_duration=args.budget_duration,
                       expires_at=args.expires_at, expires_in=args.expires_in,
-                      models=args.models, max_concurrent=args.max_concurrent)
+                      models=args.models, max_concurrent=args.max_concurrent,
+                      budget_windows=args.budget_window)
     _show(args, settings, await update_key(store, settings, args.key_id, spec))
 
 
@@ -119,6 +120,9 @@ def add_key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     create.add_argument("--max-concurrent", type=int, metavar="N",
                         help="requests the key may have in flight at once "
                              "(default: follow the plan's)")
+    create.add_argument("--budget-window", action="append", metavar="USD/DURATION",
+                        help="a budget window beyond --budget, e.g. 5/1d or 100/30d/calendar "
+                             "(repeatable; default: follow the plan's budgets; none: none)")
     create.add_argument("--budget-duration", default="30d", metavar="DURATION",
                         help="budget period: a number with s, m, h or d (default 30d)")
     expiry = create.add_mutually_exclusive_group()
@@ -160,6 +164,10 @@ def add_key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     update.add_argument("--max-concurrent", metavar="N|plan",
                         help="requests the key may have in flight at once, or 'plan' to "
                              "follow the plan's")
+    update.add_argument("--budget-window", action="append", metavar="USD/DURATION|plan|none",
+                        help="the key's budget windows beyond --budget, replacing its own "
+                             "(repeatable: 5/1d, 100/30d/calendar); 'plan' to follow the "
+                             "plan's budgets, 'none' for none")
     update.add_argument("--budget-duration", metavar="DURATION",
                         help="a new budget period; the period restarts now, spent carries on")
     expiry = update.add_mutually_exclusive_group()

@@ -60,12 +60,13 @@ class Administration(HotPath):
         f = {_text(k): _text(v) for k, v in raw.items()}
         return Account(f["id"], f["name"], int(f["credits"]), int(f["created_at"]),
                        _optional_int(f.get("rpm")), _optional_int(f.get("tpm")),
-                       _optional_int(f.get("max_concurrent")))
+                       _optional_int(f.get("max_concurrent")), f.get("windows", ""))
 
     async def set_account_limits(self, account_id: str,
-                                 limits: Mapping[str, int | None]) -> Account:
-        """Sets (an int) or clears (None) the account's rpm, tpm and max_concurrent, all in
-        one step (lua/account_limits.lua); raises NotFound for a missing account."""
+                                 limits: Mapping[str, int | str | None]) -> Account:
+        """Sets (an int) or clears (None) the account's rpm, tpm and max_concurrent, and its
+        budget windows ("windows", encoded; "" none), all in one step
+        (lua/account_limits.lua); raises NotFound for a missing account."""
         args: list[str] = []
         for field, value in limits.items():
             args += [field, "" if value is None else str(value)]
@@ -108,6 +109,7 @@ class Administration(HotPath):
         budget_limit: int | None, budget_duration: int, expires_at_us: int | None,
         expires_in_seconds: int | None, secret_hash: str, max_keys: int = 100,
         models: str | None = None, max_concurrent: int | None = None,
+        windows: str | None = None,
     ) -> KeyRecord:
         await self.get_account(account_id)
         now = await self.now_us()
@@ -133,6 +135,7 @@ class Administration(HotPath):
             # No models of its own (''): the plan's list decides (lua/admit.lua).
             "models": models or "",
             "max_concurrent": "" if max_concurrent is None else max_concurrent,
+            "windows": windows or "",
         }
         await self._hset(Names.key(account_id, key_id), record)
         await self._cmd("SET", Names.key_index(key_id), account_id)

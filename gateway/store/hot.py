@@ -15,6 +15,7 @@ from gateway.store.records import (
     KeyRef,
     KeyUsage,
     SpendDetail,
+    WindowState,
     _optional_int,
     _text,
 )
@@ -127,9 +128,11 @@ class HotPath(StoreBase):
         except FAILURES as exc:
             raise store_error(exc) from exc
 
-    async def key_usage(self, ref: KeyRef, secret_hash: str) -> KeyUsage:
+    async def key_usage(self, ref: KeyRef, secret_hash: str,
+                        plan_windows: Sequence[str] = ()) -> KeyUsage:
+        """`plan_windows`: Settings.admission.windows, the plans' budget windows."""
         keys = [Names.key(ref.account_id, ref.key_id), Names.account(ref.account_id)]
-        raw = await self._evalsha(self._usage, keys, [secret_hash])
+        raw = await self._evalsha(self._usage, keys, [secret_hash, *plan_windows])
         if int(raw[0]) != 0:
             return KeyUsage(code=int(raw[0]))
         v = [_text(x) for x in raw]
@@ -139,4 +142,12 @@ class HotPath(StoreBase):
             rpm=_optional_int(v[7]), tpm=_optional_int(v[8]),
             budget_limit=_optional_int(v[9]), budget_duration=int(v[10]),
             spent=int(v[11]), resets_at_us=int(v[12]), credits=int(v[13]),
+            windows=_windows(raw[14]),
         )
+
+
+def _windows(flat: Sequence[Any]) -> tuple[WindowState, ...]:
+    v = [_text(x) for x in flat]
+    return tuple(WindowState(v[i], int(v[i + 1]), int(v[i + 2]), v[i + 3] == "c",
+                             int(v[i + 4]), _optional_int(v[i + 5]))
+                 for i in range(0, len(v) - 5, 6))

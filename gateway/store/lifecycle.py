@@ -34,6 +34,7 @@ class KeyChange:
     active: bool | None = None
     models: str | None = None  # patterns joined by commas, or FOLLOW_PLAN
     max_concurrent: int | str | None = None  # or FOLLOW_PLAN
+    windows: str | None = None  # budget windows, encoded (config/windows.py), or FOLLOW_PLAN
 
     def fields(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -54,6 +55,8 @@ class KeyChange:
             out["active"] = "1" if self.active else "0"
         if self.models is not None:
             out["models"] = "" if self.models == FOLLOW_PLAN else self.models
+        if self.windows is not None:
+            out["windows"] = "" if self.windows == FOLLOW_PLAN else self.windows
         if self.max_concurrent is not None:
             out["max_concurrent"] = ("" if self.max_concurrent == FOLLOW_PLAN
                                      else str(self.max_concurrent))

@@ -85,6 +85,19 @@ class KeyUsage:
     spent: int = 0
     resets_at_us: int = 0
     credits: int = 0
+    windows: tuple[WindowState, ...] = ()  # beyond the primary budget: the key's, account's
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    """A budget window as stored (usage.lua): its rollover, if due, is the reader's to show."""
+
+    scope: str  # "key" (its own or its plan's) or "account"
+    limit: int
+    seconds: int
+    calendar: bool
+    spent: int
+    resets_at_us: int | None  # None: not used yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +110,7 @@ class Account:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    windows: str = ""  # budget windows shared by all its keys (config/windows.py encoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +144,7 @@ class KeyRecord:
     deleted_at_us: int | None = None  # deleted keys keep their record for their history
     models: tuple[str, ...] | None = None  # the key's own allowed models; None: its plan's
     max_concurrent: int | None = None  # the key's own in-flight limit; None: its plan's
+    windows: str | None = None  # the key's own budget windows (config/windows.py); None: plan's
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +204,7 @@ def _key_record(raw: dict[Any, Any]) -> KeyRecord:
         deleted_at_us=_optional_int(f.get("deleted_at")),
         models=tuple(f["models"].split(",")) if f.get("models") else None,
         max_concurrent=_optional_int(f.get("max_concurrent")),
+        windows=f.get("windows") or None,
     )
 
 

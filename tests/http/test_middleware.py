@@ -36,7 +36,10 @@ async def test_chat_is_admitted_billed_and_reported(store: Store, settings: Sett
     assert usage["plan"]["slug"] == "standard"
     assert usage["plan"]["status"] == "active"
     assert usage["key"]["type"] == "subscription"
-    assert set(usage) == {"budget", "rate_limits", "plan", "credits", "key"}
+    # The seed's fields, and the budget windows beyond them (issue 16): the primary alone.
+    assert set(usage) == {"budget", "rate_limits", "plan", "credits", "key", "budgets"}
+    assert usage["budgets"] == [{"scope": "key", "primary": True, "reset": "rolling",
+                                 **usage["budget"]}]
 
 
 async def test_missing_and_unknown_keys_are_401(store: Store, settings: Settings,

@@ -22,6 +22,8 @@ def test_subscription_usage_document() -> None:
         "credits": {"balance": 2.25},
         "key": {"name": "prod", "type": "subscription",
                 "created_at": "2025-12-31T00:00:00.000Z"},
+        "budgets": [{"scope": "key", "primary": True, "limit": 0.0, "duration": "7d",
+                     "reset": "rolling", "spent": 1.5, "resets_at": "2026-01-01T01:00:00.000Z"}],
     }
 
 

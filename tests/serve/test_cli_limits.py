@@ -29,16 +29,25 @@ def test_accounts_create_and_update_set_and_remove_limits(
         redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--redis", redis_url, "--json"]
     code, account, _ = run(capsys, "accounts", "create", "--name", "limited", "--rpm", "600",
-                           "--max-concurrent", "16", *common)
+                           "--max-concurrent", "16", "--budget-window", "100/30d/calendar",
+                           *common)
     assert code == 0
-    assert account["limits"] == {"rpm": 600, "tpm": None, "max_concurrent": 16}
+    assert account["limits"] == {"rpm": 600, "tpm": None, "max_concurrent": 16,
+                                 "budget_windows": ["100/30d/calendar"]}
     code, account, _ = run(capsys, "accounts", "update", "limited", "--tpm", "90000",
-                           "--rpm", "none", *common)
+                           "--rpm", "none", "--budget-window", "5/1d", "--budget-window",
+                           "50/7d", *common)
     assert code == 0
-    assert account["limits"] == {"rpm": None, "tpm": 90000, "max_concurrent": 16}
+    assert account["limits"] == {"rpm": None, "tpm": 90000, "max_concurrent": 16,
+                                 "budget_windows": ["5/1d", "50/7d"]}
     code, text, _ = run(capsys, "accounts", "show", "limited", "--redis", redis_url)
-    assert "limits: tpm 90000  max_concurrent 16" in text
-    for bad in (["--rpm", "0"], ["--tpm", "lots"], ["--max-concurrent", "-1"], []):
+    assert "limits: tpm 90000  max_concurrent 16  budgets 5/1d, 50/7d" in text
+    code, account, _ = run(capsys, "accounts", "update", "limited", "--budget-window", "none",
+                           *common)
+    assert code == 0 and account["limits"]["budget_windows"] == []
+    for bad in (["--rpm", "0"], ["--tpm", "lots"], ["--max-concurrent", "-1"], [],
+                ["--budget-window", "5"], ["--budget-window", "5/1d", "--budget-window",
+                                           "6/1d"]):
         code, _, err = run(capsys, "accounts", "update", "limited", *bad, *common)
         assert code != 0 and err.count("\n") == 1 and "Traceback" not in err
     code, _, err = run(capsys, "accounts", "update", "nobody-here", "--rpm", "5", *common)
@@ -56,6 +65,13 @@ def test_keys_create_and_update_max_concurrent(
                        *common)
     assert code == 0
     assert key["max_concurrent"] is None and key["overrides"]["max_concurrent"] is None
+    code, key, _ = run(capsys, "keys", "update", key["id"], "--budget-window", "2/1d",
+                       "--budget-window", "20/30d/calendar", *common)
+    assert code == 0
+    assert key["budget_windows"] == key["overrides"]["budget_windows"] == [
+        "2/1d", "20/30d/calendar"]
+    code, key, _ = run(capsys, "keys", "update", key["id"], "--budget-window", "plan", *common)
+    assert code == 0 and key["overrides"]["budget_windows"] is None
     for bad in ("0", "x", "100001"):
         code, _, err = run(capsys, "keys", "update", key["id"], "--max-concurrent", bad,
                            *common)
@@ -70,14 +86,19 @@ async def test_the_operator_api_sets_account_limits_and_key_models(
     async with client_for(app) as client:
         admin = Admin(client)
         account = await admin("POST", "/admin/accounts", {"name": "api-limits"}, 201)
-        assert account["limits"] == {"rpm": None, "tpm": None, "max_concurrent": None}
+        assert account["limits"] == {"rpm": None, "tpm": None, "max_concurrent": None,
+                                     "budget_windows": []}
         path = f"/admin/accounts/{account['id']}"
-        changed = await admin("PATCH", path, {"rpm": 30, "max_concurrent": 2})
-        assert changed["limits"] == {"rpm": 30, "tpm": None, "max_concurrent": 2}
+        changed = await admin("PATCH", path, {"rpm": 30, "max_concurrent": 2,
+                                              "budget_windows": ["100/30d"]})
+        assert changed["limits"] == {"rpm": 30, "tpm": None, "max_concurrent": 2,
+                                     "budget_windows": ["100/30d"]}
         assert (await admin("GET", path))["limits"] == changed["limits"]
         changed = await admin("PATCH", path, {"rpm": None})
         assert changed["limits"]["rpm"] is None
-        for bad in ({"rpm": 0}, {"rpm": "5"}, {"max_concurrent": True}, {}, {"burst": 1}):
+        for bad in ({"rpm": 0}, {"rpm": "5"}, {"max_concurrent": True}, {}, {"burst": 1},
+                    {"budget_windows": "100/30d"}, {"budget_windows": ["100"]},
+                    {"budget_windows": [5]}):
             error = await admin("PATCH", path, bad, 400)
             assert error["error"]["code"] == "invalid_request"
         await admin("PATCH", "/admin/accounts/00000000-0000-4000-8000-000000000000",
