@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 
 from gateway.config.plans import Plan
 from gateway.obs.metrics import Metrics
@@ -25,7 +26,8 @@ from gateway.types import Message, Receive
 
 ADMITTED = int(AdmitCode.ADMITTED)
 RPM_EXHAUSTED, TPM_EXHAUSTED = int(AdmitCode.RPM_EXHAUSTED), int(AdmitCode.TPM_EXHAUSTED)
-CONCURRENCY_LIMIT = 10  # AdmitCode.CONCURRENCY_LIMIT: its retry is a hint, not a wait
+# A slot's refusal carries a retry that is a hint (1 s), not a wait: see _retry_seconds.
+CONCURRENCY_LIMIT = int(AdmitCode.CONCURRENCY_LIMIT)
 # Budget (6) and credits (7) refusals are never queued: their room comes back with a period
 # or a payment, not within seconds.
 QUEUED_CODES = frozenset({RPM_EXHAUSTED, TPM_EXHAUSTED, CONCURRENCY_LIMIT})
@@ -148,6 +150,8 @@ class AdmissionQueue:
         ahead = line.backlog if line is not None else 0.0
         if _retry_seconds(first) + ahead > max_wait or self.queued >= self.max_queued:
             self._seconds["refused"].observe(0.0)
+            if ahead and first.retry_after_us >= 0:  # Retry-After: after those ahead, too
+                first = replace(first, retry_after_us=first.retry_after_us + int(ahead * 1e6))
             return first, receive
         if line is None:
             line = self._lines[key_id] = _Line()
