@@ -11,8 +11,8 @@
 --           followed by " <slots> <account_tpm> <model_tpm> <windows> <model>" when the
 --           request took a slot, met an account or model token bucket or a budget window
 --           (slots: 1 the key's, 2 the account's, 3 both; windows: '-' none, else entries
---           '<k|a><field>@<resets>' joined by ';', the windows charged, in the key's (k) or
---           the account's (a) record, and the period each was charged to)
+--           '<k|a><field>@<resets>:<limit>' joined by ';', the windows charged, in the key's
+--           (k) or the account's (a) record, the period each was charged to and its limit)
 -- KEYS[4] = the key's slots        gw:{acct:<id>}:slots:<key_id>
 -- KEYS[5] = the account's slots    gw:{acct:<id>}:slots
 --           sorted sets of the reservations in flight (members: KEYS[3]) by lease expiry
@@ -370,7 +370,8 @@ if #windows > 0 then
   local entries = {}
   for _, w in ipairs(windows) do
     redis.call('HSET', w.hash, w.field .. ':s', w.spent + cost, w.field .. ':r', w.resets)
-    entries[#entries + 1] = string.format('%s%s@%.0f', w.where, w.field, w.resets)
+    entries[#entries + 1] = string.format('%s%s@%.0f:%.0f', w.where, w.field, w.resets,
+      w.limit)
   end
   charged = table.concat(entries, ';')
 end

@@ -64,12 +64,19 @@ if rec[1] then
     if mtat then redis.call('HSET', KEYS[1], field, mtat + delta * 60000000 / model_tpm) end
   end
 end
--- The budget windows charged at admission, each corrected if still in the same period.
-for where, field, resets in string.gmatch(windows or '', '([ka])([^@;]+)@(%d+)') do
+-- The budget windows charged at admission, each corrected if still in the same period
+-- (and kept, with its spend after, for the alerts below).
+local charged = {}
+for where, field, resets, limit in string.gmatch(windows or '',
+    '([ka])([^@;]+)@(%d+):?(%d*)') do
   local hash = KEYS[2]
   if where == 'k' then hash = KEYS[1] end
-  if cost ~= budget and redis.call('HGET', hash, field .. ':r') == resets then
-    redis.call('HINCRBY', hash, field .. ':s', cost - budget)
+  local state = redis.call('HMGET', hash, field .. ':r', field .. ':s', field .. ':alert')
+  if state[1] == resets then
+    local spent_after = tonumber(state[2]) or 0
+    if cost ~= budget then spent_after = redis.call('HINCRBY', hash, field .. ':s', cost - budget) end
+    charged[#charged + 1] = {hash = hash, field = field, resets = resets,
+                             limit = tonumber(limit), spent = spent_after, fired = state[3]}
   end
 end
 -- The account's token bucket, when the account has one (shared by all its keys).
@@ -88,30 +95,47 @@ local account_total = redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
 -- ARGV[13] = the outbox's cap, events per account (absent or 0: no alerts)
 -- ARGV[14] = account id, ARGV[15] = key id (of the event)
 -- ARGV[16] = credits.low's threshold, micro-USD (-1: none)
--- ARGV[17...] = budget thresholds, parts per million of the key's budget limit, ascending
+-- ARGV[17...] = budget thresholds, parts per million of a budget window's limit, ascending
 -- Markers: the key record's alert_budget = '<resets_at> <ppm>', the highest threshold fired
--- in the budget period that ends at resets_at (a new period fires again); the account's
+-- in the budget period that ends at resets_at (a new period fires again), and the same in
+-- '<window field>:alert' for every other budget window (of the key or the account); the
 -- alert_credits_low = the threshold it fired at (credits.lua removes it when credits bring
 -- the balance back up to it). Events go to KEYS[8]; at the cap the oldest are trimmed and
 -- counted in the account's alerts_dropped.
 local alert_cap = tonumber(ARGV[13]) or 0
 if alert_cap > 0 then
   local events = {}
-  local limit = tonumber(rec[7])
-  if rec[1] and limit and limit > 0 and period == rec[4] and #ARGV >= 17 then
-    local spent_now = tonumber(rec[5]) + cost - budget
-    local fired_period, fired = string.match(rec[8] or '', '^(%d+) (%d+)$')
-    fired = (fired_period == rec[4] and tonumber(fired)) or 0
+  -- One window's thresholds, each crossed once per period (its marker '<resets> <ppm>').
+  local function thresholds(hash, marker_field, marker, limit, spent_now, resets, scope,
+                            window)
+    local fired_period, fired = string.match(marker or '', '^(%d+) (%d+)$')
+    fired = (fired_period == resets and tonumber(fired)) or 0
     local top = fired
     for i = 17, #ARGV do
       local ppm = tonumber(ARGV[i])
       if ppm > fired and spent_now >= limit * ppm / 1000000 then
         events[#events + 1] = {'type', 'budget.threshold', 'threshold_ppm', ppm,
-          'limit_micro', limit, 'spent_micro', spent_now, 'resets_at', rec[4]}
+          'limit_micro', limit, 'spent_micro', spent_now, 'resets_at', resets,
+          'scope', scope, 'window', window}
         top = math.max(top, ppm)
       end
     end
-    if top > fired then redis.call('HSET', KEYS[1], 'alert_budget', rec[4] .. ' ' .. top) end
+    if top > fired then redis.call('HSET', hash, marker_field, resets .. ' ' .. top) end
+  end
+  local limit = tonumber(rec[7])
+  if rec[1] and limit and limit > 0 and period == rec[4] and #ARGV >= 17 then
+    thresholds(KEYS[1], 'alert_budget', rec[8], limit, tonumber(rec[5]) + cost - budget,
+      rec[4], 'key', 'primary')
+  end
+  if #ARGV >= 17 then
+    for _, w in ipairs(charged) do
+      if w.limit then
+        local scope = 'account'
+        if w.hash == KEYS[1] then scope = 'key' end
+        thresholds(w.hash, w.field .. ':alert', w.fired, w.limit, w.spent, w.resets, scope,
+          w.field)
+      end
+    end
   end
   local low = tonumber(ARGV[16]) or -1
   if low >= 0 and (rec[1] == 'credit' or credits > 0) then

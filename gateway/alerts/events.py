@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.alerts.outbox import AlertEvent
+from gateway.config.units import format_duration
 from gateway.core.timefmt import iso_from_us
 
 
@@ -29,6 +30,14 @@ def _usd(fields: dict[str, str], name: str) -> float:
     return _int(fields, name) / 1_000_000
 
 
+def _window(field: str) -> str:
+    """A window's state field as settle.lua names it ('bw:86400r') as people write it."""
+    seconds, mode = field.removeprefix("bw:")[:-1], field[-1:]
+    if not field.startswith("bw:") or not seconds.isdigit():
+        return field
+    return format_duration(int(seconds)) + ("/calendar" if mode == "c" else "")
+
+
 def document(event: AlertEvent) -> dict[str, Any]:
     f = event.fields
     doc: dict[str, Any] = {
@@ -37,7 +46,11 @@ def document(event: AlertEvent) -> dict[str, Any]:
     if event.type == "budget.threshold":
         doc.update(threshold=_int(f, "threshold_ppm") / 1_000_000,
                    limit_usd=_usd(f, "limit_micro"), spent_usd=_usd(f, "spent_micro"),
-                   resets_at=iso_from_us(_int(f, "resets_at")))
+                   resets_at=iso_from_us(_int(f, "resets_at")),
+                   # whose window: the key's primary budget, another of the key's budget
+                   # windows (its own or its plan's) or one of its account's ("1d",
+                   # "30d/calendar")
+                   scope=f.get("scope") or "key", window=_window(f.get("window", "primary")))
     elif event.type == "credits.low":
         doc.update(balance_usd=_usd(f, "balance_micro"),
                    threshold_usd=_usd(f, "threshold_micro"))
