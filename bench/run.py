@@ -61,6 +61,29 @@ price_usdc = "0"
 rpm = 100000000
 tpm = 100000000
 """
+# --features all: the same plan using every limit issue 16 added, none of them binding (so
+# the cost is the checking, not refusals), an account with its own limits, and alerts on.
+FEATURES = """models = ["llama-3.1-8b", "qwen*"]
+max_concurrent = 100000
+budgets = [{ usd = 1000000, duration = "1d" }, { usd = 10000000, duration = "30d" }]
+reset = "calendar"
+max_queue_wait = "2s"
+enforce = true
+
+[plans.bench.model_limits."llama-3.1-8b"]
+rpm = 100000000
+tpm = 100000000
+
+[alerts]
+budget_thresholds = [0.8, 1.0]
+credits_low_usd = 1
+
+[[alerts.webhooks]]
+url = "http://127.0.0.1:9/bench-hook"
+secret = "bench-webhook-secret-0123456789"
+"""
+ACCOUNT_LIMITS = ["--rpm", "100000000", "--tpm", "100000000", "--max-concurrent", "100000",
+                  "--budget-window", "100000000/30d/calendar"]
 
 
 @dataclass(frozen=True)
@@ -152,8 +175,9 @@ end"""
 
 class Bench:
     def __init__(self, size: Size, load: Load, workdir: Path, workers: list[int],
-                 cluster: bool = True) -> None:
+                 cluster: bool = True, features: bool = False) -> None:
         self.size = size
+        self.features = features
         self.load = load
         self.workdir = workdir
         self.workers = workers
@@ -183,7 +207,7 @@ class Bench:
 
     def _start(self) -> None:
         config = self.workdir / "gateway.toml"
-        config.write_text(CONFIG)
+        config.write_text(CONFIG + FEATURES if self.features else CONFIG)
         for kind, body in BODIES.items():
             (self.workdir / f"{kind}.json").write_bytes(body)
         store = redis_server(free_port(), self.workdir)
@@ -221,6 +245,8 @@ class Bench:
             "bench", "--rpm", "100000000", "--tpm", "100000000", "--redis", url,
             "--config", str(config)], capture_output=True, env=env, check=True)
         self.secret = orjson.loads(created.stdout)["key"]
+        if self.features:
+            self._account_limits(url, config, env)
         for service in self.services.values():
             service.ready()
 
@@ -240,6 +266,14 @@ class Bench:
             "--name", "bench", "--rpm", "100000000", "--tpm", "100000000", "--redis", url,
             "--config", str(config)], capture_output=True, env=cluster_env, check=True)
         self.cluster_secret = orjson.loads(created.stdout)["key"]
+        if self.features:
+            self._account_limits(url, config, cluster_env)
+
+    @staticmethod
+    def _account_limits(url: str, config: Path, env: dict[str, str]) -> None:
+        subprocess.run([sys.executable, "-m", "gateway", "accounts", "update", "default",
+                        *ACCOUNT_LIMITS, "--redis", url, "--config", str(config)],
+                       capture_output=True, env=env, check=True)
 
     def _secret_for(self, target: str) -> str | None:
         if target == "cluster":
@@ -427,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also sample the gateway with py-spy under load for SECONDS")
     parser.add_argument("--profile-kind", choices=tuple(BODIES), default="non_streamed",
                         help="the requests sent while profiling")
+    parser.add_argument("--features", choices=("none", "all"), default="none",
+                        help="all: a plan using every limit of issue 16 (models, "
+                             "max_concurrent, model_limits, budgets, calendar reset, queueing), "
+                             "account limits and alerts, none of them binding")
     parser.add_argument("--out", type=Path, help="JSON result path "
                         "(default bench/results/<timestamp>.json)")
     args = parser.parse_args(argv)
@@ -444,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = sorted({1, *(int(w) for w in args.workers.split(",") if w.strip())})
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         load = Load(tool, None if args.no_pin or cpus < 2 else cpus - 1, Path(tmp))
-        bench = Bench(size, load, Path(tmp), workers, cluster=not args.no_cluster)
+        bench = Bench(size, load, Path(tmp), workers, cluster=not args.no_cluster,
+                      features=args.features == "all")
         started = time.monotonic()
         with bench.running():
             results = measure(bench, args.profile, args.profile_kind)
