@@ -42,7 +42,7 @@ from gateway.http.endpoints import Endpoints
 from gateway.http.exchange import Exchange
 from gateway.http.leases import LeaseKeeper
 from gateway.http.management import Verifier
-from gateway.http.queueing import AdmissionQueue
+from gateway.http.queueing import AdmissionQueue, readmission
 from gateway.http.ratelimit import (
     ADMITTED,
     UNKNOWN_KEY,
@@ -227,9 +227,9 @@ class GatewayMiddleware:
         record.plan = decision.plan or ("credits" if decision.key_type == "credit" else "")
         self._outage = False
         if decision.code != ADMITTED and route is not None and decision.plan in self.queue.waits:
-            decision, receive = await self.queue.wait(decision, ref.key_id, receive, ask, lambda: (
-                self.store.admit(ref, secret_hash, reservation_id, ask,
-                                 self.settings.admission.for_model(ask.model))))
+            again = readmission(self.store, self.settlements, ref, secret_hash, reservation_id,
+                                ask, self.settings.admission.for_model(ask.model))
+            decision, receive = await self.queue.wait(decision, ref.key_id, receive, ask, again)
         if decision.code != ADMITTED:
             if decision.code == UNKNOWN_KEY:
                 self.resolver.forget(secret_hash)

@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
 from gateway.config.plans import Plan
+from gateway.errors import StoreAmbiguous, StoreUnavailable
+from gateway.http.settlement import SettlementQueue, release
 from gateway.obs.metrics import Metrics
-from gateway.store import Ask, Decision
+from gateway.store import Ask, Decision, KeyRef, Store
 from gateway.store.codes import AdmitCode
 from gateway.types import Message, Receive
 
@@ -40,6 +42,21 @@ _LATE = 0.001
 _WINDOW = 60.0  # the token buckets refill in one minute (lua/admit.lua WINDOW)
 
 AdmitAgain = Callable[[], Awaitable[Decision]]
+
+
+def readmission(store: Store, settlements: SettlementQueue, ref: KeyRef, secret_hash: str,
+                reservation_id: str, ask: Ask, args: tuple[str | int, ...]) -> AdmitAgain:
+    """Admission asked again for a waiting request, with the same reservation id (only one
+    of its admissions can succeed: the request stops waiting then)."""
+
+    async def again() -> Decision:
+        try:
+            return await store.admit(ref, secret_hash, reservation_id, ask, args)
+        except StoreAmbiguous:
+            settlements.submit(release(ref, reservation_id))  # undo a debit whose reply was lost
+            raise
+
+    return again
 
 
 class _Line:
@@ -136,6 +153,7 @@ class AdmissionQueue:
         self._lines: dict[str, _Line] = {}
         self._seconds = {outcome: metrics.queue_seconds.labels(outcome) for outcome in OUTCOMES}
         self._gauge = metrics.queued
+        self._store_errors = metrics.store_errors.labels("admit")
 
     async def wait(self, first: Decision, key_id: str, receive: Receive, ask: Ask,
                    admit: AdmitAgain) -> tuple[Decision, Receive]:
@@ -180,10 +198,10 @@ class AdmissionQueue:
         behind = line.turn.locked()
         await self._until(line.turn.acquire(), watch)
         try:
-            if behind:  # the ones ahead took room since `decision` was made: ask again
-                decision = await admit()
             # An admission in flight is never raced with the client: cancelling it could
             # leave a reservation taken that nobody settles.
+            if behind:  # the ones ahead took room since `decision` was made: ask again
+                decision = await admit()
             while decision.code in QUEUED_CODES:
                 wait = _retry_seconds(decision)
                 if time.monotonic() + wait > deadline:
@@ -191,6 +209,11 @@ class AdmissionQueue:
                 await self._until(asyncio.sleep(wait + _LATE), watch)
                 decision = await admit()
             return decision
+        except StoreUnavailable:
+            # Redis went away while the request waited: it keeps the refusal it had (what a
+            # plan without queueing answered), not a 503 for a request Redis already judged.
+            self._store_errors.inc()
+            return replace(decision, retry_after_us=max(decision.retry_after_us, 1_000_000))
         finally:
             line.turn.release()
 

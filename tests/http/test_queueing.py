@@ -329,3 +329,36 @@ async def test_a_request_waits_for_a_slot(store: Store, metrics: Metrics) -> Non
     assert [status for status, _, _ in got] == [200, 200], got
     assert got[1][1] > 0.3, got  # it waited for the stream to end
     assert samples(metrics, "admitted") == 1 and queued_now(metrics) == 0
+
+
+async def test_a_store_failure_while_queued_keeps_the_refusal_and_undoes_the_debit(
+        store: Store, settings: Settings, metrics: Metrics,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission asked again applies but its reply is lost: the client gets the 429 it had
+    (not a 503 for a request Redis had already judged), and the debit is released."""
+    from gateway.errors import StoreAmbiguous
+
+    secret, key_id, _ = await new_key(store, settings, plan="queued")
+    gw = gateway(MockUpstream(), store, settings, metrics)
+    async with client_for(gw) as client:
+        await drain(client, secret, 60)
+        spent = (await store.get_key(key_id)).spent
+        real = store.admit
+        calls = 0
+
+        async def admit(*args: Any) -> Decision:
+            nonlocal calls
+            calls += 1
+            decision = await real(*args)
+            if calls == 2:  # the second is the one asked again after the wait
+                assert decision.code == 0
+                raise StoreAmbiguous("the reply was lost")
+            return decision
+
+        monkeypatch.setattr(store, "admit", admit)
+        status, at, code = await timed(client, secret, time.monotonic())
+    assert (status, code) == (429, "rate_limit_exceeded 1") and at > AT_ONCE
+    assert samples(metrics, "refused") == 1
+    assert metrics.registry.get_sample_value("gateway_store_errors_total", {"op": "admit"}) == 1
+    await gw.drain()
+    assert (await store.get_key(key_id)).spent == spent
