@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config.settings import Price, Settings
+from gateway.config.windows import BudgetWindow
 
 MASK = "***"
 _SECRET_FIELDS = frozenset({"upstream_api_key", "metrics_token", "admin_token"})
@@ -38,6 +39,8 @@ def mask_url(url: str) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, BudgetWindow):
+        return value.text()  # "5/1d", "100/30d/calendar": USD, as the command line takes it
     if isinstance(value, Price):
         doc = {"input_usd_per_million": value.input / 1e6,
                "output_usd_per_million": value.output / 1e6}
