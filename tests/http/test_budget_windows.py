@@ -80,7 +80,7 @@ async def test_every_window_refuses_and_settlement_corrects_each(
     caller = Caller(store, settings, secret, key_id, account_id)
     # Reserved 400, used 100: each window is charged the real cost.
     assert [await caller.spend(400, 100) for _ in range(3)] == [0, 0, 0]
-    before = await store.now_us()
+    before = await store.now_us()  # a window that rolled would restart from here
     assert [(s, lim, spent) for s, lim, spent, _ in await caller.windows()] == [
         ("key", 1000, 300), ("key", 3000, 300)]
     # The day's window has 700 left: 800 does not fit (the 30 days' would).
@@ -140,7 +140,7 @@ async def test_a_short_window_rolls_over_exactly(store: Store, settings: Setting
 
 async def test_calendar_windows_end_at_midnight_and_on_the_first(
         store: Store, settings: Settings, metrics: Metrics) -> None:
-    secret, key_id, account_id = await new_key(store, settings, plan="calendar")
+    secret, key_id, _ = await new_key(store, settings, plan="calendar")
     async with client_for(gateway(MockUpstream(), store, settings, metrics)) as client:
         response = await client.post("/v1/chat/completions", headers=bearer(secret), json={
             "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
