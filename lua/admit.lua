@@ -385,7 +385,7 @@ if slots == 0 and not account_tpm and model_tpm == 0 and charged == '-' then
 else
   reservation = string.format('%.0f %.0f %.0f %.0f %.0f %.0f %d %.0f %.0f %s %s', est_tokens,
     cost, reserve_credits, resets_at, tpm, now, slots, account_tpm or 0, model_tpm, charged,
-    ARGV[10])
+    model_tpm > 0 and ARGV[10] or '')  -- the name only for its bucket: it is the client's
 end
 redis.call('SET', KEYS[3], reservation, 'EX', ARGV[8])
 for _, b in ipairs(requests) do b.tat = b.next end

@@ -15,6 +15,7 @@ from gateway.errors import ConfigError
 PLAN_FIELDS = frozenset({"name", "price_usdc", "rpm", "tpm", "models", "max_concurrent",
                          "enforce", "max_queue_wait", "model_limits", "budgets", "reset"})
 MAX_MODEL_PATTERN = 200
+MAX_MODELS = 256  # admission compares the model asked with each, on every request
 MAX_CONCURRENT = 100_000
 MAX_QUEUE_WAIT_SECONDS = 60.0
 _QUEUE_WAIT = re.compile(r"^\s*([0-9]+)\s*(ms|s)\s*$")  # ASCII digits, like durations
@@ -55,6 +56,8 @@ def check_models(value: object, what: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(m, str) for m in value):
         raise ConfigError(f"{what} must be a list of model names, like "
                           f'["llama-3.1-8b", "qwen*"]')
+    if len(value) > MAX_MODELS:
+        raise ConfigError(f"{what}: at most {MAX_MODELS} models (use 'prefix*' patterns)")
     for model in value:
         if (not model.strip() or len(model) > MAX_MODEL_PATTERN or "," in model
                 or "*" in model[:-1] or not model.isprintable()):

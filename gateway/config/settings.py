@@ -136,6 +136,15 @@ def _admin_token(env: Mapping[str, str], data: Mapping[str, Any]) -> str | None:
     return check_token(token, where)
 
 
+def _lease(value: object) -> float:
+    """A slot's lease: long enough that renewing it (every third) costs nothing, short
+    enough that a dead replica's slots come back soon."""
+    seconds = check_seconds(value, "concurrency_lease", zero_allowed=False)
+    if not 1 <= seconds <= 3600:
+        raise ConfigError(f"concurrency_lease must be from 1 to 3600 seconds, got {value!r}")
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str | None = None
@@ -385,7 +394,6 @@ class Settings:
                                    or upstream.get("api_key"), "upstream.api_key"),
             admin_token=_admin_token(env, data),
             ledger=ledger_from_config(data.get("ledger"), env),
-            concurrency_lease=check_seconds(data.get("concurrency_lease", 30.0),
-                                            "concurrency_lease", zero_allowed=False),
+            concurrency_lease=_lease(data.get("concurrency_lease", 30.0)),
             alerts=alerts_from_config(data.get("alerts")),
         )

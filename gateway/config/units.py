@@ -70,6 +70,15 @@ def usd_to_micro_signed(value: object, what: str) -> int:
     return usd_to_micro(text, what)
 
 
+def whole_number(text: str) -> int:
+    """A whole number as people type it: ASCII digits only (int() also takes Arabic-Indic and
+    fullwidth digits and '1_000', which no operator means); ValueError otherwise."""
+    stripped = text.strip()
+    if not stripped.isascii() or not stripped.isdigit():
+        raise ValueError(text)
+    return int(stripped)
+
+
 def micro_to_usd(micro: int) -> float:
     return micro / 1_000_000
 

@@ -15,6 +15,7 @@ from gateway.config.units import (
     micro_to_usd,
     parse_duration,
     usd_to_micro,
+    whole_number,
 )
 from gateway.config.windows import decode_windows, windows_field
 from gateway.core.keys import hash_secret, new_consumption_secret
@@ -187,7 +188,8 @@ def account_limits(values: Mapping[str, str | int | None]) -> dict[str, int | No
             out[field] = None
             continue
         try:
-            number = int(value) if not isinstance(value, bool) else None
+            number = (None if isinstance(value, bool) else value if isinstance(value, int)
+                      else whole_number(str(value)))
         except ValueError:
             number = None
         if number is None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from gateway.config.plans import check_concurrency, parse_models
 from gateway.config.settings import Settings
-from gateway.config.units import check_rate, parse_duration, usd_to_micro
+from gateway.config.units import check_rate, parse_duration, usd_to_micro, whole_number
 from gateway.config.windows import windows_field
 from gateway.core.keys import hash_secret, new_consumption_secret
 from gateway.core.timefmt import parse_iso_to_us
@@ -53,7 +53,7 @@ def _concurrency(text: str | None) -> int | str | None:
     if text.strip().lower() in FOLLOW_WORDS:
         return FOLLOW_PLAN
     try:
-        return check_concurrency(int(text), "max_concurrent")
+        return check_concurrency(whole_number(text), "max_concurrent")
     except ValueError:
         raise ConfigError(f"max_concurrent must be a whole number or 'plan', "
                           f"got {text[:40]!r}") from None
@@ -65,7 +65,7 @@ def _limit(text: str | None, what: str) -> int | str | None:
     if text.strip().lower() in FOLLOW_WORDS:
         return FOLLOW_PLAN
     try:
-        return check_rate(int(text), what)
+        return check_rate(whole_number(text), what)
     except ValueError:
         raise ConfigError(f"{what} must be a whole number or 'plan' (follow the plan's), "
                           f"got {text[:40]!r}") from None

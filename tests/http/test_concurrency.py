@@ -151,6 +151,11 @@ async def test_a_cancelled_request_frees_its_slot(store: Store, settings: Settin
         while upstream.now < 2:
             await asyncio.sleep(0.01)
         assert await slots_held(store, account_id, key_id) == (2, 0)
+        # The reservation names its slots, never the client's model name (no model bucket).
+        for member in await store.client.call("ZRANGE", Names.key_slots(account_id, key_id),
+                                              0, -1):
+            reservation = (await store.client.call("GET", member)).decode()
+            assert reservation.split(" ")[6] == "1" and not reservation.endswith(" m")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -131,9 +131,16 @@ def test_plan_limit_settings_are_checked() -> None:
         {"model_limits": {"m": {"rpm": 1}}}, {"model_limits": {"m*": {"rpm": 1, "tpm": 1}}},
         {"model_limits": {"m": {"rpm": 1, "tpm": 1, "burst": 2}}}, {"model_limits": []},
     ]
+    bad.append({"models": [f"m{i}" for i in range(257)]})
     for extra in bad:
         with pytest.raises(ConfigError):
             Settings.from_mapping({"plans": {"p": {"rpm": 1, "tpm": 1, **extra}}})
+    # A lease renewed every third of it: not so short that renewing is a busy loop, not so
+    # long that a dead replica's slots never come back.
+    for lease in (0.001, 0.5, 3601, 1e300, "x", True):
+        with pytest.raises(ConfigError):
+            Settings.from_mapping({"concurrency_lease": lease})
+    assert Settings.from_mapping({"concurrency_lease": 1}).concurrency_lease == 1
     ok = Settings.from_mapping({"plans": {"p": {
         "rpm": 1, "tpm": 1, "max_concurrent": 8, "enforce": False, "max_queue_wait": "500ms",
         "model_limits": {"llama-3.1-8b": {"rpm": 5, "tpm": 50}}}}})

@@ -46,6 +46,7 @@ def test_accounts_create_and_update_set_and_remove_limits(
                            *common)
     assert code == 0 and account["limits"]["budget_windows"] == []
     for bad in (["--rpm", "0"], ["--tpm", "lots"], ["--max-concurrent", "-1"], [],
+                ["--max-concurrent", "\u0663"], ["--rpm", "1_000"], ["--tpm", "\uff15"],
                 ["--budget-window", "5"], ["--budget-window", "5/1d", "--budget-window",
                                            "6/1d"]):
         code, _, err = run(capsys, "accounts", "update", "limited", *bad, *common)
@@ -72,7 +73,7 @@ def test_keys_create_and_update_max_concurrent(
         "2/1d", "20/30d/calendar"]
     code, key, _ = run(capsys, "keys", "update", key["id"], "--budget-window", "plan", *common)
     assert code == 0 and key["overrides"]["budget_windows"] is None
-    for bad in ("0", "x", "100001"):
+    for bad in ("0", "x", "100001", "\u0663", "1_0"):
         code, _, err = run(capsys, "keys", "update", key["id"], "--max-concurrent", bad,
                            *common)
         assert code != 0 and "max_concurrent" in err and "Traceback" not in err
