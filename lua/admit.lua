@@ -100,7 +100,7 @@ for i = 12, #ARGV - 7, 8 do
 end
 if not rpm or not tpm then return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0, 0, 0, ''} end
 local acct = redis.call('HMGET', KEYS[2], 'credits', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat',
-  'rpm_rate', 'tpm_rate', 'max_concurrent', 'windows')
+  'rpm_rate', 'tpm_rate', 'max_concurrent', 'windows', 'credits_reserved')
 
 -- Generic cell rate algorithm: a bucket is one "theoretical arrival time" (tat). A bucket's
 -- debt (tat - now) was run up at the rate it was written with: under a new limit (an
@@ -364,7 +364,12 @@ if account_rpm or account_tpm then
   end
   redis.call('HSET', KEYS[2], unpack(a))
 end
-if reserve_credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits', -reserve_credits) end
+if reserve_credits > 0 then
+  -- credits_reserved: what requests in flight hold of the balance (settle.lua gives it back),
+  -- so an alert can judge the balance they will leave rather than their estimates.
+  redis.call('HSET', KEYS[2], 'credits', (tonumber(acct[1]) or 0) - reserve_credits,
+    'credits_reserved', (tonumber(acct[10]) or 0) + reserve_credits)
+end
 local charged = '-'
 if #windows > 0 then
   local entries = {}

@@ -47,7 +47,7 @@ if slots >= 2 then redis.call('ZREM', KEYS[7], KEYS[3]) end
 local prompt, completion, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 
 local rec = redis.call('HMGET', KEYS[1], 'type', 'tpm', 'tpm_tat', 'resets_at', 'spent',
-  'total_spent', 'budget_limit', 'alert_budget')
+  'total_spent', 'budget_limit', 'alert_budget', 'alert_settled')
 if rec[1] then
   local tat = tonumber(rec[3]) or 0
   local delta = prompt + completion - tokens
@@ -71,12 +71,12 @@ for where, field, resets, limit in string.gmatch(windows or '',
     '([ka])([^@;]+)@(%d+):?(%d*)') do
   local hash = KEYS[2]
   if where == 'k' then hash = KEYS[1] end
-  local state = redis.call('HMGET', hash, field .. ':r', field .. ':s', field .. ':alert')
+  local state = redis.call('HMGET', hash, field .. ':r', field .. ':alert',
+    field .. ':settled')
   if state[1] == resets then
-    local spent_after = tonumber(state[2]) or 0
-    if cost ~= budget then spent_after = redis.call('HINCRBY', hash, field .. ':s', cost - budget) end
+    if cost ~= budget then redis.call('HINCRBY', hash, field .. ':s', cost - budget) end
     charged[#charged + 1] = {hash = hash, field = field, resets = resets,
-                             limit = tonumber(limit), spent = spent_after, fired = state[3]}
+                             limit = tonumber(limit), fired = state[2], settled = state[3]}
   end
 end
 -- The account's token bucket, when the account has one (shared by all its keys).
@@ -89,6 +89,7 @@ end
 if rec[1] == 'credit' or credits > 0 then
   redis.call('HINCRBY', KEYS[2], 'credits', credits - cost)
 end
+if credits > 0 then redis.call('HINCRBY', KEYS[2], 'credits_reserved', -credits) end
 local account_total = redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
 -- alerts: budget.threshold and credits.low, each created once per crossing (issue 16), in
 -- this script so that concurrent settlements on any replica cannot make one twice.
@@ -96,6 +97,10 @@ local account_total = redis.call('HINCRBY', KEYS[2], 'total_spent', cost)
 -- ARGV[14] = account id, ARGV[15] = key id (of the event)
 -- ARGV[16] = credits.low's threshold, micro-USD (-1: none)
 -- ARGV[17...] = budget thresholds, parts per million of a budget window's limit, ascending
+-- A threshold is judged on what settled in the period ('alert_settled' on the key record
+-- and '<window field>:settled', each '<resets_at> <micro-USD>'), never on `spent`, which
+-- holds the estimates of requests still in flight; credits.low likewise on the balance plus
+-- credits_reserved (what those requests hold, given back as they settle).
 -- Markers: the key record's alert_budget = '<resets_at> <ppm>', the highest threshold fired
 -- in the budget period that ends at resets_at (a new period fires again), and the same in
 -- '<window field>:alert' for every other budget window (of the key or the account); the
@@ -122,25 +127,35 @@ if alert_cap > 0 then
     end
     if top > fired then redis.call('HSET', hash, marker_field, resets .. ' ' .. top) end
   end
+  -- What settled in the period `resets`, this request's cost included, kept in `field`.
+  local function settled(hash, field, value, resets)
+    local in_period, sum = string.match(value or '', '^(%d+) (%d+)$')
+    sum = (in_period == resets and tonumber(sum) or 0) + cost
+    redis.call('HSET', hash, field, resets .. ' ' .. string.format('%.0f', sum))
+    return sum
+  end
   local limit = tonumber(rec[7])
-  if rec[1] and limit and limit > 0 and period == rec[4] and #ARGV >= 17 then
-    thresholds(KEYS[1], 'alert_budget', rec[8], limit, tonumber(rec[5]) + cost - budget,
-      rec[4], 'key', 'primary')
+  if rec[1] and period == rec[4] and #ARGV >= 17 then
+    local sum = settled(KEYS[1], 'alert_settled', rec[9], rec[4])
+    if limit and limit > 0 then
+      thresholds(KEYS[1], 'alert_budget', rec[8], limit, sum, rec[4], 'key', 'primary')
+    end
   end
   if #ARGV >= 17 then
     for _, w in ipairs(charged) do
       if w.limit then
         local scope = 'account'
         if w.hash == KEYS[1] then scope = 'key' end
-        thresholds(w.hash, w.field .. ':alert', w.fired, w.limit, w.spent, w.resets, scope,
-          w.field)
+        thresholds(w.hash, w.field .. ':alert', w.fired, w.limit,
+          settled(w.hash, w.field .. ':settled', w.settled, w.resets), w.resets, scope, w.field)
       end
     end
   end
   local low = tonumber(ARGV[16]) or -1
   if low >= 0 and (rec[1] == 'credit' or credits > 0) then
-    local acct = redis.call('HMGET', KEYS[2], 'credits', 'alert_credits_low')
-    local balance = tonumber(acct[1]) or 0
+    local acct = redis.call('HMGET', KEYS[2], 'credits', 'alert_credits_low',
+      'credits_reserved')
+    local balance = (tonumber(acct[1]) or 0) + math.max(0, tonumber(acct[3]) or 0)
     if balance < low and not acct[2] then
       redis.call('HSET', KEYS[2], 'alert_credits_low', low)
       events[#events + 1] = {'type', 'credits.low', 'balance_micro', balance,
