@@ -18,6 +18,13 @@ _ACCOUNT_LIMITS: dict[str, Schema] = {
     "budget_windows": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 4,
                        "description": "USD/DURATION[/calendar] each, e.g. 100/30d; shared "
                                       "by all the account's keys; null or []: none"}}
+# POST /api/keys's fields (KeyCreate), which POST /admin/keys takes too.
+_KEY_CREATE = ("name", "plan", "credit", "rpm", "tpm", "budget", "budget_duration",
+               "expires_at", "expires_in")
+_MODELS: Schema = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1},
+                   "minItems": 1, "maxItems": 256}
+_CONCURRENCY: Schema = {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000}
+_WINDOWS: Schema = {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 4}
 
 
 def _ref(name: str) -> Schema:
@@ -43,14 +50,24 @@ SCHEMAS: dict[str, Schema] = {
             "by": {"type": "string", "enum": ["cli", "admin-api"]},
             "reason": {"type": "string"}}, ["at", "usd", "balance", "by", "reason"])},
     }, ["id", "name", "credits", "limits", "credit_history"]),
-    "AccountCreate": _object({"name": {"type": "string", "minLength": 1, "maxLength": 200}},
-                             ["name"]),
+    "AccountCreate": _object({"name": {"type": "string", "minLength": 1, "maxLength": 200},
+                              **_ACCOUNT_LIMITS}, ["name"]),
     "CreditChange": _object({
         "usd": {**_USD_AMOUNT, "description": "positive to add, negative to take away "
                                               "(never below a zero balance)"},
         "reason": {"type": "string", "minLength": 1, "maxLength": 500}}, ["usd", "reason"]),
-    "AdminKeyCreate": {"allOf": [_ref("KeyCreate")], "properties": {
-        "account_id": {"type": "string", "format": "uuid"}}, "required": ["account_id"]},
+    "AdminKeyCreate": _object({
+        "account_id": {"type": "string", "format": "uuid"},
+        **{field: _ref(f"KeyCreate/properties/{field}") for field in _KEY_CREATE},
+        "models": {**_MODELS, "description": "names or 'prefix*'; ['*'] any; absent or "
+                                             "null: follow the plan's"},
+        "max_concurrent": {**_CONCURRENCY, "description": "requests in flight at once; "
+                                                         "absent or null: the plan's"},
+        "budget_windows": {**_WINDOWS, "description": "USD/DURATION[/calendar] each, e.g. "
+                                                      "5/1d, 100/30d/calendar, each duration "
+                                                      "once; absent or null: follow the "
+                                                      "plan's budgets; []: none"},
+    }, ["account_id", "name"]),
     "AdminKeyPatch": _object({
         "name": {"type": "string", "minLength": 1, "maxLength": 200},
         "plan": {"type": "string", "description": "plan keys only"},
@@ -62,10 +79,13 @@ SCHEMAS: dict[str, Schema] = {
         "expires_at": {"type": "string", "description": "ISO 8601, in the future"},
         "expires_in": _DURATION,
         "is_active": {"type": "boolean"},
-        "models": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 1,
+        "models": {**_MODELS,
                    "description": "names or 'prefix*'; ['*'] any; null: follow the plan's"},
-        "max_concurrent": {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000,
+        "max_concurrent": {**_CONCURRENCY,
                            "description": "requests in flight at once; null: the plan's"},
+        "budget_windows": {**_WINDOWS, "description": "USD/DURATION[/calendar] each, "
+                                                      "replacing the key's own; null: follow "
+                                                      "the plan's budgets; []: none"},
     }, []),
     "Renew": _object({"for": {**_DURATION, "description": "default 30d"}}, []),
     "Lookup": _object({"secret": {"type": "string"}}, ["secret"]),

@@ -16,7 +16,6 @@ import orjson
 from gateway.config.routes import route_path
 from gateway.config.settings import Settings
 from gateway.config.units import usd_to_micro_signed
-from gateway.config.windows import encode_windows, parse_windows
 from gateway.core.keys import (
     CONSUMPTION_PREFIX,
     MANAGEMENT_PREFIX,
@@ -35,35 +34,35 @@ from gateway.errors import (
     send_rejection,
 )
 from gateway.http.admin import (
-    ACCOUNT_LIMITS,
     account_json,
-    account_limits,
     create_key,
     credit_json,
     key_json,
     mgmt_json,
 )
 from gateway.http.auth import header
-from gateway.http.key_changes import ChangeSpec, renew_key, rotate_key, update_key
+from gateway.http.key_changes import renew_key, rotate_key, update_key
 from gateway.http.management_body import (
     MAX_REASON_LENGTH,
     allow,
     bad_request,
     checked_duration,
-    checked_name,
     json_object,
-    key_spec,
     only_fields,
     optional_str,
     uuid_text,
 )
+from gateway.http.operator_body import (
+    ACCOUNT_FIELDS,
+    account_create,
+    account_limits_of,
+    admin_key_spec,
+    change_spec,
+)
 from gateway.store import Store
 from gateway.types import Receive, Scope, Send
 
-PATCH_FIELDS = ("name", "plan", "rpm", "tpm", "budget", "budget_duration", "expires_at",
-                "expires_in", "is_active", "models", "max_concurrent")
 CREDIT_HISTORY = 50
-
 
 
 def _not_found(what: str = "No such endpoint.") -> Rejected:
@@ -171,17 +170,7 @@ class Operator:
 
     async def _account_limits(self, send: Send, account_id: str,
                               body: dict[str, Any]) -> None:
-        only_fields(body, (*ACCOUNT_LIMITS, "budget_windows"))
-        windows = body.pop("budget_windows", False)
-        for field, value in body.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise bad_request(f"{field} must be an integer, or null for no limit")
-        limits: dict[str, int | str | None] = dict(account_limits(body))
-        if windows is not False:
-            if windows is not None and (not isinstance(windows, list) or not all(
-                    isinstance(w, str) for w in windows)):
-                raise bad_request("budget_windows must be a list like [\"100/30d\"], or null")
-            limits["windows"] = encode_windows(parse_windows(windows or []))
+        limits = account_limits_of(body, ACCOUNT_FIELDS)
         if not limits:
             raise bad_request("give at least one of rpm, tpm, max_concurrent, budget_windows")
         account = await self.store.set_account_limits(account_id, limits)
@@ -196,10 +185,10 @@ class Operator:
         await send_json(send, 200, orjson.dumps([account_json(a) for a in accounts]))
 
     async def _create_account(self, send: Send, body: dict[str, Any]) -> None:
-        only_fields(body, ("name",))
-        if "name" not in body:
-            raise bad_request("name is required")
-        account = await self.store.create_account(checked_name(body["name"]))
+        name, limits = account_create(body)  # all checked before the account is made
+        account = await self.store.create_account(name)
+        if limits:
+            account = await self.store.set_account_limits(account.id, limits)
         await send_json(send, 201, orjson.dumps(account_json(account)))
 
     async def _show_account(self, send: Send, account_id: str) -> None:
@@ -238,26 +227,12 @@ class Operator:
         await send_json(send, 200, orjson.dumps([key_json(r, self.settings) for r in records]))
 
     async def _create_key(self, send: Send, body: dict[str, Any]) -> None:
-        account = body.pop("account_id", None)
-        if not isinstance(account, str):
-            raise bad_request("account_id is required")
-        account_id = uuid_text(account, "account_id")
-        record, secret = await create_key(self.store, self.settings, account_id,
-                                          key_spec(body))
+        account_id, spec = admin_key_spec(body)
+        record, secret = await create_key(self.store, self.settings, account_id, spec)
         await self._key(send, 201, record, secret)
 
     async def _update_key(self, send: Send, key_id: str, body: dict[str, Any]) -> None:
-        only_fields(body, PATCH_FIELDS)
-        spec = ChangeSpec(
-            name=checked_name(body["name"]) if "name" in body else None,
-            plan=optional_str(body, "plan"),
-            rpm=_limit(body, "rpm"), tpm=_limit(body, "tpm"),
-            budget=_budget(body),
-            budget_duration=checked_duration(body, "budget_duration"),
-            expires_at=optional_str(body, "expires_at"),
-            expires_in=checked_duration(body, "expires_in"),
-            active=_flag(body, "is_active"), models=_models(body),
-            max_concurrent=_limit(body, "max_concurrent"))
+        spec = change_spec(body)
         await self._key(send, 200, await update_key(self.store, self.settings, key_id, spec))
 
     async def _lookup(self, send: Send, body: dict[str, Any]) -> None:
@@ -299,45 +274,3 @@ async def _optional_object(scope: Scope, receive: Receive) -> dict[str, Any]:
             header(scope["headers"], b"transfer-encoding") is None:
         return {}
     return await json_object(scope, receive)
-
-
-def _limit(body: dict[str, Any], field: str) -> str | None:
-    if field not in body:
-        return None
-    value = body[field]
-    if value is None:
-        return "plan"  # null: the key follows its plan's again
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"{field} must be an integer, or null to follow the plan's")
-    return str(value)
-
-
-def _models(body: dict[str, Any]) -> str | None:
-    if "models" not in body:
-        return None
-    value = body["models"]
-    if value is None:
-        return "plan"  # null: the key follows its plan's models again
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(m, str) and "," not in m for m in value)):
-        raise bad_request("models must be a non-empty list of model names or 'prefix*' "
-                          "patterns, or null to follow the plan's")
-    return ",".join(value)
-
-
-def _budget(body: dict[str, Any]) -> str | None:
-    if "budget" not in body:
-        return None
-    value = body["budget"]
-    if value is None:
-        return "none"
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise bad_request("budget must be a USD amount (number or string), or null for none")
-    return str(value)
-
-
-def _flag(body: dict[str, Any], field: str) -> bool | None:
-    value = body.get(field)
-    if value is not None and not isinstance(value, bool):
-        raise bad_request(f"{field} must be true or false")
-    return value

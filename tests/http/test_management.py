@@ -418,6 +418,22 @@ async def test_create_validation_names_the_field(store: Store, settings: Setting
     assert await store.list_keys(account) == []
 
 
+@pytest.mark.parametrize("field, value", [
+    ("max_concurrent", 2), ("models", ["m"]), ("budget_windows", ["5/1d"])])
+async def test_a_customer_cannot_set_the_operators_limits(
+        store: Store, settings: Settings, metrics: Metrics, field: str, value: Any) -> None:
+    """POST /admin/keys takes these; POST /api/keys (an mk_ key) does not."""
+    account = (await store.create_account("acme")).id
+    mk = await mgmt_secret(store, account)
+    async with client_for(gw(store, settings, metrics)) as client:
+        response = await client.post("/api/keys", headers=bearer(mk),
+                                     json={"name": "x", "credit": True, field: value})
+    check(response)
+    assert response.status_code == 400, response.text
+    assert f"unknown field {field!r}" in response.json()["error"]["message"]
+    assert await store.list_keys(account) == []
+
+
 async def test_patch_and_body_errors(store: Store, settings: Settings, metrics: Metrics) -> None:
     _, key_id, account = await new_key(store, settings)
     auth = bearer(await mgmt_secret(store, account))

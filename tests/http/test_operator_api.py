@@ -15,7 +15,7 @@ from gateway.demo.mock_upstream import MockUpstream
 from gateway.obs.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import bearer, client_for, gateway
-from tests.openapi_check import check, template_for
+from tests.openapi_check import DOC, check, template_for, validate
 
 TOKEN = "operator-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -23,7 +23,8 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_t
 
 
 class Admin:
-    """Requests to /admin/*, each answer validated against the OpenAPI document."""
+    """Requests to /admin/*, each answer validated against the OpenAPI document, and each
+    body the gateway accepts too (what it takes, the document allows)."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
@@ -32,8 +33,13 @@ class Admin:
                        status: int = 200, headers: dict[str, str] | None = None) -> Any:
         response = await self.client.request(method, path, json=body,
                                              headers=ADMIN if headers is None else headers)
-        if template_for(response.request.url.path) is not None:
+        template = template_for(response.request.url.path)
+        if template is not None:
             check(response)
+            operation = DOC["paths"][template].get(method.lower(), {})
+            if body is not None and response.status_code < 300:
+                schema = operation["requestBody"]["content"]["application/json"]["schema"]
+                validate(schema, body)
         assert response.status_code == status, response.text
         return response.json()
 
@@ -224,3 +230,113 @@ async def test_a_customer_sees_a_deleted_key_and_cannot_revive_it(
             response = await client.request(method, path, json=body, headers=customer)
             check(response)
             assert response.status_code == 409, response.text
+
+
+def with_plan_budgets(settings: Settings) -> Settings:
+    """'pro' with a budget window of its own, to tell a key's [] (none) from null (the
+    plan's)."""
+    from gateway.config.windows import parse_windows
+
+    pro = replace(settings.plans["pro"], budgets=parse_windows(["50/30d"]))
+    return replace(settings, plans={**settings.plans, "pro": pro})
+
+
+async def test_the_operator_sets_the_limits_the_cli_sets(
+        store: Store, admin_settings: Settings) -> None:
+    settings = with_plan_budgets(admin_settings)
+    async with client_for(app(store, settings)) as client:
+        admin = Admin(client)
+        account = await admin("POST", "/admin/accounts", {
+            "name": "acme", "rpm": 30, "tpm": 9000, "max_concurrent": 4,
+            "budget_windows": ["100/30d/calendar", "10/1d"]}, 201)
+        assert account["limits"] == {"rpm": 30, "tpm": 9000, "max_concurrent": 4,
+                                     "budget_windows": ["100/30d/calendar", "10/1d"]}
+        assert (await admin("GET", f"/admin/accounts/{account['id']}"))["limits"] == \
+            account["limits"]
+        plain = await admin("POST", "/admin/accounts", {"name": "plain", "rpm": None,
+                                                        "budget_windows": []}, 201)
+        assert plain["limits"] == {"rpm": None, "tpm": None, "max_concurrent": None,
+                                   "budget_windows": []}
+
+        key = await admin("POST", "/admin/keys", {
+            "account_id": account["id"], "name": "k", "plan": "pro", "max_concurrent": 2,
+            "models": ["llama*", " m "], "budget_windows": ["5/1d", "60/30d/calendar"]}, 201)
+        assert (key["max_concurrent"], key["models"], key["budget_windows"]) == (
+            2, ["llama*", "m"], ["5/1d", "60/30d/calendar"])
+        assert key["overrides"] == {"rpm": None, "tpm": None, "models": ["llama*", "m"],
+                                    "max_concurrent": 2,
+                                    "budget_windows": ["5/1d", "60/30d/calendar"]}
+        other = {"model": "qwen", "messages": CHAT["messages"], "max_tokens": 4}
+        refused = await client.post("/v1/chat/completions", json=other,
+                                    headers=bearer(key["key"]))
+        assert refused.status_code == 403, refused.text  # its own models act at once
+        follows = await admin("POST", "/admin/keys", {
+            "account_id": account["id"], "name": "f", "plan": "pro", "max_concurrent": None,
+            "models": None, "budget_windows": None}, 201)
+        assert follows["budget_windows"] == ["50/30d"]  # the plan's
+        assert follows["overrides"]["budget_windows"] is None
+        none = await admin("POST", "/admin/keys", {"account_id": account["id"], "name": "n",
+                                                   "plan": "pro", "budget_windows": []}, 201)
+        assert none["budget_windows"] == [] and none["overrides"]["budget_windows"] == []
+        credit = await admin("POST", "/admin/keys", {
+            "account_id": account["id"], "name": "c", "credit": True, "max_concurrent": 1,
+            "models": ["*"]}, 201)
+        assert credit["max_concurrent"] == 1 and credit["models"] == ["*"]
+
+        path = f"/admin/keys/{key['id']}"
+        patched = await admin("PATCH", path, {"budget_windows": ["7/12h/calendar"]})
+        assert patched["budget_windows"] == ["7/12h/calendar"]
+        patched = await admin("PATCH", path, {"budget_windows": []})  # none of its own
+        assert patched["budget_windows"] == [] and patched["overrides"]["budget_windows"] == []
+        patched = await admin("PATCH", path, {"budget_windows": None})  # the plan's again
+        assert patched["budget_windows"] == ["50/30d"]
+        assert patched["overrides"]["budget_windows"] is None
+
+        keys = [k["id"] for k in await admin("GET", f"/admin/keys?account={account['id']}")]
+        create = {"account_id": account["id"], "name": "x", "plan": "pro"}
+        for field, value in [
+                ("max_concurrent", True), ("max_concurrent", "2"), ("max_concurrent", 0),
+                ("max_concurrent", 100_001), ("max_concurrent", 2.0), ("models", []),
+                ("models", "llama"), ("models", ["a,b"]), ("models", [1]), ("models", [""]),
+                ("models", ["a*b"]), ("budget_windows", "5/1d"), ("budget_windows", [5]),
+                ("budget_windows", ["5"]), ("budget_windows", ["5/0d"]),
+                ("budget_windows", ["plan"]), ("budget_windows", ["none"]),
+                ("budget_windows", ["1/1h", "2/2h", "3/3h", "4/4h", "5/5h"]),
+                ("budget_windows", ["5/1d", "9/24h"]), ("rpm", True), ("rpm", "5")]:
+            for method, where, body in (("POST", "/admin/keys", {**create, field: value}),
+                                        ("PATCH", path, {field: value})):
+                error = await admin(method, where, body, 400)
+                assert field in error["error"]["message"], (method, field, value, error)
+        for body in ({**create, "burst": 1}, {**create, "budget_window": ["5/1d"]}):
+            error = await admin("POST", "/admin/keys", body, 400)
+            assert "unknown field" in error["error"]["message"]
+        await admin("PATCH", path, {"budget_window": ["5/1d"]}, 400)
+        assert [k["id"] for k in await admin(
+            "GET", f"/admin/keys?account={account['id']}")] == keys  # nothing made
+
+        for field, value in [
+                ("rpm", True), ("rpm", "30"), ("rpm", 0), ("tpm", 1.5),
+                ("max_concurrent", False), ("max_concurrent", 100_001),
+                ("budget_windows", "10/1d"), ("budget_windows", ["5"]),
+                ("budget_windows", ["5/0d"]), ("budget_windows", ["1/1d", "1/1d/calendar",
+                                                                  "1/2d", "1/3d", "1/4d"]),
+                ("budget_windows", ["5/1d", "6/1d"])]:
+            error = await admin("POST", "/admin/accounts", {"name": "bad", field: value}, 400)
+            assert field in error["error"]["message"], (field, value, error)
+            error = await admin("PATCH", f"/admin/accounts/{plain['id']}", {field: value}, 400)
+            assert field in error["error"]["message"], (field, value, error)
+        await admin("POST", "/admin/accounts", {"name": "bad", "models": ["m"]}, 400)
+        assert await admin("GET", "/admin/accounts?name=bad") == []  # checked before made
+
+
+def test_admin_key_create_takes_what_api_keys_takes_and_the_operators_limits() -> None:
+    from gateway.http.management_body import CREATE_FIELDS
+    from gateway.http.operator_body import KEY_LIMITS
+
+    schemas = DOC["components"]["schemas"]
+    assert set(schemas["KeyCreate"]["properties"]) == set(CREATE_FIELDS)
+    assert set(schemas["AdminKeyCreate"]["properties"]) == {
+        "account_id", *CREATE_FIELDS, *KEY_LIMITS}
+    assert set(KEY_LIMITS) <= set(schemas["AdminKeyPatch"]["properties"])
+    assert set(schemas["AccountCreate"]["properties"]) == {"name", *schemas[
+        "AccountLimits"]["properties"]}
