@@ -23,7 +23,7 @@ class Call:
     path: str
     headers: dict[str, str]
     body: bytes
-    outcome: str  # "200", "500", "reset", "hang"
+    outcome: str  # "200", "500", "reset", "hang", "big" (200 with a body of big_bytes)
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Receiver:
     script: list[str] = field(default_factory=list)
     always: str = "200"
     hang_seconds: float = 5.0
+    big_bytes: int = 50 * 1024 * 1024
+    big_sent: int = 0  # body bytes of "big" answers the sender let us write
     calls: list[Call] = field(default_factory=list)
     url: str = ""
 
@@ -72,6 +74,9 @@ class Receiver:
                     await asyncio.sleep(self.hang_seconds)
                     writer.close()
                     return
+                if outcome == "big":
+                    await self._stream_big(writer)
+                    return
                 status = b"200 OK" if outcome == "200" else b"500 Internal Server Error"
                 writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
                 await writer.drain()
@@ -80,6 +85,16 @@ class Receiver:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _stream_big(self, writer: asyncio.StreamWriter) -> None:
+        """A 200 whose body is `big_bytes` long, streamed 64 KiB at a time (never held
+        whole here), until the sender hangs up."""
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % self.big_bytes)
+        piece = b"x" * 65536
+        while self.big_sent < self.big_bytes:
+            writer.write(piece[:self.big_bytes - self.big_sent])
+            await writer.drain()
+            self.big_sent += min(len(piece), self.big_bytes - self.big_sent)
 
 
 @contextlib.asynccontextmanager
