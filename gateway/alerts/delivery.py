@@ -22,6 +22,9 @@ from gateway.upstream.client import UpstreamClient, UpstreamError, UpstreamRespo
 # Body bytes of an answer read: enough for a short "ok" or JSON reply to end on the wire, so
 # its keep-alive connection serves the next post; a longer body is not worth reading.
 MAX_ANSWER = 4096
+# Posts to one webhook at once (each webhook has its own, so a slow one holds back no other);
+# as many keep-alive connections are kept for the next ones.
+POSTS_PER_WEBHOOK = 8
 
 
 class DeliveryFailed(Exception):
@@ -38,7 +41,7 @@ class _Target:
         deadlines = Deadlines(connect=timeout, first_byte=timeout, idle=timeout,
                               total=timeout)
         self.client = UpstreamClient(f"{parts.scheme}://{authority}", deadlines=deadlines,
-                                     max_idle=4)
+                                     max_idle=POSTS_PER_WEBHOOK)
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.headers: list[tuple[bytes, bytes]] = [
             (b"content-type", b"application/json"), (b"user-agent", b"llm-gateway-alerts")]

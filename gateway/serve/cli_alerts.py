@@ -32,7 +32,7 @@ async def _send(args: argparse.Namespace, settings: Settings, store: Store) -> N
                          SenderOptions(claim_idle_seconds=args.claim_after))
     if args.once:
         try:
-            await sender.run_pass()
+            await sender.run_once()
             waiting = await sender.observe_lag()
         finally:
             await sender.close()
