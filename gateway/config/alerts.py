@@ -78,7 +78,23 @@ def _threshold(value: object) -> float:
             or not 0 < value <= 1):
         raise ConfigError(f"alerts.budget_thresholds: each is a fraction of the budget above 0 "
                           f"and at most 1 (like 0.8), got {value!r}")
+    # settle.lua compares whole parts per million: one that rounds to 0 would never fire.
+    if round(value * 1_000_000) < 1:
+        raise ConfigError(f"alerts.budget_thresholds: {value!r} rounds to 0 parts per million "
+                          f"of the budget and would never fire; use at least 0.000001 "
+                          f"(one part per million)")
     return float(value)
+
+
+def _duration(value: object, name: str, example: str) -> int:
+    """A duration setting, its name in every message (parse_duration's names none)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"alerts.{name} must be a duration like \"{example}\", "
+                          f"got {value!r}")
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise ConfigError(f"alerts.{name}: {exc}") from None
 
 
 def _webhook(raw: object, index: int) -> Webhook:
@@ -115,31 +131,27 @@ def alerts_from_config(data: object) -> AlertSettings:
     table: Mapping[str, Any] = check_table(data, "alerts")
     check_known(table, _FIELDS, "[alerts]")
     hooks = table.get("webhooks", [])
-    if not isinstance(hooks, list) or len(hooks) > _MAX_WEBHOOKS:
+    if not isinstance(hooks, list):  # [alerts.webhooks] (one table) instead of [[...]]
+        raise ConfigError("alerts.webhooks must be a list of tables ([[alerts.webhooks]]), "
+                          "one [[alerts.webhooks]] per webhook, not a single table or a value")
+    if len(hooks) > _MAX_WEBHOOKS:
         raise ConfigError(f"alerts.webhooks must be at most {_MAX_WEBHOOKS} "
-                          f"[[alerts.webhooks]] tables")
+                          f"[[alerts.webhooks]] tables, got {len(hooks)}")
     thresholds = table.get("budget_thresholds", [0.8, 1.0])
     if not isinstance(thresholds, list) or len(thresholds) > 10:
         raise ConfigError(f"alerts.budget_thresholds must be a list of at most 10 fractions, "
                           f"like [0.8, 1.0], got {thresholds!r}")
     low = table.get("credits_low_usd")
-    within = table.get("expiring_within", "3d")
-    if not isinstance(within, str):
-        raise ConfigError(f"alerts.expiring_within must be a duration like \"3d\", "
-                          f"got {within!r}")
-    age = table.get("give_up_after", "1d")
-    if not isinstance(age, str):
-        raise ConfigError(f"alerts.give_up_after must be a duration like \"1d\", got {age!r}")
     return AlertSettings(
         webhooks=tuple(_webhook(raw, i) for i, raw in enumerate(hooks)),
         budget_thresholds=tuple(_threshold(t) for t in thresholds),
         credits_low_micro=None if low is None else usd_to_micro(low, "alerts.credits_low_usd"),
-        expiring_within=parse_duration(within),
+        expiring_within=_duration(table.get("expiring_within", "3d"), "expiring_within", "3d"),
         max_outbox_events=check_positive(table.get("max_outbox_events", DEFAULT_OUTBOX_CAP),
                                          "alerts.max_outbox_events", 10_000_000),
         max_attempts=check_positive(table.get("max_attempts", 12), "alerts.max_attempts",
                                     1000),
-        give_up_after=parse_duration(age),
+        give_up_after=_duration(table.get("give_up_after", "1d"), "give_up_after", "1d"),
         timeout=check_seconds(table.get("timeout", 10.0), "alerts.timeout",
                               zero_allowed=False),
     )

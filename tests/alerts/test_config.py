@@ -35,6 +35,15 @@ def test_defaults_and_a_full_table() -> None:
     ({"budget_thresholds": [1.5]}, "at most 1"),
     ({"credits_low_usd": "-1"}, "invalid amount"),
     ({"expiring_within": "3 days"}, "invalid duration"),
+    # Each message names the setting, and nothing that would never fire is taken.
+    ({"expiring_within": "3x"}, r"^alerts\.expiring_within: invalid duration '3x'"),
+    ({"give_up_after": "0d"}, r"^alerts\.give_up_after: invalid duration '0d'"),
+    ({"give_up_after": "99999d"}, r"^alerts\.give_up_after: duration '99999d'"),
+    ({"budget_thresholds": [0.0000001]}, r"rounds to 0 parts per million"),
+    ({"budget_thresholds": [0.0000004, 0.8]}, r"use at least 0\.000001"),
+    ({"webhooks": {"url": "https://h/", "secret": "s" * 16}},
+     r"must be a list of tables \(\[\[alerts\.webhooks\]\]\)"),
+    ({"webhooks": [{"url": "https://h/", "secret": "s" * 16}] * 17}, "at most 16"),
     ({"webhooks": [{"url": "ftp://x/", "secret": "s" * 16}]}, "http:// or https://"),
     ({"webhooks": [{"url": "https://h/", "secret": "short"}]}, "at least 16"),
     ({"webhooks": [{"url": "https://h/", "secret": "s" * 16, "events": ["key.gone"]}]},
@@ -45,6 +54,11 @@ def test_defaults_and_a_full_table() -> None:
 def test_mistakes_are_refused(table: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_mapping({"alerts": table})
+
+
+def test_the_smallest_threshold_is_one_part_per_million() -> None:
+    alerts = Settings.from_mapping({"alerts": {"budget_thresholds": [0.000001, 1]}}).alerts
+    assert alerts.thresholds_ppm == (1, 1_000_000)
 
 
 def test_a_bad_url_is_refused_without_quoting_it() -> None:
