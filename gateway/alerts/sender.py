@@ -239,8 +239,9 @@ class AlertSender:
                 del item.hooks[index]
                 item.given_up = True
                 log.warning("alert %s (%s) given up after %d attempts (%.0f s old) for "
-                            "webhook %d: %s", item.event.id, item.event.type,
-                            hook.attempts, age, index + 1, item.last_error)
+                            "webhook %d (%s): %s", item.event.id, item.event.type,
+                            hook.attempts, age, index + 1,
+                            self.settings.webhooks[index].shown, item.last_error)
                 if not item.hooks:
                     self._finished[(item.event.account_id, item.event.stream_id)] = item
         await self._ack()
@@ -322,9 +323,10 @@ class AlertSender:
         except Exception as exc:  # any failure is retried: a bug must not end the lane
             message = str(exc) if isinstance(exc, DeliveryFailed) else (
                 f"webhook {index + 1}: {type(exc).__name__}")
-            if not isinstance(exc, DeliveryFailed):
-                log.exception("alert %s: posting to webhook %d failed", item.event.id,
-                              index + 1)
+            if not isinstance(exc, DeliveryFailed):  # a bug: said loudly, but its message
+                # (which might quote the request target) is not
+                log.error("alert %s: posting to webhook %d failed unexpectedly: %s",
+                          item.event.id, index + 1, type(exc).__name__)
             item.last_error = message
             hook.failed = True
             hook.next_at = self.clock() + self.options.backoff.delay(hook.attempts)

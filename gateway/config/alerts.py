@@ -51,6 +51,27 @@ class Webhook:
     def wants(self, event_type: str) -> bool:
         return event_type in self.events
 
+    @property
+    def shown(self) -> str:
+        """The URL as logs and `config check` show it: `masked_webhook_url`."""
+        return masked_webhook_url(self.url)
+
+
+def masked_webhook_url(url: str) -> str:
+    """scheme://host[:port]/***: a webhook's path carries its credential as often as its
+    query does (https://hooks.slack.com/services/T000/B000/XXXX), so neither is shown, nor
+    a user or password."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "***"
+    host = parts.hostname or ""
+    authority = f"[{host}]" if ":" in host else host
+    if port is not None:
+        authority = f"{authority}:{port}"
+    return f"{parts.scheme}://{authority}/***"
+
 
 @dataclass(frozen=True, slots=True)
 class AlertSettings:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from gateway.config.alerts import masked_webhook_url
 from gateway.config.settings import Price, Settings
 from gateway.config.windows import BudgetWindow
 
@@ -76,10 +77,11 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
             doc[name] = mask_url(doc[name])
     if doc["ledger"].get("postgres_url"):
         doc["ledger"]["postgres_url"] = mask_url(doc["ledger"]["postgres_url"])
-    # alerts: a webhook's secret never shown, its URL without credentials or secret options
+    # alerts: a webhook's secret never shown, nor its URL's path, query or credentials (a
+    # Slack-style URL carries its token in the path)
     alerts = doc["alerts"]
     for hook in alerts["webhooks"]:
-        hook["url"], hook["secret"] = mask_url(hook["url"]), MASK
+        hook["url"], hook["secret"] = masked_webhook_url(hook["url"]), MASK
     low = alerts.pop("credits_low_micro")
     alerts["credits_low_usd"] = None if low is None else low / 1e6
     return doc

@@ -58,8 +58,10 @@ async def _send(args: argparse.Namespace, settings: Settings, store: Store) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log.info("alert sender started: %d webhook(s), consumer %s", len(settings.alerts.webhooks),
-             sender.outbox.consumer)
+    # The webhooks by origin only: a path or query may carry the credential (Slack's do).
+    log.info("alert sender started: %d webhook(s) (%s), consumer %s",
+             len(settings.alerts.webhooks),
+             ", ".join(hook.shown for hook in settings.alerts.webhooks), sender.outbox.consumer)
     try:
         await sender.run(stop, interval=args.interval)
     finally:

@@ -82,3 +82,23 @@ def test_config_check_masks_the_secret_and_the_urls_credentials(
         out = capsys.readouterr().out
         assert "hooks.example.com" in out
         assert HOOK["secret"] not in out and "hunter2" not in out and "abc123" not in out
+
+
+SLACK = "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"
+
+
+def test_config_check_shows_a_webhook_url_without_its_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Slack-style URL carries its credential in the path: only scheme://host[:port]."""
+    hooks = [{"url": SLACK, "secret": "s" * 16},
+             {"url": "http://u:pw@10.0.0.7:8080/hook/abc?x=1", "secret": "s" * 16}]
+    doc = effective_settings(Settings.from_mapping({"alerts": {"webhooks": hooks}}))
+    assert [h["url"] for h in doc["alerts"]["webhooks"]] == [
+        "https://hooks.slack.com/***", "http://10.0.0.7:8080/***"]
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[alerts.webhooks]]\nurl = "{SLACK}"\nsecret = "{"s" * 16}"\n')
+    for extra in ([], ["--json"]):
+        assert main(["config", "check", "--config", str(config), *extra]) == 0
+        out = capsys.readouterr().out
+        assert "https://hooks.slack.com/***" in out
+        assert "XXXXSECRETXXXX" not in out and "T000" not in out

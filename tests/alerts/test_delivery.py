@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import tracemalloc
 
 import pytest
@@ -95,13 +96,20 @@ async def test_a_hanging_webhook_holds_back_no_other(store: Store) -> None:
     assert await outbox(store, account_id) == []
 
 
-async def test_a_webhook_that_never_accepts_is_given_up_alone(store: Store) -> None:
-    async with receiving(Receiver(always="500")) as bad, receiving(Receiver()) as good:
+async def test_a_webhook_that_never_accepts_is_given_up_alone(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    secret_path = "/services/T000/B000/XXXXSECRETXXXX"  # a Slack-style URL's credential
+    async with receiving(Receiver(always="500"), secret_path) as bad, \
+            receiving(Receiver()) as good:
         settings = hooks((bad, None), (good, None), max_attempts=2)
         with_alerts(store, settings)
         account_id = await deactivations(store, settings, 1)
         sender = AlertSender(Outbox(store, "s1"), settings.alerts, None, FAST)
-        await run_until(sender, condition=lambda: sender.totals.done == 1)
+        with caplog.at_level(logging.INFO, "gateway.alerts"):
+            await run_until(sender, condition=lambda: sender.totals.done == 1)
     assert len(bad.calls) == 2 and len(good.calls) == 1
     assert sender.totals.given_up == 1 and sender.totals.delivered == 1
     assert await outbox(store, account_id) == []
+    origin = bad.url.removesuffix(secret_path)
+    assert f"for webhook 1 ({origin}/***)" in caplog.text
+    assert "XXXXSECRETXXXX" not in caplog.text and "T000" not in caplog.text
