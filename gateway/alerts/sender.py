@@ -122,6 +122,7 @@ class AlertSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: dict[tuple[str, str], _Pending] = {}  # done, not yet acknowledged
         self._acker: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a post failed: run() schedules its retry
 
     @property
     def pending(self) -> int:
@@ -166,24 +167,40 @@ class AlertSender:
         await self._settle()
 
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Passes until `stop` is set; a Redis outage is logged and waited out."""
+        """Passes every `interval` until `stop` is set; a Redis outage is logged and waited
+        out. A retry due in between is made without a pass: a pass reads every account's
+        outbox, and retries (each with its own jittered backoff) would otherwise multiply
+        those reads."""
         failures = 0
+        next_read = self.clock()
         while not stop.is_set():
+            self._wake.clear()
             try:
-                await self.run_pass()
+                if self.clock() >= next_read:
+                    next_read = self.clock() + interval
+                    await self.run_pass()
+                else:
+                    await self._settle()
+                    await self._dispatch()
                 failures = 0
             except StoreUnavailable as exc:
                 failures += 1
                 if failures == 1 or failures % 60 == 0:
                     log.warning("alert sender: Redis unavailable (%s); retrying", exc)
-            wait = interval
+            wait = next_read - self.clock()
             waiting = [hook.next_at for item in self._pending.values()
                        for hook in item.hooks.values() if not hook.busy]
             if waiting:
-                wait = min(interval, max(min(waiting) - self.clock(), 0.01))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                wait = min(wait, min(waiting) - self.clock())
+            await self._sleep(stop, max(wait, 0.01))
         await self._wind_down()
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        """Until `stop`, a failed post (its retry is then scheduled), or `seconds`."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waits:
+            waiter.cancel()
 
     async def _wind_down(self) -> None:
         """At a stop: no post starts any more; the running ones end (each within the
@@ -330,6 +347,7 @@ class AlertSender:
             item.last_error = message
             hook.failed = True
             hook.next_at = self.clock() + self.options.backoff.delay(hook.attempts)
+            self._wake.set()
             self.totals.failed += 1
             self.metrics.failed.inc()
             log.info("alert %s (%s): %s (attempt %d)", item.event.id, item.event.type,

@@ -6,6 +6,8 @@ gateway/alerts/ delivers them).
     budget_thresholds = [0.8, 1.0]     # fractions of a key's budget, once per period each
     credits_low_usd = 5                # an account's balance falls below (once, re-armed)
     expiring_within = "3d"             # a key's expiry this close (once per expiry)
+    sender = "serve"                   # "none": no sender in `gateway serve`; run
+                                       # `gateway alerts send` apart (many replicas)
 
     [[alerts.webhooks]]
     url = "https://hooks.example.com/gateway"
@@ -35,9 +37,13 @@ from gateway.errors import ConfigError
 EVENT_TYPES = ("budget.threshold", "credits.low", "key.expiring", "key.deactivated")
 DEFAULT_OUTBOX_CAP = 10_000  # events one account's outbox holds before the oldest drop
 _FIELDS = ("budget_thresholds", "credits_low_usd", "expiring_within", "webhooks",
-           "max_outbox_events", "max_attempts", "give_up_after", "timeout")
+           "max_outbox_events", "max_attempts", "give_up_after", "timeout", "sender")
 _WEBHOOK_FIELDS = ("url", "secret", "events")
 _MAX_WEBHOOKS = 16
+# Where senders run: "serve", one in every `gateway serve` worker (and any `gateway alerts
+# send`); "none", only `gateway alerts send`. Every sender reads every account's outbox
+# each pass, so many replicas run one sender apart instead (docs/alerts.md, Scale).
+SENDER_MODES = ("serve", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,7 @@ class AlertSettings:
     max_attempts: int = 12  # per event and webhook, then given up
     give_up_after: int = 86400  # seconds of an event's age, then given up
     timeout: float = 10.0  # one webhook call, seconds
+    sender: str = "serve"  # SENDER_MODES: "none", no sender inside `gateway serve`
 
     @property
     def enabled(self) -> bool:
@@ -163,6 +170,11 @@ def alerts_from_config(data: object) -> AlertSettings:
         raise ConfigError(f"alerts.budget_thresholds must be a list of at most 10 fractions, "
                           f"like [0.8, 1.0], got {thresholds!r}")
     low = table.get("credits_low_usd")
+    sender = table.get("sender", "serve")
+    if not isinstance(sender, str) or sender not in SENDER_MODES:
+        raise ConfigError(f"alerts.sender must be \"serve\" (a sender in every gateway serve "
+                          f"worker) or \"none\" (none there: run `gateway alerts send` "
+                          f"apart), got {sender!r}")
     return AlertSettings(
         webhooks=tuple(_webhook(raw, i) for i, raw in enumerate(hooks)),
         budget_thresholds=tuple(_threshold(t) for t in thresholds),
@@ -175,4 +187,5 @@ def alerts_from_config(data: object) -> AlertSettings:
         give_up_after=_duration(table.get("give_up_after", "1d"), "give_up_after", "1d"),
         timeout=check_seconds(table.get("timeout", 10.0), "alerts.timeout",
                               zero_allowed=False),
+        sender=sender,
     )

@@ -18,6 +18,14 @@ def create_app() -> GatewayMiddleware:
                              routes=settings.routes, deadlines=settings.upstream_deadlines)
     if not settings.alerts.enabled:
         return GatewayMiddleware(upstream, settings=settings)
+    if settings.alerts.sender == "none":
+        # The scripts still write events; a `gateway alerts send` run apart delivers them
+        # (one sender instead of one per worker of every replica: docs/alerts.md, Scale).
+        from gateway.alerts.outbox import enable_alerts
+
+        app = GatewayMiddleware(upstream, settings=settings)
+        enable_alerts(app.store, settings.alerts)
+        return app
     # alerts: the scripts write events, and a sender runs beside the server (its lifespan)
     from gateway.alerts.lifespan import AlertsInServe
 

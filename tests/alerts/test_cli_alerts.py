@@ -126,3 +126,38 @@ async def test_gateway_serve_runs_a_sender_in_its_lifespan(
     assert [c.outcome for c in rx.calls] == ["reset", "200"]
     assert len({c.headers["x-gateway-event-id"] for c in rx.calls}) == 1
     assert await outbox(store, account_id) == []
+
+
+@pytest.mark.parametrize("store_kind", ["redis"])
+async def test_gateway_serve_with_sender_none_writes_events_but_sends_none(
+        store: Store, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with receiving(Receiver()) as rx:
+        config = write_config(tmp_path / "gateway.toml", rx.url)
+        config.write_text(config.read_text().replace("[alerts]\n", '[alerts]\nsender = "none"\n'))
+        monkeypatch.setenv("GATEWAY_CONFIG", str(config))
+        monkeypatch.setenv("GATEWAY_REDIS_URL", redis_url)
+        monkeypatch.setenv("GATEWAY_UPSTREAM", "http://127.0.0.1:9")
+        app = create_app()
+        assert not isinstance(app.app, AlertsInServe)  # no sender in its lifespan
+        assert app.store.alert_cap == 10_000  # the scripts still write events
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await inbox.put({"type": "lifespan.startup"})
+        task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                         inbox.get, send))
+        settings = alert_settings(rx.url)
+        _, key_id, account_id = await new_key(app.store, settings, plan="big")
+        await update_key(app.store, settings, key_id, ChangeSpec(active=False))
+        await asyncio.sleep(1.5)  # a sender would have posted it within its 1 s interval
+        await inbox.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(task, 10)
+        await app.store.close()
+        assert rx.calls == []
+        [event] = await outbox(store, account_id)  # waiting for `gateway alerts send`
+        doc = await send_once(redis_url, config)
+        assert (doc["done"], doc["waiting"]) == (1, 0)
+    assert [c.headers["x-gateway-event-id"] for c in rx.accepted()] == [event.id]

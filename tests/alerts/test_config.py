@@ -19,6 +19,8 @@ HOOK = {"url": "https://bob:hunter2-password@hooks.example.com/g?token=abc123", 
 def test_defaults_and_a_full_table() -> None:
     off = Settings.from_mapping({}).alerts
     assert not off.enabled and off.thresholds_ppm == (800_000, 1_000_000)
+    assert off.sender == "serve"
+    assert Settings.from_mapping({"alerts": {"sender": "none"}}).alerts.sender == "none"
     alerts = Settings.from_mapping({"alerts": {
         "budget_thresholds": [1.0, 0.5], "credits_low_usd": 5, "expiring_within": "7d",
         "webhooks": [HOOK, {**HOOK, "events": ["credits.low"]}]}}).alerts
@@ -44,6 +46,11 @@ def test_defaults_and_a_full_table() -> None:
     ({"webhooks": {"url": "https://h/", "secret": "s" * 16}},
      r"must be a list of tables \(\[\[alerts\.webhooks\]\]\)"),
     ({"webhooks": [{"url": "https://h/", "secret": "s" * 16}] * 17}, "at most 16"),
+    ({"sender": "off"}, r"alerts\.sender must be \"serve\" .* or \"none\""),
+    ({"sender": "None"}, "alerts.sender must be"),
+    ({"sender": " serve"}, "alerts.sender must be"),
+    ({"sender": False}, "alerts.sender must be"),
+    ({"senders": "none"}, "did you mean 'sender'"),
     ({"webhooks": [{"url": "ftp://x/", "secret": "s" * 16}]}, "http:// or https://"),
     ({"webhooks": [{"url": "https://h/", "secret": "short"}]}, "at least 16"),
     ({"webhooks": [{"url": "https://h/", "secret": "s" * 16, "events": ["key.gone"]}]},

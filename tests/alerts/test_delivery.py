@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from gateway.alerts.outbox import Outbox
+from gateway.alerts.outbox import AlertEvent, Outbox
 from gateway.alerts.sender import AlertSender
 from gateway.config.settings import Settings
 from gateway.http.key_changes import ChangeSpec, update_key
@@ -113,3 +113,32 @@ async def test_a_webhook_that_never_accepts_is_given_up_alone(
     origin = bad.url.removesuffix(secret_path)
     assert f"for webhook 1 ({origin}/***)" in caplog.text
     assert "XXXXSECRETXXXX" not in caplog.text and "T000" not in caplog.text
+
+
+async def test_retries_do_not_make_the_outboxes_read_more_often(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pass reads every account's outbox; retries due in between (backoff 0.05 to
+    0.2 s here) are made without one, so the reads stay at one per interval."""
+    async with receiving(Receiver(always="500")) as rx:
+        settings = hooks((rx, None), max_attempts=1000)
+        with_alerts(store, settings)
+        await deactivations(store, settings, 1)
+        outbox_ = Outbox(store, "s1")
+        reads: list[str] = []
+        real_read = outbox_.read
+
+        async def counted(account_id: str, count: int, start: str = ">",
+                          claim_idle_ms: int = 0) -> list[AlertEvent]:
+            reads.append(start)
+            return await real_read(account_id, count, start, claim_idle_ms)
+
+        monkeypatch.setattr(outbox_, "read", counted)
+        sender = AlertSender(outbox_, settings.alerts, None, FAST)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(sender.run(stop, interval=0.5))
+        await asyncio.sleep(1.6)
+        stop.set()
+        await task
+        await sender.close()
+    assert len(rx.calls) >= 6  # retried all along
+    assert reads.count(">") <= 5  # passes at 0, 0.5, 1.0, 1.5 s (and a little slack)
