@@ -60,6 +60,7 @@ class _Hook:
     next_at: float = 0.0  # when it is due (again)
     busy: bool = False  # in its lane's queue or being posted
     failed: bool = False  # the last post failed: the next pass retries or gives it up
+    last_error: str = ""
 
 
 @dataclass
@@ -68,7 +69,6 @@ class _Pending:
     body: bytes
     hooks: dict[int, _Hook]  # by webhook index: the webhooks still missing it
     given_up: bool = False
-    last_error: str = ""
 
 
 @dataclass
@@ -258,7 +258,7 @@ class AlertSender:
                 log.warning("alert %s (%s) given up after %d attempts (%.0f s old) for "
                             "webhook %d (%s): %s", item.event.id, item.event.type,
                             hook.attempts, age, index + 1,
-                            self.settings.webhooks[index].shown, item.last_error)
+                            self.settings.webhooks[index].shown, hook.last_error)
                 if not item.hooks:
                     self._finished[(item.event.account_id, item.event.stream_id)] = item
         await self._ack()
@@ -306,7 +306,8 @@ class AlertSender:
         waits its turn in a slow lane is not idle, and no other sender takes it."""
         now = self.clock()
         due = [(item, index, hook) for item in self._pending.values()
-               for index, hook in item.hooks.items() if not hook.busy and hook.next_at <= now]
+               for index, hook in item.hooks.items()
+               if not (hook.busy or hook.failed) and hook.next_at <= now]
         if now >= self._next_touch:
             self._next_touch = now + self.options.claim_idle_seconds / 4
             claimed = list(self._pending.values())
@@ -344,7 +345,7 @@ class AlertSender:
                 # (which might quote the request target) is not
                 log.error("alert %s: posting to webhook %d failed unexpectedly: %s",
                           item.event.id, index + 1, type(exc).__name__)
-            item.last_error = message
+            hook.last_error = message
             hook.failed = True
             hook.next_at = self.clock() + self.options.backoff.delay(hook.attempts)
             self._wake.set()
