@@ -98,7 +98,8 @@ def add_alert_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "alerts", help="webhook alerts: budget thresholds, low credits, expiring keys",
         description="Deliver the alert events the gateway's scripts write ([alerts] and "
                     "[[alerts.webhooks]] in the config) to the webhooks, signed, with "
-                    "retries. `gateway serve` runs a sender too; this one runs apart.")
+                    "retries. `gateway serve` runs a sender too (unless [alerts] sender = "
+                    "\"none\"); this one runs apart.")
     actions = alerts.add_subparsers(dest="command", required=True, metavar="ACTION")
     send = action(actions, "send", common, _send,
                   "deliver every account's alert events to the webhooks that want them, "
