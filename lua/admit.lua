@@ -110,7 +110,8 @@ local function bucket(scope, limit, tat, rate)
   tat = math.max(tonumber(tat) or 0, now)
   rate = tonumber(rate) or limit
   if rate ~= limit then tat = now + (tat - now) * rate / limit end
-  return {scope = scope, limit = limit, tat = tat, interval = WINDOW / limit}
+  -- `next` given here: a field added later would make Lua grow the table
+  return {scope = scope, limit = limit, tat = tat, interval = WINDOW / limit, next = tat}
 end
 local function remaining(b)
   -- 1e-3: microsecond timestamps near 1.7e15 carry a quarter-microsecond of float error
@@ -202,54 +203,58 @@ end
 -- Budget windows beyond the primary one: the key's (or its plan's) and the account's,
 -- each with its own lazy rollover. Calendar windows end on the UTC grid of their length
 -- (a 30 or 31 day one on the 1st of the month); rolling ones run from their first use.
-local DAY = 86400000000
-local function month_after(day)  -- the day number of the 1st of the month after `day`
-  -- civil_from_days and days_from_civil (H. Hinnant), proleptic Gregorian, UTC
-  local z = day + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local y = yoe + era * 400
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  if m <= 2 then y = y + 1 end
-  m = m + 1
-  if m > 12 then m, y = 1, y + 1 end
-  if m <= 2 then y = y - 1 end
-  era = math.floor(y / 400)
-  yoe = y - era * 400
-  mp = m > 2 and m - 3 or m + 9
-  doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + math.floor((153 * mp + 2) / 5)
-  return era * 146097 + doe - 719468
-end
 local windows = {}
-local function add_windows(spec, hash, where)
-  if not spec or spec == '' then return end
-  for limit, seconds, mode in string.gmatch(spec, '(%d+):(%d+):(%a)') do
-    local field = 'bw:' .. seconds .. mode
-    local state = redis.call('HMGET', hash, field .. ':s', field .. ':r')
-    local length = tonumber(seconds) * 1000000
-    local w_resets, w_spent = tonumber(state[2]), tonumber(state[1]) or 0
-    if not w_resets or now >= w_resets then
-      w_spent = 0
-      if mode == 'c' and (length == 30 * DAY or length == 31 * DAY) then
-        w_resets = month_after(math.floor(now / DAY)) * DAY
-      elseif mode == 'c' then
-        w_resets = (math.floor(now / length) + 1) * length
-      elseif not w_resets then
-        w_resets = now + length
-      else
-        w_resets = w_resets + (math.floor((now - w_resets) / length) + 1) * length
-      end
-    end
-    windows[#windows + 1] = {hash = hash, where = where, field = field,
-                             limit = tonumber(limit), spent = w_spent, resets = w_resets}
+-- (only built when there are windows: these closures cost microseconds a call otherwise)
+if (key_windows and key_windows ~= '') or (acct[9] and acct[9] ~= '') then
+  local DAY = 86400000000
+  local function month_after(day)  -- the day number of the 1st of the month after `day`
+    -- civil_from_days and days_from_civil (H. Hinnant), proleptic Gregorian, UTC
+    local z = day + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+      - math.floor(doe / 146096)) / 365)
+    local y = yoe + era * 400
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    if m <= 2 then y = y + 1 end
+    m = m + 1
+    if m > 12 then m, y = 1, y + 1 end
+    if m <= 2 then y = y - 1 end
+    era = math.floor(y / 400)
+    yoe = y - era * 400
+    mp = m > 2 and m - 3 or m + 9
+    doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100)
+      + math.floor((153 * mp + 2) / 5)
+    return era * 146097 + doe - 719468
   end
+  local function add_windows(spec, hash, where)
+    if not spec or spec == '' then return end
+    for limit, seconds, mode in string.gmatch(spec, '(%d+):(%d+):(%a)') do
+      local field = 'bw:' .. seconds .. mode
+      local state = redis.call('HMGET', hash, field .. ':s', field .. ':r')
+      local length = tonumber(seconds) * 1000000
+      local w_resets, w_spent = tonumber(state[2]), tonumber(state[1]) or 0
+      if not w_resets or now >= w_resets then
+        w_spent = 0
+        if mode == 'c' and (length == 30 * DAY or length == 31 * DAY) then
+          w_resets = month_after(math.floor(now / DAY)) * DAY
+        elseif mode == 'c' then
+          w_resets = (math.floor(now / length) + 1) * length
+        elseif not w_resets then
+          w_resets = now + length
+        else
+          w_resets = w_resets + (math.floor((now - w_resets) / length) + 1) * length
+        end
+      end
+      windows[#windows + 1] = {hash = hash, where = where, field = field,
+                               limit = tonumber(limit), spent = w_spent, resets = w_resets}
+    end
+  end
+  add_windows(key_windows, KEYS[1], 'k')
+  add_windows(acct[9], KEYS[2], 'a')
 end
-add_windows(key_windows, KEYS[1], 'k')
-add_windows(acct[9], KEYS[2], 'a')
 for _, w in ipairs(windows) do
   local left = w.limit - w.spent
   if left <= 0 then return refuse(6, w.resets - now) end
