@@ -1,4 +1,5 @@
-"""The gateway's own endpoints: /v1/usage, /api/plans, /healthz, /readyz, /metrics."""
+"""The gateway's own endpoints: /v1/usage, /api/plans, /healthz, /readyz, /metrics (and
+the routes to /api/*, /admin/* and /dashboard/*)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gateway.config.windows import next_reset_us
 from gateway.core.timefmt import iso_from_us
 from gateway.errors import Rejected, StoreUnavailable, send_json, send_rejection
 from gateway.http.auth import KeyResolver, header
+from gateway.http.dashboard import Dashboard
 from gateway.http.management import Management, Verifier
 from gateway.http.operator import Operator
 from gateway.http.ratelimit import invalid_key
@@ -82,6 +84,7 @@ class Endpoints:
         ])
         self.management = Management(store, settings, verifier)
         self.operator = Operator(store, settings)
+        self.dashboard = Dashboard(store, settings)
         self._routes: dict[str, Handler] = {
             "/v1/usage": self.usage,
             "/api/plans": self.plans,
@@ -96,6 +99,8 @@ class Endpoints:
             return self.management.route(path)  # the management API owns the rest of /api/
         if handler is None and (path == "/admin" or path.startswith("/admin/")):
             return self.operator.handle  # never forwarded: 404 when no admin token is set
+        if handler is None and (path == "/dashboard" or path.startswith("/dashboard/")):
+            return self.dashboard.handle  # never forwarded
         return handler
 
     async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -141,3 +141,15 @@ class Names:
     @staticmethod
     def mgmt_index(mgmt_id: str) -> str:
         return f"gw:mgmt-id:{mgmt_id}"
+
+    # -- the dashboard (gateway/store/sessions.py) --------------------------------------
+
+    @staticmethod
+    def dash_session(token_hash: str) -> str:
+        """A dashboard session, by the SHA-256 of its cookie's token (expires with it)."""
+        return f"gw:dash-session:{token_hash}"
+
+    @staticmethod
+    def dash_signin(client: str) -> str:
+        """The dashboard sign-in attempts of one client address (lua/dash_signin.lua)."""
+        return f"gw:dash-signin:{client}"
