@@ -443,3 +443,32 @@ async def test_over_real_http_and_under_a_root_path(store: Store, settings: Sett
         page = await client.get("/dashboard", headers={"Cookie": cookie.split(";")[0]})
         assert page.status_code == 200 and f'href="/gw/dashboard/keys/{key_id}"' in page.text
         assert 'action="/gw/dashboard/keys"' in page.text
+
+
+# -- the charts' series (pure) ------------------------------------------------------------
+
+
+def test_the_series_sum_the_buckets_aggregate_sums() -> None:
+    from gateway.core.usage_windows import aggregate
+    from gateway.http.dashboard.charts import period_spend, series, usd
+
+    now = 1_800_000_000  # hour 500000, day 20833, hour of day 8
+    hour, day = now // 3600, now // 86400
+    hours = {day: {"r8": 2, "p8": 10, "c8": 5, "s8": 1_500, "r0": 1, "p0": 1, "c0": 1,
+                   "s0": 7},
+             day - 1: {"r23": 4, "p23": 4, "c23": 0, "s23": 40},
+             day - 29: {"r0": 1, "p0": 1, "c0": 0, "s0": 1},
+             day - 30: {"r23": 9, "p23": 9, "c23": 9, "s23": 9}}  # outside both charts
+    minutes = {hour: {f"r{(now // 60) % 60}": 2, f"p{(now // 60) % 60}": 10,
+                      f"c{(now // 60) % 60}": 5, f"s{(now // 60) % 60}": 1_500}}
+    hourly, daily = series(now, hours)
+    assert len(hourly.bars) == 24 and len(daily.bars) == 30
+    assert hourly.requests == aggregate(now, minutes, hours)["last24h"].requests == 7
+    assert hourly.tokens == 15 + 2 + 4 and hourly.spend_micro == 1_547
+    assert daily.requests == 8 and daily.spend_micro == 1_548
+    assert period_spend(now, minutes, hours) == {
+        "last1h": 1_500, "last24h": 1_547, "last7d": 1_547, "last30d": 1_557}
+    # Counters without money: unknown, never $0.
+    unknown, _ = series(now, {day: {"r8": 1, "p8": 1, "c8": 1}})
+    assert unknown.spend_micro is None and usd(None) == "—"
+    assert usd(1_234_567) == "$1.234567" and usd(5) == "$0.000005"
