@@ -319,7 +319,9 @@ async def test_a_foreign_origin_is_403(store: Store, settings: Settings,
     async with client_for(app(store, settings, metrics)) as client:
         csrf = await sign_in(client, mk)
         for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
-                        {"Origin": "http://gw.evil"}, {"Sec-Fetch-Site": "cross-site"}):
+                        {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+                        {"Origin": "http://gw.evil"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Origin": "http://evil.example", "Sec-Fetch-Site": "same-origin"}):
             response = await client.post(f"/dashboard/keys/{key_id}/deactivate",
                                          data={"csrf": csrf}, headers=headers)
             assert response.status_code == 403 and 'id="error"' in response.text, headers
@@ -329,6 +331,10 @@ async def test_a_foreign_origin_is_403(store: Store, settings: Settings,
         same = await client.post(f"/dashboard/keys/{key_id}/deactivate", data={"csrf": csrf},
                                  headers={"Origin": "http://gw", "Sec-Fetch-Site": "same-origin"})
         assert same.status_code == 303
+        # A form on our pages (Referrer-Policy: no-referrer): Chromium sends Origin: null.
+        chromium = await client.post(f"/dashboard/keys/{key_id}/activate", data={"csrf": csrf},
+                                     headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+        assert chromium.status_code == 303
 
 
 async def test_a_script_in_a_key_name_is_escaped(store: Store, settings: Settings,

@@ -78,15 +78,20 @@ def csrf_ok(session: DashSession, given: str | None) -> bool:
 
 
 def same_origin(scope: Scope) -> bool:
-    """False for a request a page of another origin made: its Origin names another host
-    (or is "null"), or the browser says it came from another site. Requests without
-    either header (curl, older clients) pass: the CSRF token still guards them."""
+    """False for a request a page of another origin made: its Origin names another host,
+    or the browser says (Sec-Fetch-Site) it came from another site; an Origin of "null"
+    passes only with Sec-Fetch-Site: same-origin. Requests without either header (curl,
+    older clients) pass: the CSRF token still guards them."""
     site = header(scope["headers"], b"sec-fetch-site")
     if site is not None and site not in (b"same-origin", b"none"):
         return False
     origin = header(scope["headers"], b"origin")
     if origin is None:
         return True
+    if origin == b"null":
+        # What a browser sends from a page whose Referrer-Policy is no-referrer (ours are):
+        # then only its own Sec-Fetch-Site can tell where the form came from.
+        return site == b"same-origin"
     host = header(scope["headers"], b"host")
     if host is None:
         return False
