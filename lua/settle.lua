@@ -208,17 +208,19 @@ if cap > 0 then
     tonumber(t[1]) * 1000000 + tonumber(t[2]))
 end
 
--- Usage counters: per-minute fields in one hash per hour (kept 2 hours) and per-hour
--- fields in one hash per day (kept 32 days). Bounded: they expire by themselves.
+-- Usage counters (requests, prompt and completion tokens, spend): per-minute fields in one
+-- hash per hour (kept 2 hours) and per-hour fields in one hash per day (kept 32 days).
+-- Bounded: they expire by themselves.
 local minute = math.floor(tonumber(t[1]) / 60)
 local hour = math.floor(minute / 60)
 local day = math.floor(hour / 24)
 
 local function count(key, slot, ttl)
-  local r, p, c = 'r' .. slot, 'p' .. slot, 'c' .. slot
-  local old = redis.call('HMGET', key, r, p, c)
+  -- s: the spend, micro-USD (the dashboard's charts)
+  local r, p, c, s = 'r' .. slot, 'p' .. slot, 'c' .. slot, 's' .. slot
+  local old = redis.call('HMGET', key, r, p, c, s)
   redis.call('HSET', key, r, (tonumber(old[1]) or 0) + 1, p, (tonumber(old[2]) or 0) + prompt,
-    c, (tonumber(old[3]) or 0) + completion)
+    c, (tonumber(old[3]) or 0) + completion, s, (tonumber(old[4]) or 0) + cost)
   -- The time to live is set by the first request of each minute (hour), not by every one.
   if not old[1] then redis.call('EXPIRE', key, ttl) end
 end
