@@ -5,7 +5,7 @@
 -- KEYS[2] = the account's credit log gw:{acct:<id>}:credit-log  (a list, newest first)
 -- ARGV[1] = the change, integer micro-USD (negative to take credits away)
 -- ARGV[2] = the reason (text)
--- ARGV[3] = who made it ('cli' or 'admin-api')
+-- ARGV[3] = who made it ('cli', 'admin-api' or 'dashboard', the operator's dashboard)
 -- ARGV[4] = how many adjustments the log keeps
 -- The account's alert_credits_low marker (see settle.lua) is removed when the balance after
 -- is at least the threshold it holds: credits.low may fire again.

@@ -47,7 +47,7 @@ SCHEMAS: dict[str, Schema] = {
         "credits": {"type": "number"}, "limits": _object(_ACCOUNT_LIMITS, list(_ACCOUNT_LIMITS)),
         "credit_history": {"type": "array", "items": _object({
             "at": _TIME, "usd": {"type": "number"}, "balance": {"type": "number"},
-            "by": {"type": "string", "enum": ["cli", "admin-api"]},
+            "by": {"type": "string", "enum": ["cli", "admin-api", "dashboard"]},
             "reason": {"type": "string"}}, ["at", "usd", "balance", "by", "reason"])},
     }, ["id", "name", "credits", "limits", "credit_history"]),
     "AccountCreate": _object({"name": {"type": "string", "minLength": 1, "maxLength": 200},

@@ -150,6 +150,12 @@ class Names:
         return f"gw:dash-session:{token_hash}"
 
     @staticmethod
+    def dash_admin_session(token_hash: str) -> str:
+        """An operator's dashboard session (/dashboard/admin): a name of its own, so an
+        account session can never be read as one (gateway/http/dashboard/admin_sessions.py)."""
+        return f"gw:dash-admin-session:{token_hash}"
+
+    @staticmethod
     def dash_signin(client: str) -> str:
         """The dashboard sign-in attempts of one client address (lua/dash_signin.lua)."""
         return f"gw:dash-signin:{client}"

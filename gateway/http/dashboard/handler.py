@@ -15,6 +15,7 @@ from gateway.core.keys import MANAGEMENT_PREFIX, hash_secret, looks_like
 from gateway.errors import NotFound, StoreUnavailable
 from gateway.http.dashboard import actions, pages, views
 from gateway.http.dashboard.actions import ActionRefused
+from gateway.http.dashboard.admin import AdminDashboard
 from gateway.http.dashboard.forms import BadForm, ClientGone, parse_form, read_body
 from gateway.http.dashboard.respond import redirect, send_bytes, send_html, stylesheet
 from gateway.http.dashboard.sessions import (
@@ -59,6 +60,8 @@ class Dashboard:
         self.settings = settings
         self.sessions = DashSessions(store)
         self.css = stylesheet()
+        self.admin = AdminDashboard(store, settings, self.sessions, SIGNIN_ATTEMPTS,
+                                    SIGNIN_WINDOW_SECONDS)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         prefix = str(scope.get("root_path") or "")
@@ -77,7 +80,9 @@ class Dashboard:
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, prefix: str) -> None:
         rest = route_path(scope)[len("/dashboard"):]
-        if rest in ("", "/"):
+        if rest == "/admin" or rest.startswith("/admin/"):
+            await self.admin.dispatch(scope, receive, send, prefix, rest[len("/admin"):])
+        elif rest in ("", "/"):
             _allow(scope, "GET")
             signed = await self._signed(scope)
             if signed is None:

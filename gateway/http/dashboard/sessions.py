@@ -33,7 +33,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
-def cookie_token(scope: Scope) -> str | None:
+def cookie_token(scope: Scope, cookie: str = COOKIE) -> str | None:
     """The session cookie's token, if the request carries one that could be ours."""
     for name, value in scope["headers"]:
         if name != b"cookie" or len(value) > MAX_COOKIE_HEADER:
@@ -41,27 +41,29 @@ def cookie_token(scope: Scope) -> str | None:
         text: str = value.decode("latin-1")
         for part in text.split(";"):
             key, _, token = part.strip().partition("=")
-            if key == COOKIE and 20 <= len(token) <= 64 and token.replace(
+            if key == cookie and 20 <= len(token) <= 64 and token.replace(
                     "-", "").replace("_", "").isalnum():
                 return token
     return None
 
 
-def cookie_path(scope: Scope) -> str:
-    return f"{scope.get('root_path') or ''}/dashboard"
+def cookie_path(scope: Scope, under: str = "/dashboard") -> str:
+    return f"{scope.get('root_path') or ''}{under}"
 
 
-def set_cookie(scope: Scope, token: str) -> tuple[bytes, bytes]:
+def set_cookie(scope: Scope, token: str, cookie: str = COOKIE,
+               under: str = "/dashboard") -> tuple[bytes, bytes]:
     secure = "; Secure" if scope.get("scheme") == "https" else ""
-    return (b"set-cookie", (f"{COOKIE}={token}; HttpOnly; SameSite=Strict; "
-                            f"Path={cookie_path(scope)}; Max-Age={SESSION_SECONDS}"
+    return (b"set-cookie", (f"{cookie}={token}; HttpOnly; SameSite=Strict; "
+                            f"Path={cookie_path(scope, under)}; Max-Age={SESSION_SECONDS}"
                             f"{secure}").encode())
 
 
-def clear_cookie(scope: Scope) -> tuple[bytes, bytes]:
+def clear_cookie(scope: Scope, cookie: str = COOKIE,
+                 under: str = "/dashboard") -> tuple[bytes, bytes]:
     secure = "; Secure" if scope.get("scheme") == "https" else ""
-    return (b"set-cookie", (f"{COOKIE}=; HttpOnly; SameSite=Strict; Path={cookie_path(scope)}"
-                            f"; Max-Age=0{secure}").encode())
+    return (b"set-cookie", (f"{cookie}=; HttpOnly; SameSite=Strict; "
+                            f"Path={cookie_path(scope, under)}; Max-Age=0{secure}").encode())
 
 
 async def current(sessions: DashSessions, scope: Scope) -> Signed | None:
