@@ -113,6 +113,8 @@ def svg(chart_id: str, title: str, data: Series, label: str) -> str:
             f"<title>{escape(tip)}</title></rect>")
     return (
         f'<svg id="{chart_id}" class="chart" viewBox="0 0 {WIDTH} {HEIGHT + 1}" '
+        # stretched to the box the stylesheet gives it, not centred with margins
+        f'preserveAspectRatio="none" '
         f'role="img" aria-label="{escape(title)}" data-requests="{data.requests}" '
         f'data-tokens="{data.tokens}" data-spend="{usd_attr(data.spend_micro)}">'
         f"<title>{escape(title)}</title>"
