@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import signal
 from typing import Any
 
 from gateway.config.settings import Settings
 from gateway.errors import ConfigError
-from gateway.serve.cli_common import action, emit
+from gateway.serve.cli_common import action, emit, name_arg, port_arg, seconds_arg
 from gateway.store import Store
 
 log = logging.getLogger("gateway.alerts")
@@ -70,29 +69,6 @@ async def _send(args: argparse.Namespace, settings: Settings, store: Store) -> N
     log.info("alert sender stopped: %d events done, %d given up", t.done, t.given_up)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0 or value > 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds above 0 (at most a day), got "
-                                         f"{text[:40]!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: none), got {text[:40]!r}")
-    return int(text)
-
-
-def _name(text: str) -> str:
-    if not text.strip() or len(text) > 200 or not text.isprintable():
-        raise argparse.ArgumentTypeError("expected a printable name of 1 to 200 characters")
-    return text
-
-
 def add_alert_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     alerts = sub.add_parser(
         "alerts", help="webhook alerts: budget thresholds, low credits, expiring keys",
@@ -109,14 +85,14 @@ def add_alert_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     send.add_argument("--once", action="store_true",
                       help="one pass: write key.expiring, try each waiting event once, print "
                            "the counts and exit (failed events stay for the next run)")
-    send.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+    send.add_argument("--interval", type=seconds_arg, default=1.0, metavar="SECONDS",
                       help="pause between passes when nothing is due (default 1)")
-    send.add_argument("--metrics-port", type=_port, default=9109, metavar="PORT",
+    send.add_argument("--metrics-port", type=port_arg, default=9109, metavar="PORT",
                       help="serve Prometheus metrics here (0: none; default 9109)")
     send.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                       help="the metrics listener's address (default 127.0.0.1)")
-    send.add_argument("--consumer", type=_name, default=None,
+    send.add_argument("--consumer", type=name_arg, default=None,
                       help="this sender's name in the consumer group (default: HOST-send)")
-    send.add_argument("--claim-after", type=_seconds, default=120.0, metavar="SECONDS",
+    send.add_argument("--claim-after", type=seconds_arg, default=120.0, metavar="SECONDS",
                       help="take over events another sender left unacknowledged this long "
                            "(default 120)")

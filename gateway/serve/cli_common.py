@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -90,3 +91,29 @@ def usd_text(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     whole, fraction = divmod(abs(micro), 1_000_000)
     return f"{sign}{whole}.{fraction:06d}"
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type: seconds above 0, at most a day (intervals, claim times)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0 or value > 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 (at most a day), got "
+                                         f"{text[:40]!r}")
+    return value
+
+
+def port_arg(text: str) -> int:
+    """An argparse type: a port, 0 for none."""
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: none), got {text[:40]!r}")
+    return int(text)
+
+
+def name_arg(text: str) -> str:
+    """An argparse type: a consumer name, printable, 1 to 200 characters."""
+    if not text.strip() or len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError("expected a printable name of 1 to 200 characters")
+    return text

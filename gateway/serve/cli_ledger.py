@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import signal
 import socket
@@ -14,7 +13,16 @@ from typing import Any
 from gateway.config.settings import Settings
 from gateway.errors import ConfigError
 from gateway.http.admin import resolve_account
-from gateway.serve.cli_common import action, emit, postgres_option, postgres_url, usd_text
+from gateway.serve.cli_common import (
+    action,
+    emit,
+    name_arg,
+    port_arg,
+    postgres_option,
+    postgres_url,
+    seconds_arg,
+    usd_text,
+)
 from gateway.store import Store
 
 log = logging.getLogger("gateway.ledger")
@@ -85,29 +93,6 @@ async def _export(args: argparse.Namespace, settings: Settings, store: Store) ->
              exporter.totals.exported, exporter.totals.duplicates)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0 or value > 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds above 0 (at most a day), got "
-                                         f"{text[:40]!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: none), got {text[:40]!r}")
-    return int(text)
-
-
-def _name(text: str) -> str:
-    if not text.strip() or len(text) > 200 or not text.isprintable():
-        raise argparse.ArgumentTypeError("expected a printable name of 1 to 200 characters")
-    return text
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -169,19 +154,19 @@ def add_ledger_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     "--postgres postgresql://gw@db/ledger --metrics-port 9108")
     export.add_argument("--once", action="store_true",
                         help="export what is waiting now, print the counts and exit")
-    export.add_argument("--metrics-port", type=_port, default=9108, metavar="PORT",
+    export.add_argument("--metrics-port", type=port_arg, default=9108, metavar="PORT",
                         help="serve Prometheus metrics here (0: none; default 9108)")
     export.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="the metrics listener's address (default 127.0.0.1)")
-    export.add_argument("--interval", type=_seconds, default=0.5, metavar="SECONDS",
+    export.add_argument("--interval", type=seconds_arg, default=0.5, metavar="SECONDS",
                         help="pause between passes when nothing is waiting (default 0.5)")
-    export.add_argument("--lag-interval", type=_seconds, default=5.0, metavar="SECONDS",
+    export.add_argument("--lag-interval", type=seconds_arg, default=5.0, metavar="SECONDS",
                         help="how often the lag gauges are measured: one script per account "
                              "(default 5)")
-    export.add_argument("--consumer", type=_name,
+    export.add_argument("--consumer", type=name_arg,
                         default=os.environ.get("HOSTNAME") or socket.gethostname(),
                         help="this exporter's name in the consumer group (default: host name)")
-    export.add_argument("--claim-after", type=_seconds, default=60.0, metavar="SECONDS",
+    export.add_argument("--claim-after", type=seconds_arg, default=60.0, metavar="SECONDS",
                         help="take over entries another exporter left unacknowledged this "
                              "long (default 60)")
     rec = action(actions, "reconcile", common, _reconcile,
