@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+from gateway.errors import Rejected
+from gateway.http import body
 from gateway.http.auth import header
 from gateway.types import Receive, Scope
 
@@ -19,29 +21,18 @@ class BadForm(Exception):
         self.message = message
 
 
-class ClientGone(Exception):
-    pass
-
-
 async def read_body(scope: Scope, receive: Receive, limit: int = MAX_FORM_BYTES) -> bytes:
+    """The form's bytes, bounded like any body the gateway reads (http/body.py); raises
+    BadForm (413, or 400 for a Content-Length that is not a number) or ClientGone."""
     declared = header(scope["headers"], b"content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise BadForm(413 if declared.isdigit() else 400,
                       f"The form is larger than {limit // 1024} KiB."
                       if declared.isdigit() else "Bad Content-Length.")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BadForm(413, f"The form is larger than {limit // 1024} KiB.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        return await body.read_body(receive, limit)
+    except Rejected:
+        raise BadForm(413, f"The form is larger than {limit // 1024} KiB.") from None
 
 
 def parse_form(scope: Scope, body: bytes, fields: tuple[str, ...]) -> dict[str, str]:

@@ -13,10 +13,11 @@ from gateway.config.routes import route_path
 from gateway.config.settings import Settings
 from gateway.core.keys import MANAGEMENT_PREFIX, hash_secret, looks_like
 from gateway.errors import NotFound, StoreUnavailable
+from gateway.http.body import ClientGone
 from gateway.http.dashboard import actions, pages, views
 from gateway.http.dashboard.actions import ActionRefused
 from gateway.http.dashboard.admin import AdminDashboard
-from gateway.http.dashboard.forms import BadForm, ClientGone, parse_form, read_body
+from gateway.http.dashboard.forms import BadForm, parse_form, read_body
 from gateway.http.dashboard.respond import redirect, send_bytes, send_html, stylesheet
 from gateway.http.dashboard.sessions import (
     SESSION_SECONDS,
