@@ -79,8 +79,8 @@ class Outbox:
         self.store = store
         self.consumer = consumer
         self.group = group
-        self._read = Script.of(lua_source("alert_read"))
-        self._ack = Script.of(lua_source("alert_ack"))
+        self._read = Script.of(lua_source("group_read"))
+        self._ack = Script.of(lua_source("group_ack"))
         self._state = Script.of(lua_source("alert_state"))
         self._expiring = Script.of(lua_source("alert_expiring"))
         store.client.register((self._read, self._ack, self._state, self._expiring))
@@ -91,7 +91,7 @@ class Outbox:
     async def read(self, account_id: str, count: int, start: str = ">",
                    claim_idle_ms: int = 0) -> list[AlertEvent]:
         """`start`: '>' new events, '0' this consumer's unacknowledged ones, 'claim' any
-        consumer's that waited `claim_idle_ms` (lua/alert_read.lua)."""
+        consumer's that waited `claim_idle_ms` (lua/group_read.lua)."""
         raw = await self.store._evalsha(
             self._read, [Names.alerts(account_id)],
             [self.group, self.consumer, count, start, claim_idle_ms])

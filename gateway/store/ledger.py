@@ -93,8 +93,8 @@ class LedgerStreams:
         self.store = store
         self.group = group
         self.consumer = consumer
-        self._read = Script.of(lua_source("ledger_read"))
-        self._ack = Script.of(lua_source("ledger_ack"))
+        self._read = Script.of(lua_source("group_read"))
+        self._ack = Script.of(lua_source("group_ack"))
         self._state = Script.of(lua_source("ledger_state"))
         store.client.register((self._read, self._ack, self._state))
 
@@ -104,7 +104,7 @@ class LedgerStreams:
     async def read(self, account_id: str, count: int, start: str = ">",
                    claim_idle_ms: int = 0) -> list[LedgerEntry]:
         """`start`: '>' new entries, '0' this consumer's unacknowledged ones, 'claim' any
-        consumer's that waited `claim_idle_ms` (see lua/ledger_read.lua)."""
+        consumer's that waited `claim_idle_ms` (see lua/group_read.lua)."""
         raw = await self.store._evalsha(
             self._read, [Names.ledger(account_id)],
             [self.group, self.consumer, count, start, claim_idle_ms])

@@ -1,14 +1,16 @@
--- The ledger exporter's read of one account's stream, through the exporters' consumer
--- group (made here, from the stream's first entry, the first time it is needed).
+-- A worker's read of one account's stream through its consumer group (made here, from the
+-- stream's first entry, the first time it is needed): the ledger exporter's read of
+-- gw:{acct:<id>}:ledger (group ledger-export), the alert sender's of gw:{acct:<id>}:alerts
+-- (group alert-send).
 --
--- KEYS[1] = the account's ledger stream   gw:{acct:<id>}:ledger
+-- KEYS[1] = the stream
 -- ARGV[1] = consumer group
 -- ARGV[2] = consumer name
 -- ARGV[3] = most entries to return
 -- ARGV[4] = '>'      entries no consumer has been given yet
 --           '0'      the entries given to this consumer and not acknowledged (after a crash)
 --           'claim'  entries given to any consumer that have waited ARGV[5] ms unacknowledged
---                    (an exporter that died under another name), now this consumer's
+--                    (a worker that died under another name), now this consumer's
 -- ARGV[5] = with 'claim': the idle time, milliseconds
 -- returns {{id, {field, value, ...}}, ...}, oldest first; {} when there is none
 
@@ -33,8 +35,8 @@ if entries.err then
   entries = read()
   if entries.err then return entries end
 end
--- An entry deleted while pending (dropped at the cap) comes back without its fields: it
--- leaves the pending list here, as nothing will ever store it.
+-- An entry deleted while pending (dropped or trimmed at its stream's cap) comes back
+-- without its fields: it leaves the pending list here, as nothing can use it.
 local out = {}
 for _, entry in ipairs(entries) do
   if type(entry[2]) == 'table' then out[#out + 1] = entry
