@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 from typing import Any
 
 from gateway.config.settings import Settings
 from gateway.errors import ConfigError
-from gateway.serve.cli_common import action, emit, name_arg, port_arg, seconds_arg
+from gateway.serve.cli_common import action, emit, name_arg, port_arg, seconds_arg, start_worker
 from gateway.store import Store
 
 log = logging.getLogger("gateway.alerts")
@@ -43,20 +41,7 @@ async def _send(args: argparse.Namespace, settings: Settings, store: Store) -> N
              f"failed, {t.given_up} events given up); {sender.pending} to retry; "
              f"{waiting} events waiting in Redis")
         return
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(args.metrics_port, addr=args.metrics_host,
-                              registry=metrics.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {args.metrics_host}:"
-                              f"{args.metrics_port}: {exc.strerror}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = start_worker(args, metrics.registry)
     # The webhooks by origin only: a path or query may carry the credential (Slack's do).
     log.info("alert sender started: %d webhook(s) (%s), consumer %s",
              len(settings.alerts.webhooks),

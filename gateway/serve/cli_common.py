@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import math
+import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
@@ -14,6 +17,9 @@ from gateway.config.ledger import check_postgres_url
 from gateway.config.settings import Settings
 from gateway.errors import ConfigError
 from gateway.store import Store
+
+if TYPE_CHECKING:  # prometheus_client only where a worker serves metrics
+    from prometheus_client import CollectorRegistry
 
 # A command: None or its exit status. `no_redis` in its defaults: run without a Store
 # (the ledger's database only), then given None.
@@ -117,3 +123,23 @@ def name_arg(text: str) -> str:
     if not text.strip() or len(text) > 200 or not text.isprintable():
         raise argparse.ArgumentTypeError("expected a printable name of 1 to 200 characters")
     return text
+
+
+def start_worker(args: argparse.Namespace, registry: CollectorRegistry) -> asyncio.Event:
+    """What a long-running worker command (`ledger export`, `alerts send`) sets up: its
+    metrics on --metrics-host/--metrics-port (0: none), logging, and the event SIGTERM and
+    SIGINT set to stop it."""
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {args.metrics_host}:"
+                              f"{args.metrics_port}: {exc.strerror}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return stop

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import socket
 from typing import Any
 
@@ -21,6 +19,7 @@ from gateway.serve.cli_common import (
     postgres_option,
     postgres_url,
     seconds_arg,
+    start_worker,
     usd_text,
 )
 from gateway.store import Store
@@ -72,20 +71,7 @@ async def _export(args: argparse.Namespace, settings: Settings, store: Store) ->
              f"exported {rows} rows ({exporter.totals.duplicates} already stored); "
              f"{lag} entries left in Redis")
         return
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(args.metrics_port, addr=args.metrics_host,
-                              registry=metrics.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {args.metrics_host}:"
-                              f"{args.metrics_port}: {exc.strerror}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = start_worker(args, metrics.registry)
     log.info("ledger export started (consumer %s, metrics on %s)", args.consumer,
              f"{args.metrics_host}:{args.metrics_port}" if args.metrics_port else "none")
     await exporter.run(stop, interval=args.interval, lag_interval=args.lag_interval)
