@@ -17,6 +17,11 @@
 -- KEYS[5] = the account's slots    gw:{acct:<id>}:slots
 --           sorted sets of the reservations in flight (members: KEYS[3]) by lease expiry
 --           (Redis time, microseconds); an expired member is a dead process's and is freed
+-- KEYS[6] = usage counter prefix   gw:{acct:<id>}:usage:<key_id> (see settle.lua): a
+--           refusal (codes 2..10) adds one to the field 'x<minute>' of its ':m:<hour>' hash,
+--           except a refusal for RPM, TPM or a slot (4, 5, 10) on a plan that queues (its
+--           enforce 'q' suffix): the caller may still admit that request after a wait, and
+--           counts it (lua/refused.lua) when it is refused in the end
 -- ARGV[1] = SHA-256 of the presented secret (hex)
 -- ARGV[2] = prompt tokens, an upper bound
 -- ARGV[3] = completion tokens one sequence may generate (the bound asked for)
@@ -34,7 +39,7 @@
 -- ARGV[12...] = the plans, in eights: slug, rpm, tpm, models, max_concurrent, enforce,
 --           model_limit, windows (slug '' for credit keys; models: names or 'prefix*'
 --           patterns joined by commas, '' for any model; max_concurrent 0 for none; enforce
---           '0' for shadow mode; model_limit "<rpm> <tpm>" for the model asked, '' for none;
+--           '0' for shadow mode, '1' to enforce, either followed by 'q' when the plan queues; model_limit "<rpm> <tpm>" for the model asked, '' for none;
 --           windows: budget windows "<limit_micro>:<seconds>:<r|c>" joined by commas, r
 --           rolling from first use, c aligned to UTC (30 or 31 days: calendar months)).
 --           A key without its own rpm, tpm, models, max_concurrent or windows (the field
@@ -81,6 +86,18 @@ local per_sequence = tonumber(ARGV[3])
 local sequences = tonumber(ARGV[4])
 local cost = tonumber(ARGV[5])
 local key_type, plan = rec[3], rec[4]
+
+-- Refusals per key and minute, for the operator's view of the keys refused most (the
+-- hash expires with the minute counters settle.lua keeps beside them).
+local queues = false
+local function count_refusal(code)
+  if queues and (code == 4 or code == 5 or code == 10) then return end
+  local minute = math.floor(tonumber(t[1]) / 60)
+  local hash = KEYS[6] .. ':m:' .. math.floor(minute / 60)
+  if redis.call('HINCRBY', hash, 'x' .. (minute % 60), 1) == 1 then
+    redis.call('EXPIRE', hash, 7200)
+  end
+end
 local rpm, tpm = tonumber(rec[6]), tonumber(rec[7])
 local models = rec[16]
 if models == '' then models = false end
@@ -93,12 +110,16 @@ for i = 12, #ARGV - 7, 8 do
     rpm, tpm = rpm or tonumber(ARGV[i + 1]), tpm or tonumber(ARGV[i + 2])
     models = models or ARGV[i + 3]
     max_concurrent = max_concurrent or tonumber(ARGV[i + 4])
-    enforce, model_limit = ARGV[i + 5] ~= '0', ARGV[i + 6]
+    enforce, model_limit = string.byte(ARGV[i + 5]) ~= 48, ARGV[i + 6]  -- '0...'
+    queues = #ARGV[i + 5] > 1
     key_windows = key_windows or ARGV[i + 7]
     break
   end
 end
-if not rpm or not tpm then return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0, 0, 0, ''} end
+if not rpm or not tpm then
+  count_refusal(8)
+  return {8, 0, 0, 0, 0, 0, 0, -1, plan, key_type, 0, 0, 0, ''}
+end
 local acct = redis.call('HMGET', KEYS[2], 'credits', 'rpm', 'tpm', 'rpm_tat', 'tpm_tat',
   'rpm_rate', 'tpm_rate', 'max_concurrent', 'windows', 'credits_reserved')
 
@@ -142,6 +163,7 @@ local function tightest(list)
 end
 
 local function reply(code, retry, slots, would, scope)
+  if code ~= 0 then count_refusal(code) end
   local r, r_left = tightest(requests)
   local k, k_left = tightest(tokens)
   -- Numbers in a reply become integers on their own (string.format costs ~1 us a call).

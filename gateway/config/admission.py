@@ -20,10 +20,16 @@ def _flat(plans: Iterable[Plan], credit_rpm: int, credit_tpm: int, lease_us: int
         limit = next((f"{rpm} {tpm}" for name, rpm, tpm in plan.model_limits
                       if name == model), "")
         flat += [plan.slug, plan.rpm, plan.tpm, ",".join(plan.models),
-                 plan.max_concurrent or 0, "1" if plan.enforce else "0", limit,
+                 plan.max_concurrent or 0, _mode(plan), limit,
                  encode_windows(plan.budgets)]
     flat += ["", credit_rpm, credit_tpm, "", 0, "1", "", ""]
     return tuple(flat)
+
+
+def _mode(plan: Plan) -> str:
+    """'0' shadow mode, '1' enforced; 'q' after either when the plan queues (admit.lua then
+    leaves its RPM, TPM and slot refusals for the caller to count)."""
+    return ("1" if plan.enforce else "0") + ("q" if plan.max_queue_wait > 0 else "")
 
 
 class AdmissionArgs:

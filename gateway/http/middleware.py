@@ -42,7 +42,7 @@ from gateway.http.endpoints import Endpoints
 from gateway.http.exchange import Exchange
 from gateway.http.leases import LeaseKeeper
 from gateway.http.management import Verifier
-from gateway.http.queueing import AdmissionQueue, readmission
+from gateway.http.queueing import QUEUED_CODES, AdmissionQueue, readmission
 from gateway.http.ratelimit import (
     ADMITTED,
     UNKNOWN_KEY,
@@ -54,7 +54,7 @@ from gateway.http.settlement import Settlement, SettlementQueue, release
 from gateway.obs import access_log
 from gateway.obs.logs import RequestRecord, log_request
 from gateway.obs.metrics import Metrics, default_metrics, rejection_reason
-from gateway.store import Ask, Decision, Store, connect
+from gateway.store import Ask, Decision, KeyRef, Store, connect
 from gateway.store.embedded import embedded_store
 from gateway.store.records import NO_MODEL
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
@@ -226,10 +226,15 @@ class GatewayMiddleware:
         self.metrics.admission_seconds.observe(record.admission_seconds)
         record.plan = decision.plan or ("credits" if decision.key_type == "credit" else "")
         self._outage = False
-        if decision.code != ADMITTED and route is not None and decision.plan in self.queue.waits:
-            again = readmission(self.store, self.settlements, ref, secret_hash, reservation_id,
-                                ask, self.settings.admission.for_model(ask.model))
-            decision, receive = await self.queue.wait(decision, ref.key_id, receive, ask, again)
+        if decision.code != ADMITTED and decision.plan in self.queue.waits:
+            if route is not None:
+                again = readmission(self.store, self.settlements, ref, secret_hash,
+                                    reservation_id, ask,
+                                    self.settings.admission.for_model(ask.model))
+                decision, receive = await self.queue.wait(decision, ref.key_id, receive, ask,
+                                                          again)
+            if decision.code in QUEUED_CODES:  # admit.lua left this refusal to us to count
+                await self._count_refusal(ref)
         if decision.code != ADMITTED:
             if decision.code == UNKNOWN_KEY:
                 self.resolver.forget(secret_hash)
@@ -328,6 +333,11 @@ class GatewayMiddleware:
             return await read_body(receive, limit)
         except Rejected as rejected:
             raise self._reject(rejected) from None
+
+    async def _count_refusal(self, ref: KeyRef) -> None:
+        # For the operator's view of the keys refused most: an outage only loses the count.
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.count_refusal(ref)
 
     async def _store_down(self, scope: Scope, receive: Receive, send: Send,
                           record: RequestRecord, exc: StoreUnavailable) -> None:

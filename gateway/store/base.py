@@ -37,11 +37,12 @@ class StoreBase:
         self._credits = Script.of(lua_source("credits"))
         self._renew_slots = Script.of(lua_source("renew_slots"))
         self._account_limits = Script.of(lua_source("account_limits"))
+        self._refused = Script.of(lua_source("refused"))
         # The hot path's scripts first: a node that lost them loads all of them at once.
         client.register((self._admit, self._settle, self._usage, self._mgmt_limit,
                          self._account_index, self._rotate, self._add_key, self._update_key,
                          self._delete_key, self._credits, self._renew_slots,
-                         self._account_limits))
+                         self._account_limits, self._refused))
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         # Backend failures become the store's errors here, at the storage edge (replies.py).

@@ -56,7 +56,7 @@ class HotPath(StoreBase):
         such a key's plan missing from it is refused (PLAN_UNKNOWN)."""
         names = self._hot_names(ref)
         keys = [names.key, names.account, names.reservation_prefix + request_id,
-                names.key_slots, names.account_slots]
+                names.key_slots, names.account_slots, names.usage_prefix]
         args = [secret_hash, ask.prompt_tokens, ask.per_sequence, ask.sequences, ask.cost,
                 ask.prompt_cost, ask.output_price, RESERVATION_TTL_SECONDS,
                 "clamp" if ask.clamp else "reject", ask.model, *plan_limits]
@@ -65,6 +65,11 @@ class HotPath(StoreBase):
         return Decision(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], _text(raw[8]),
                         _text(raw[9]), int(raw[10]), int(raw[11]), int(raw[12]),
                         _text(raw[13]))
+
+    async def count_refusal(self, ref: KeyRef) -> None:
+        """Counts a refusal admit.lua left to the caller (a queueing plan's, refused in the
+        end after or instead of a wait)."""
+        await self._evalsha(self._refused, [self._hot_names(ref).usage_prefix], [])
 
     async def renew_slots(self, ref: KeyRef, reservation_ids: Sequence[str],
                           lease_us: int) -> int:

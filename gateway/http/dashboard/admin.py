@@ -26,7 +26,7 @@ from gateway.http.dashboard.admin_sessions import (
     AdminSession,
     AdminSessions,
 )
-from gateway.http.dashboard.charts import period_spend
+from gateway.http.dashboard.charts import period_spend, refusals_last_hour
 from gateway.http.dashboard.forms import parse_form, read_body
 from gateway.http.dashboard.respond import redirect, send_html
 from gateway.http.dashboard.sessions import (
@@ -194,7 +194,8 @@ class AdminDashboard:
                     continue
                 spend = period_spend(now_s, counters.minute_hashes,
                                      counters.hour_hashes)["last1h"]
-                keys.append(AdminKeyRow(counters.record, account.name, spend))
+                keys.append(AdminKeyRow(counters.record, account.name, spend,
+                                        refusals_last_hour(now_s, counters.minute_hashes)))
         return admin_pages.admin(prefix, session.csrf, accounts, keys)
 
 

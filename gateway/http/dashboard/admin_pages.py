@@ -24,6 +24,7 @@ class AdminKeyRow:
     record: KeyRecord
     account_name: str
     spend_1h: int | None  # None: the counters keep no spend for some of its requests
+    refused_1h: int  # requests of a known key refused (429, 403) in the last hour
 
 
 def signin(prefix: str, error: str | None = None) -> str:
@@ -83,7 +84,8 @@ def _key_cells(row: AdminKeyRow) -> str:
             f'<td class="account">{e(row.account_name)}</td>'
             f'<td class="status">{"active" if r.active else "inactive"}</td>'
             f'<td class="expires">{e(_date(r.expires_at_us))}</td>'
-            f'<td class="spend-1h">{e(usd(row.spend_1h))}</td>')
+            f'<td class="spend-1h">{e(usd(row.spend_1h))}</td>'
+            f'<td class="refused-1h">{row.refused_1h}</td>')
 
 
 def admin(prefix: str, csrf: str, accounts: Sequence[AccountRow],
@@ -91,18 +93,24 @@ def admin(prefix: str, csrf: str, accounts: Sequence[AccountRow],
     ranked = sorted((k for k in keys if k.spend_1h), key=lambda k: -(k.spend_1h or 0))
     top = "".join(f'<tr data-key-id="{e(k.record.id)}">{_key_cells(k)}</tr>'
                   for k in ranked[:TOP_KEYS])
+    refused = sorted((k for k in keys if k.refused_1h), key=lambda k: -k.refused_1h)
+    top_refused = "".join(f'<tr data-key-id="{e(k.record.id)}">{_key_cells(k)}</tr>'
+                          for k in refused[:TOP_KEYS])
     all_keys = "".join(
         f'<tr data-key-id="{e(k.record.id)}">{_key_cells(k)}'
         f"<td>{_key_forms(prefix, csrf, k.record)}</td></tr>" for k in keys)
     head = ("<tr><th>Key</th><th>Account</th><th>Status</th><th>Expires</th>"
-            "<th>Spend, last hour</th>")
+            "<th>Spend, last hour</th><th>Refused, last hour</th>")
     body = (
         f"{_nav(prefix, csrf)}<h1 id=\"admin\">Operator</h1>{error_line(notice)}"
         f"<h2>Accounts</h2>{_accounts(prefix, csrf, accounts)}"
         f"<h2>Top keys by spend, last hour</h2><table id=\"top-spend\"><thead>{head}</tr>"
         f"</thead><tbody>{top}</tbody></table>"
-        '<p class="hint">From the usage counters (micro-USD per minute). Refusals are not '
-        "counted per key, so there is no list of the most refused keys.</p>"
+        f"<h2>Top keys by refusals, last hour</h2><table id=\"top-refused\"><thead>{head}"
+        f"</tr></thead><tbody>{top_refused}</tbody></table>"
+        '<p class="hint">From the usage counters, per minute: spend in micro-USD, and the '
+        "requests of a known key refused for its limits, budget, credits, status or "
+        "model.</p>"
         f"<h2>Keys</h2><table id=\"all-keys\"><thead>{head}<th>Manage</th></tr></thead>"
         f"<tbody>{all_keys}</tbody></table>")
     return base(prefix, "Operator", body)

@@ -148,3 +148,15 @@ def period_spend(now_seconds: int, minute_hashes: Counters,
     for name, hours in HOUR_PERIODS:
         out[name] = total(hour_hashes, hour - hours + 1, hour, 24)
     return out
+
+
+def refusals_last_hour(now_seconds: int, minute_hashes: Counters) -> int:
+    """The key's requests refused in /api/usage's last hour (admit.lua's 'x<minute>' fields
+    in the same minute hashes period_spend reads)."""
+    minute = now_seconds // 60
+    refused = 0
+    for slot in range(minute - MINUTES_IN_LAST_HOUR + 1, minute + 1):
+        fields = minute_hashes.get(slot // 60)
+        if fields:
+            refused += fields.get(f"x{slot % 60}", 0)
+    return refused
