@@ -20,7 +20,8 @@
 --           is appended here, with the counters, so a settlement and its record exist
 --           together or not at all; the reservation makes a replay append nothing.
 -- ARGV[6..12] = the entry's request id, key id, account id, route, model served,
---           cached prompt tokens, upstream status (0: no answer)
+--           cached prompt tokens, upstream status (0: no answer); without a ledger only
+--           ARGV[10], the model served, for the counters' spend by model (below)
 -- ARGV[13...] = alerts (absent: none; then ARGV[5..12] are the ledger's, "off" without
 --           one): see the `-- alerts:` block below
 -- returns 1 when settled now, 0 when the reservation was already settled or had expired
@@ -209,22 +210,46 @@ if cap > 0 then
 end
 
 -- Usage counters (requests, prompt and completion tokens, spend): per-minute fields in one
--- hash per hour (kept 2 hours) and per-hour fields in one hash per day (kept 32 days).
+-- hash per hour (kept 2 hours) and per-hour fields in one hash per day (kept 32 days); the
+-- day's hash also keeps the spend and requests per model served ('m:<model>', 'n:<model>',
+-- ARGV[10]), at most MODELS names a key and day, the rest together as '(other)'.
 -- Bounded: they expire by themselves.
+local MODELS = 32
 local minute = math.floor(tonumber(t[1]) / 60)
 local hour = math.floor(minute / 60)
 local day = math.floor(hour / 24)
 
-local function count(key, slot, ttl)
+local function count(key, slot, ttl, model)
   -- s: the spend, micro-USD (the dashboard's charts)
   local r, p, c, s = 'r' .. slot, 'p' .. slot, 'c' .. slot, 's' .. slot
-  local old = redis.call('HMGET', key, r, p, c, s)
+  if not model then
+    local old = redis.call('HMGET', key, r, p, c, s)
+    redis.call('HSET', key, r, (tonumber(old[1]) or 0) + 1, p,
+      (tonumber(old[2]) or 0) + prompt, c, (tonumber(old[3]) or 0) + completion, s,
+      (tonumber(old[4]) or 0) + cost)
+    -- The time to live is set by the first request of each minute (hour), not by every one.
+    if not old[1] then redis.call('EXPIRE', key, ttl) end
+    return
+  end
+  -- 'models': how many names the day's hash keeps (the bound), '(other)' not among them
+  local m, n = 'm:' .. model, 'n:' .. model
+  local old = redis.call('HMGET', key, r, p, c, s, m, n, 'models')
+  local models = tonumber(old[7]) or 0
+  if not old[5] then
+    if models >= MODELS then
+      m, n = 'm:(other)', 'n:(other)'
+      local other = redis.call('HMGET', key, m, n)
+      old[5], old[6] = other[1], other[2]
+    else
+      models = models + 1
+    end
+  end
   redis.call('HSET', key, r, (tonumber(old[1]) or 0) + 1, p, (tonumber(old[2]) or 0) + prompt,
-    c, (tonumber(old[3]) or 0) + completion, s, (tonumber(old[4]) or 0) + cost)
-  -- The time to live is set by the first request of each minute (hour), not by every one.
+    c, (tonumber(old[3]) or 0) + completion, s, (tonumber(old[4]) or 0) + cost,
+    m, (tonumber(old[5]) or 0) + cost, n, (tonumber(old[6]) or 0) + 1, 'models', models)
   if not old[1] then redis.call('EXPIRE', key, ttl) end
 end
 
 count(KEYS[4] .. ':m:' .. hour, tostring(minute % 60), 7200)
-count(KEYS[4] .. ':h:' .. day, tostring(hour % 24), 2764800)
+count(KEYS[4] .. ':h:' .. day, tostring(hour % 24), 2764800, ARGV[10] or '')
 return 1

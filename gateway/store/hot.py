@@ -100,11 +100,14 @@ class HotPath(StoreBase):
         if not count_usage:
             return [prompt_tokens, completion_tokens, cost, 0]
         if not self.ledger_cap:
+            # ARGV[5..12] as the ledger's "off" but for the model served (the counters keep
+            # spend by model), then the alerts' ARGV[13...]
             if not self.alert_cap:
-                return [prompt_tokens, completion_tokens, cost, 1]
-            # alerts: ARGV[5..12] as the ledger's "off", then settle.lua's ARGV[13...]
-            return [prompt_tokens, completion_tokens, cost, 1, 0, "", "", "", "", "", "", "",
-                    self.alert_cap, ref.account_id, ref.key_id, *self.alert_settle_args]
+                return [prompt_tokens, completion_tokens, cost, 1, 0, "", "", "", "",
+                        detail.model]
+            return [prompt_tokens, completion_tokens, cost, 1, 0, "", "", "", "", detail.model,
+                    "", "", self.alert_cap, ref.account_id, ref.key_id,
+                    *self.alert_settle_args]
         args = [prompt_tokens, completion_tokens, cost, 1, self.ledger_cap, request_id,
                 ref.key_id, ref.account_id, detail.route, detail.model, detail.cached_tokens,
                 detail.status]

@@ -414,8 +414,8 @@ async def test_the_key_page_charts_the_traffic_as_api_usage_counts_it(
     by_model = {str(await models.nth(i).get_attribute("data-model")):
                 usd(await models.nth(i).locator("td.spend").inner_text())
                 for i in range(await models.count())}
-    # No ledger here: the counters keep no model, so the rows (one, "all models") add up to
-    # the key's exact spend; a ledger would split it by model (as /api/spend does).
+    # No ledger here: the counters' rows, by the model served, add up to the key's exact
+    # spend (tests/http/test_dashboard_models.py checks them one by one).
     assert by_model and sum(by_model.values()) == spent, by_model
     await page.screenshot(path=ARTIFACTS / "key.png", full_page=True)
     await browsing.check_headers(site)

@@ -12,7 +12,7 @@ from gateway.config.units import format_duration
 from gateway.core.usage_windows import aggregate
 from gateway.errors import LedgerUnavailable
 from gateway.http.dashboard import pages
-from gateway.http.dashboard.charts import period_spend, series, usd
+from gateway.http.dashboard.charts import UNRECORDED, model_spend, period_spend, series, usd
 from gateway.http.dashboard.pages import KeyRow, ModelSpend, PeriodRow
 from gateway.store import KeyCounters, KeyRecord, Store
 
@@ -54,7 +54,7 @@ async def key_page(store: Store, settings: Settings, prefix: str, csrf: str,
     periods = [PeriodRow(name, w.requests, w.prompt_tokens + w.completion_tokens,
                          spends[name]) for name, w in windows.items()]
     hourly, daily = series(now_s, counters.hour_hashes)
-    by_model, note = await _spend_by_model(settings, counters.record, snapshot.now_us)
+    by_model, note = await _spend_by_model(settings, counters, snapshot.now_us)
     return pages.key(prefix, csrf, key_row(settings, counters, snapshot.now_us), periods,
                      hourly, daily, by_model, note, _budget(counters.record))
 
@@ -66,13 +66,16 @@ def _budget(r: KeyRecord) -> str:
     return f"{usd(r.spent)} of {usd(r.budget_limit)} per {per}"
 
 
-async def _spend_by_model(settings: Settings, record: KeyRecord,
+async def _spend_by_model(settings: Settings, counters: KeyCounters,
                           now_us: int) -> tuple[list[ModelSpend] | None, str]:
+    record = counters.record
     url = settings.ledger.postgres_url
     if not url:
-        # The counters keep no model: the key's exact lifetime spend, all models together.
-        return ([ModelSpend("all models", None, record.total_spent)],
-                "No ledger is configured: the key's lifetime spend, all models together.")
+        rows = [ModelSpend(model, None if model == UNRECORDED else requests, micro)
+                for model, requests, micro in model_spend(now_us // 1_000_000,
+                                                           counters.hour_hashes)]
+        return rows, ("From the usage counters: requests settled in the last 30 UTC days, "
+                      "by the model the upstream served.")
     from gateway.ledger import db, queries
 
     end = _EPOCH + timedelta(microseconds=now_us)
