@@ -45,6 +45,26 @@ def _port_or_zero(text: str) -> int:
     return 0 if text == "0" else _port(text)
 
 
+def _proxies(text: str) -> str:
+    """--forwarded-allow-ips: addresses or networks (comma-separated) of the proxies whose
+    X-Forwarded-For / -Proto the gateway believes, or '*' for any peer."""
+    import ipaddress
+
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not entries:
+        raise argparse.ArgumentTypeError("name at least one proxy address or network")
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{entry!r} is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/8)"
+            ) from None
+    return ",".join(entries)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -76,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on "
                        "(default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    serve.add_argument("--forwarded-allow-ips", type=_proxies, metavar="ADDRESSES",
+                       help="behind a reverse proxy: the proxies (addresses or networks, "
+                            "comma-separated) whose X-Forwarded-For and X-Forwarded-Proto "
+                            "name the client (its address for the dashboard's sign-in "
+                            "limit, https for Secure cookies); default: none, every "
+                            "X-Forwarded-* header ignored")
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the port (default 1; about one per core)")
     serve.add_argument("--metrics-host", metavar="HOST",
@@ -204,7 +230,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                     log_level=level, access_log=False,
                     timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
                     timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
-                    http=SERVER_PROTOCOL, loop="uvloop", proxy_headers=False)
+                    http=SERVER_PROTOCOL, loop="uvloop",
+                    proxy_headers=args.forwarded_allow_ips is not None,
+                    forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 

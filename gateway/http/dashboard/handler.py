@@ -38,6 +38,11 @@ log = logging.getLogger("gateway")
 
 SIGNIN_ATTEMPTS = 10  # per client address
 SIGNIN_WINDOW_SECONDS = 60
+# Signed-in requests per account, all its sessions together: a page reads every key's
+# counters, so a tenant reloading in a loop must not become Redis's main load.
+PAGE_VIEWS = 120
+PAGE_VIEWS_SECONDS = 60
+PAGE_VIEWS_PRINCIPAL = "dashboard-pages"  # its own bucket, not the management API's
 CSS = (b"content-type", b"text/css; charset=utf-8")
 KEY_ACTIONS = ("rename", "activate", "deactivate", "rotate")
 
@@ -154,10 +159,18 @@ class Dashboard:
 
     async def _signed(self, scope: Scope) -> Signed | None:
         signed = await current(self.sessions, scope)
-        if signed is not None and not await self.store.account_exists(
-                signed.session.account_id):
+        if signed is None:
+            return None
+        account_id = signed.session.account_id
+        if not await self.store.account_exists(account_id):
             await self.sessions.close(signed.token_hash)
             return None
+        throttle = await self.store.mgmt_throttle(account_id, PAGE_VIEWS_PRINCIPAL,
+                                                  PAGE_VIEWS, PAGE_VIEWS_SECONDS)
+        if not throttle.allowed:
+            seconds = max(1, -(-throttle.retry_after_us // 1_000_000))
+            raise Refused(429, f"Too many dashboard requests for this account: try again in "
+                          f"{seconds} s.", [(b"retry-after", str(seconds).encode())])
         return signed
 
     async def _changing(self, scope: Scope, receive: Receive,

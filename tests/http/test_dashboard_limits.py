@@ -1,0 +1,117 @@
+"""The dashboard's bounds on hostile traffic (docs/dashboard.md): signed-in requests per
+account (PAGE_VIEWS a minute, all its sessions together), and the sign-in limit's client
+address behind a reverse proxy (`gateway serve --forwarded-allow-ips`): a trusted proxy's
+X-Forwarded-For names the client, anyone else's is ignored, so spoofing the header never
+buys more attempts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.config.settings import Settings
+from gateway.http.dashboard.handler import PAGE_VIEWS, SIGNIN_ATTEMPTS
+from gateway.obs.metrics import Metrics
+from gateway.store import Store
+from tests.conftest import client_for
+from tests.http.test_dashboard import CSP, account_with_mk, app, sign_in
+from tests.processes import Process, gateway_serve, mock_upstream
+
+WRONG_KEY = "mk_" + "b" * 40
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_an_accounts_signed_in_requests_are_bounded_across_its_sessions(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    _, key_id, _, mk = await account_with_mk(store, settings, "pages")
+    _, _, _, other_mk = await account_with_mk(store, settings, "elsewhere")
+    gateway = app(store, settings, metrics)
+    async with client_for(gateway) as first, client_for(gateway) as second, \
+            client_for(gateway) as other:
+        await sign_in(first, mk)  # its page view is the first of the account's
+        await sign_in(second, mk)
+        await sign_in(other, other_mk)
+        statuses = [(await (first if i % 2 else second).get(
+            "/dashboard" if i % 3 else f"/dashboard/keys/{key_id}")).status_code
+            for i in range(PAGE_VIEWS - 2)]
+        refused = await first.get("/dashboard")
+        also = await second.get(f"/dashboard/keys/{key_id}")
+        elsewhere = await other.get("/dashboard")
+    assert statuses == [200] * (PAGE_VIEWS - 2)
+    for answer in (refused, also):
+        assert answer.status_code == 429 and 'id="error"' in answer.text
+        assert 1 <= int(answer.headers["retry-after"]) <= 2  # one view's share of a minute
+        assert answer.headers["content-security-policy"] == CSP
+    assert elsewhere.status_code == 200  # another account has a budget of its own
+
+
+@pytest.fixture
+def upstream() -> Iterator[Process]:
+    process = mock_upstream()
+    yield process
+    process.terminate()
+
+
+def _served(upstream: Process, redis_url: str, *extra: str) -> Process:
+    return gateway_serve(upstream.url, redis_url, *extra)[0]
+
+
+def _attempts(url: str, forwarded_for: str | None, count: int) -> list[int]:
+    headers = {} if forwarded_for is None else {"x-forwarded-for": forwarded_for}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        return [client.post("/dashboard/signin", data={"key": WRONG_KEY},
+                            headers=headers).status_code for _ in range(count)]
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_attempts(
+        upstream: Process, redis_url: str) -> None:
+    gateway = _served(upstream, redis_url, "--forwarded-allow-ips", "127.0.0.1")
+    try:
+        assert _attempts(gateway.url, "203.0.113.7", SIGNIN_ATTEMPTS + 1) == \
+            [401] * SIGNIN_ATTEMPTS + [429]
+        assert _attempts(gateway.url, "198.51.100.2", 1) == [401]  # someone else behind it
+        assert _attempts(gateway.url, "203.0.113.7", 1) == [429]
+    finally:
+        gateway.terminate()
+
+
+def test_a_forwarded_for_header_from_an_untrusted_peer_is_ignored(
+        upstream: Process, redis_url: str) -> None:
+    for extra in ((), ("--forwarded-allow-ips", "10.1.2.3,192.168.0.0/16")):
+        gateway = _served(upstream, redis_url, *extra)
+        try:
+            spoofed = [_attempts(gateway.url, f"203.0.113.{i}", 1)[0]
+                       for i in range(SIGNIN_ATTEMPTS + 1)]
+            assert spoofed == [401] * SIGNIN_ATTEMPTS + [429], extra
+        finally:
+            gateway.terminate()
+        redis_flush(redis_url)
+
+
+def redis_flush(redis_url: str) -> None:
+    """The next gateway's attempts start from none (the fixture flushed before the test)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+def test_a_bad_forwarded_allow_ips_is_a_clear_error(upstream: Process, redis_url: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--upstream",
+                           upstream.url, "--redis", redis_url, "--forwarded-allow-ips",
+                           "10.0.0.0/40"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "'10.0.0.0/40' is not an IP address or network" in done.stderr
+    assert "Traceback" not in done.stderr
