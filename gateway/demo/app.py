@@ -79,7 +79,8 @@ def tour(base: str, secrets: dict[str, str], mgmt_secret: str) -> str:
         f"  demo-budget  {secrets['demo-budget']}    a ${DEMO_BUDGET_USD} budget per day",
         f"  demo-credit  {secrets['demo-credit']}    pays from the account's credits",
         f"  management   {mgmt_secret}    reads the account's usage (/api/*)",
-        f"  dashboard    {base}/dashboard    sign in there with the management key",
+        f"  dashboard    {base}/dashboard    sign in with the management key; "
+        "\"Refresh every 5 s\" shows the tour's requests as they come",
         "",
         "A short tour (each request is logged below as it happens):",
         "1. A rate limit: the 4th request in a minute is 429, with Retry-After.",

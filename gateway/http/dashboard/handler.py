@@ -132,7 +132,7 @@ class Dashboard:
                 await redirect(send, f"{prefix}/dashboard/signin")
                 return
             html = await views.key_page(self.store, self.settings, prefix, signed.session.csrf,
-                                        signed.session.account_id, key_id)
+                                        signed.session.account_id, key_id, _live(scope))
             if html is None:
                 raise Refused(404, "No key with this id in your account.")
             await send_html(send, 200, html)
@@ -227,9 +227,15 @@ class Dashboard:
     async def _account(self, scope: Scope, signed: Signed, prefix: str) -> str:
         try:
             return await views.account_page(self.store, self.settings, prefix,
-                                            signed.session.csrf, signed.session.account_id)
+                                            signed.session.csrf, signed.session.account_id,
+                                            _live(scope))
         except NotFound:
             raise Refused(404, "This account no longer exists.") from None
+
+
+def _live(scope: Scope) -> bool:
+    """?live=1: the page reloads itself (pages.LIVE_SECONDS), to watch usage move."""
+    return b"live=1" in scope.get("query_string", b"").split(b"&")
 
 
 def _uuid(text: str) -> str:

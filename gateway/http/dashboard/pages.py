@@ -44,13 +44,24 @@ class ModelSpend:
     spend_micro: int
 
 
-def base(prefix: str, title: str, body: str, csrf: str | None = None) -> str:
-    nav = ""
+LIVE_SECONDS = 5  # a live page reloads itself this often (no script: a meta refresh)
+
+
+def base(prefix: str, title: str, body: str, csrf: str | None = None,
+         live: bool | None = None) -> str:
+    """`live`: None for a page that cannot refresh itself, else whether this one does (a
+    link in the header turns it on or off: the same page with or without ?live=1)."""
+    nav, refresh = "", ""
+    if live is not None:
+        nav = ('<a id="live" href="?">Stop refreshing</a>' if live else
+               f'<a id="live" href="?live=1">Refresh every {LIVE_SECONDS} s</a>')
+        refresh = f'<meta http-equiv="refresh" content="{LIVE_SECONDS}">' if live else ""
     if csrf is not None:
-        nav = (f'<nav><a href="{e(prefix)}/dashboard">Keys</a>'
+        nav = (f'<nav><a href="{e(prefix)}/dashboard">Keys</a>{nav}'
                f'<form id="signout" method="post" action="{e(prefix)}/dashboard/signout">'
                f"{hidden(csrf)}<button id=\"signout-submit\">Sign out</button></form></nav>")
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"{refresh}"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{e(title)} · llm-gateway</title>"
             f'<link rel="stylesheet" href="{e(prefix)}/dashboard/static/dashboard.css">'
@@ -85,7 +96,7 @@ def _date(us: int | None, never: str = "never") -> str:
 
 
 def account(prefix: str, csrf: str, name: str, credits_micro: int, rows: Sequence[KeyRow],
-            notice: str = "") -> str:
+            notice: str = "", live: bool = False) -> str:
     lines = []
     for row in rows:
         r = row.record
@@ -118,7 +129,7 @@ def account(prefix: str, csrf: str, name: str, credits_micro: int, rows: Sequenc
         '<button id="create-key-submit">Create key</button></form>'
         '<p class="hint">Spend 24 h shows "—" where the usage counters keep no money; '
         "the lifetime spend is exact.</p>")
-    return base(prefix, name, body, csrf)
+    return base(prefix, name, body, csrf, live)
 
 
 def secret(prefix: str, csrf: str, record: KeyRecord, value: str, rotated: bool) -> str:
@@ -135,7 +146,7 @@ def secret(prefix: str, csrf: str, record: KeyRecord, value: str, rotated: bool)
 
 def key(prefix: str, csrf: str, record: KeyRow, periods: Sequence[PeriodRow],
         hourly: Series, daily: Series, by_model: Sequence[ModelSpend] | None,
-        model_note: str, budget: str) -> str:
+        model_note: str, budget: str, live: bool = False) -> str:
     r = record.record
     path = f"{e(prefix)}/dashboard/keys/{e(r.id)}"
     period_rows = "".join(
@@ -178,7 +189,7 @@ def key(prefix: str, csrf: str, record: KeyRow, periods: Sequence[PeriodRow],
         f'<form id="rotate" method="post" action="{path}/rotate">{hidden(csrf)}'
         '<button id="rotate-submit">Rotate secret</button></form>'
         '<p class="hint">Rotating makes a new secret; the old one stops working at once.</p>')
-    return base(prefix, r.name, body, csrf)
+    return base(prefix, r.name, body, csrf, live)
 
 
 def _totals(data: Series) -> str:

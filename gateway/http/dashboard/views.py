@@ -33,16 +33,16 @@ def key_row(settings: Settings, counters: KeyCounters, now_us: int) -> KeyRow:
 
 
 async def account_page(store: Store, settings: Settings, prefix: str, csrf: str,
-                       account_id: str) -> str:
+                       account_id: str, live: bool = False) -> str:
     account = await store.get_account(account_id)
     snapshot = await store.usage_snapshot(account_id)
     rows = [key_row(settings, k, snapshot.now_us) for k in snapshot.keys
             if k.record.deleted_at_us is None]
-    return pages.account(prefix, csrf, account.name, account.credits, rows)
+    return pages.account(prefix, csrf, account.name, account.credits, rows, live=live)
 
 
 async def key_page(store: Store, settings: Settings, prefix: str, csrf: str,
-                   account_id: str, key_id: str) -> str | None:
+                   account_id: str, key_id: str, live: bool = False) -> str | None:
     """None for a key the account does not hold."""
     snapshot = await store.usage_snapshot(account_id, key_id)
     if not snapshot.keys:
@@ -56,7 +56,7 @@ async def key_page(store: Store, settings: Settings, prefix: str, csrf: str,
     hourly, daily = series(now_s, counters.hour_hashes)
     by_model, note = await _spend_by_model(settings, counters, snapshot.now_us)
     return pages.key(prefix, csrf, key_row(settings, counters, snapshot.now_us), periods,
-                     hourly, daily, by_model, note, _budget(counters.record))
+                     hourly, daily, by_model, note, _budget(counters.record), live)
 
 
 def _budget(r: KeyRecord) -> str:
