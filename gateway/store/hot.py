@@ -103,6 +103,8 @@ class HotPath(StoreBase):
             # ARGV[5..12] as the ledger's "off" but for the model served (the counters keep
             # spend by model), then the alerts' ARGV[13...]
             if not self.alert_cap:
+                if not detail.model:  # settle.lua reads an absent ARGV[10] as ''
+                    return [prompt_tokens, completion_tokens, cost, 1]
                 return [prompt_tokens, completion_tokens, cost, 1, 0, "", "", "", "",
                         detail.model]
             return [prompt_tokens, completion_tokens, cost, 1, 0, "", "", "", "", detail.model,

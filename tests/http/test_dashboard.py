@@ -399,7 +399,10 @@ async def test_every_answer_carries_the_security_headers(
         answers.append(await client.post("/dashboard/keys", data={"csrf": csrf}))  # 400
         css = await client.get("/dashboard/static/dashboard.css")
         answers.append(css)
-    assert [a.status_code for a in answers] == [303, 200, 401, 200, 200, 404, 403, 400, 200]
+        icon = await client.get("/dashboard/static/favicon.svg")
+        answers.append(icon)
+    assert [a.status_code for a in answers] == [303, 200, 401, 200, 200, 404, 403, 400, 200,
+                                                200]
     for answer in answers:
         assert answer.headers["content-security-policy"] == CSP
         assert answer.headers["x-content-type-options"] == "nosniff"
@@ -407,6 +410,9 @@ async def test_every_answer_carries_the_security_headers(
         assert answer.headers["cache-control"] == "no-store"
     assert css.headers["content-type"].startswith("text/css") and "svg.chart" in css.text
     assert '<link rel="stylesheet" href="/dashboard/static/dashboard.css">' in answers[3].text
+    # The page names its icon, so a browser never asks /favicon.ico (a key-checked route).
+    assert icon.headers["content-type"] == "image/svg+xml" and icon.content.startswith(b"<svg")
+    assert '<link rel="icon" href="/dashboard/static/favicon.svg">' in answers[3].text
 
 
 async def test_sign_out_deletes_the_session_in_redis(store: Store, settings: Settings,

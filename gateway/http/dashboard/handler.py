@@ -18,7 +18,7 @@ from gateway.http.dashboard import actions, pages, views
 from gateway.http.dashboard.actions import ActionRefused
 from gateway.http.dashboard.admin import AdminDashboard
 from gateway.http.dashboard.forms import BadForm, parse_form, read_body
-from gateway.http.dashboard.respond import redirect, send_bytes, send_html, stylesheet
+from gateway.http.dashboard.respond import redirect, send_bytes, send_html, static, stylesheet
 from gateway.http.dashboard.sessions import (
     SESSION_SECONDS,
     Signed,
@@ -44,6 +44,7 @@ PAGE_VIEWS = 120
 PAGE_VIEWS_SECONDS = 60
 PAGE_VIEWS_PRINCIPAL = "dashboard-pages"  # its own bucket, not the management API's
 CSS = (b"content-type", b"text/css; charset=utf-8")
+SVG = (b"content-type", b"image/svg+xml")
 KEY_ACTIONS = ("rename", "activate", "deactivate", "rotate")
 
 Action = Callable[[Scope, Receive, Send, Signed, str], Awaitable[None]]
@@ -66,6 +67,7 @@ class Dashboard:
         self.settings = settings
         self.sessions = DashSessions(store)
         self.css = stylesheet()
+        self.icon = static("favicon.svg")  # else the browser asks /favicon.ico, a key route
         self.admin = AdminDashboard(store, settings, self.sessions, SIGNIN_ATTEMPTS,
                                     SIGNIN_WINDOW_SECONDS)
 
@@ -111,6 +113,9 @@ class Dashboard:
         elif rest == "/static/dashboard.css":
             _allow(scope, "GET")
             await send_bytes(send, 200, self.css, CSS)
+        elif rest == "/static/favicon.svg":
+            _allow(scope, "GET")
+            await send_bytes(send, 200, self.icon, SVG)
         elif rest == "/keys":
             form, signed = await self._changing_form(scope, receive, ("csrf", "name"))
             made = await actions.create(self.store, self.settings,

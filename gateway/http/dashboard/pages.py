@@ -65,6 +65,7 @@ def base(prefix: str, title: str, body: str, csrf: str | None = None,
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{e(title)} · llm-gateway</title>"
             f'<link rel="stylesheet" href="{e(prefix)}/dashboard/static/dashboard.css">'
+            f'<link rel="icon" href="{e(prefix)}/dashboard/static/favicon.svg">'
             f"</head><body><header><span class=\"brand\">llm-gateway</span>{nav}</header>"
             f"<main>{body}</main></body></html>\n")
 

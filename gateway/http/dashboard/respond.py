@@ -21,8 +21,12 @@ HTML = (b"content-type", b"text/html; charset=utf-8")
 
 
 def stylesheet() -> bytes:
-    return resources.files("gateway.http.dashboard").joinpath(
-        "static/dashboard.css").read_bytes()
+    return static("dashboard.css")
+
+
+def static(name: str) -> bytes:
+    """A file shipped in the package's static/ (no CDN, nothing fetched at run time)."""
+    return resources.files("gateway.http.dashboard").joinpath(f"static/{name}").read_bytes()
 
 
 async def send_bytes(send: Send, status: int, body: bytes, content_type: tuple[bytes, bytes],
