@@ -212,8 +212,17 @@ async def test_the_page_shows_credits_spend_and_the_top_keys_after_traffic(
     await settled(site, t, light, 1)
     heavy_spent, light_spent = await spent(site, t, heavy), await spent(site, t, light)
     assert heavy_spent > light_spent > 0
+    # Refused requests of a known key: a deactivated one's, counted per minute.
+    shut_secret, shut, _ = await new_key(site.store, site.settings, account=t.account_id,
+                                         name="shut", credit=True)
+    await site.store.update_key(t.account_id, shut, active=False)
+    assert [await complete(site, shut_secret) for _ in range(2)] == [403, 403]
 
     page = await signed_in(site, browsing)
+    refused = key_row("top-refused", shut)
+    assert await text(page, f"{refused} td.refused-1h") == "2"
+    assert await text(page, f"{refused} td.status") == "inactive"
+    assert await page.locator(key_row("top-refused", heavy)).count() == 0
     line = account_row(t.account_id)
     assert await text(page, f"{line} td.name") == t.name
     assert usd(await text(page, f"{line} td.spend")) == heavy_spent + light_spent
