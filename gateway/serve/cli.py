@@ -259,9 +259,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
                           "`gateway serve --redis URL`")
     # The embedded store lives in this process: no exporter could read a ledger from it.
     settings = dataclasses.replace(settings, ledger=LedgerSettings())
-    # Every request is logged, as text: the demo is watched in a terminal.
+    # Every request is logged, as text: the demo is watched in a terminal. No proxy is in
+    # front of it: an X-Forwarded-* header is a client's claim (uvicorn would believe one
+    # from loopback, and so hand out sign-in attempts per claimed address).
     uvicorn.run(DemoApp(args.host, args.port, settings), host=args.host, port=args.port,
-                log_config=logging_config("info", "text"), http=SERVER_PROTOCOL, loop="uvloop")
+                log_config=logging_config("info", "text"), http=SERVER_PROTOCOL, loop="uvloop",
+                proxy_headers=False)
     return 0
 
 

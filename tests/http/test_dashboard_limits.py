@@ -6,7 +6,11 @@ buys more attempts."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +19,7 @@ from gateway.config.settings import Settings
 from gateway.http.dashboard.handler import PAGE_VIEWS, SIGNIN_ATTEMPTS
 from gateway.obs.metrics import Metrics
 from gateway.store import Store
-from tests.conftest import client_for
+from tests.conftest import client_for, free_port
 from tests.http.test_dashboard import CSP, account_with_mk, app, sign_in
 from tests.processes import Process, gateway_serve, mock_upstream
 
@@ -106,12 +110,34 @@ def redis_flush(redis_url: str) -> None:
 
 
 def test_a_bad_forwarded_allow_ips_is_a_clear_error(upstream: Process, redis_url: str) -> None:
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--upstream",
                            upstream.url, "--redis", redis_url, "--forwarded-allow-ips",
                            "10.0.0.0/40"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "'10.0.0.0/40' is not an IP address or network" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_demo_believes_no_forwarded_header(tmp_path: Path) -> None:
+    """`gateway demo` has no proxy in front of it: a client's X-Forwarded-For buys no
+    attempts (uvicorn's default would believe one from loopback)."""
+    port = free_port()
+    log = (tmp_path / "demo.log").open("wb")
+    demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert demo.poll() is None and time.monotonic() < deadline, "demo never answered"
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        spoofed = [_attempts(url, f"203.0.113.{i}", 1)[0] for i in range(SIGNIN_ATTEMPTS + 1)]
+        assert spoofed == [401] * SIGNIN_ATTEMPTS + [429]
+    finally:
+        demo.terminate()
+        demo.wait(timeout=30)
+        log.close()
