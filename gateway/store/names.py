@@ -155,6 +155,12 @@ class Names:
         account session can never be read as one (gateway/http/dashboard/admin_sessions.py)."""
         return f"gw:dash-admin-session:{token_hash}"
 
+    @classmethod
+    def dash_once(cls, account_id: str, token: str) -> str:
+        """A create or rotate form already sent (its single-use token), for the session's
+        length: the browser's resubmission of it changes nothing."""
+        return f"{cls._acct(account_id)}:dash-once:{token}"
+
     @staticmethod
     def dash_signin(client: str) -> str:
         """The dashboard sign-in attempts of one client address (lua/dash_signin.lua)."""

@@ -66,5 +66,10 @@ class DashSessions:
             return None
         return session
 
+    async def first_use(self, account_id: str, token: str, ttl_seconds: int) -> bool:
+        """True the first time a form's single-use token is presented, False after."""
+        return await self.store._cmd("SET", Names.dash_once(account_id, token), "1", "EX",
+                                     ttl_seconds, "NX") is not None
+
     async def close(self, token_hash: str) -> None:
         await self.store._cmd("DEL", Names.dash_session(token_hash))

@@ -5,6 +5,7 @@ failure is a page of ours (400, 403, 404, 405, 413, 429, 503), never a 500."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,7 @@ PAGE_VIEWS_PRINCIPAL = "dashboard-pages"  # its own bucket, not the management A
 CSS = (b"content-type", b"text/css; charset=utf-8")
 SVG = (b"content-type", b"image/svg+xml")
 KEY_ACTIONS = ("rename", "activate", "deactivate", "rotate")
+ONCE_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 Action = Callable[[Scope, Receive, Send, Signed, str], Awaitable[None]]
 
@@ -117,7 +119,8 @@ class Dashboard:
             _allow(scope, "GET")
             await send_bytes(send, 200, self.icon, SVG)
         elif rest == "/keys":
-            form, signed = await self._changing_form(scope, receive, ("csrf", "name"))
+            form, signed = await self._changing_form(scope, receive, ("csrf", "name", "once"))
+            await self._once(signed, form)
             made = await actions.create(self.store, self.settings,
                                         signed.session.account_id, form.get("name"))
             await send_html(send, 200, pages.secret(prefix, signed.session.csrf, made.record,
@@ -145,10 +148,11 @@ class Dashboard:
         if len(parts) != 2 or parts[1] not in KEY_ACTIONS:
             raise Refused(404, "No such page.")
         action = parts[1]
-        fields = ("csrf", "name") if action == "rename" else ("csrf",)
+        fields = {"rename": ("csrf", "name"), "rotate": ("csrf", "once")}.get(action, ("csrf",))
         form, signed = await self._changing_form(scope, receive, fields)
         account_id = signed.session.account_id
         if action == "rotate":
+            await self._once(signed, form)
             made = await actions.rotate(self.store, account_id, key_id)
             await send_html(send, 200, pages.secret(prefix, signed.session.csrf, made.record,
                                                     made.secret, rotated=True))
@@ -197,6 +201,19 @@ class Dashboard:
             raise Refused(403, "Refused: the form's CSRF token is missing or wrong. Reload "
                           "the page and try again.")
         return form, signed
+
+    async def _once(self, signed: Signed, form: dict[str, str]) -> None:
+        """A create or rotate form's single-use token (pages.once): a second use is a 409
+        page, before anything is made. Forms sent without one (scripts) are not deduplicated."""
+        token = form.get("once")
+        if token is None:
+            return
+        if not ONCE_TOKEN.fullmatch(token):
+            raise Refused(400, "The form could not be read.")
+        if not await self.sessions.first_use(signed.session.account_id, token,
+                                             SESSION_SECONDS):
+            raise Refused(409, "This form was sent already (a reload?): its secret was shown "
+                          "once and is never shown again. If it was lost, rotate the key.")
 
     async def _signin(self, scope: Scope, receive: Receive, send: Send, prefix: str) -> None:
         if not same_origin(scope):

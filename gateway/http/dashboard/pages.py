@@ -4,6 +4,7 @@ names are the contract in docs/dashboard.md."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
@@ -74,6 +75,12 @@ def hidden(csrf: str) -> str:
     return f'<input type="hidden" name="csrf" value="{e(csrf)}">'
 
 
+def once() -> str:
+    """A form whose answer shows a secret carries a single-use token: reloading that answer
+    (the browser sends the form again) makes no second key and rotates nothing."""
+    return f'<input type="hidden" name="once" value="{secrets.token_urlsafe(16)}">'
+
+
 def error_line(message: str | None) -> str:
     return "" if not message else f'<p id="error" class="error">{e(message)}</p>'
 
@@ -125,7 +132,7 @@ def account(prefix: str, csrf: str, name: str, credits_micro: int, rows: Sequenc
         f"<h2>Keys</h2>{table}"
         "<h2>New credit key</h2>"
         f'<form id="create-key" method="post" action="{e(prefix)}/dashboard/keys">'
-        f'{hidden(csrf)}<label for="new-key-name">Name</label>'
+        f'{hidden(csrf)}{once()}<label for="new-key-name">Name</label>'
         '<input id="new-key-name" name="name" required maxlength="200">'
         '<button id="create-key-submit">Create key</button></form>'
         '<p class="hint">Spend 24 h shows "—" where the usage counters keep no money; '
@@ -187,7 +194,7 @@ def key(prefix: str, csrf: str, record: KeyRow, periods: Sequence[PeriodRow],
         "</form>"
         f'<form id="{toggle}" method="post" action="{path}/{toggle}">{hidden(csrf)}'
         f'<button id="{toggle}-submit">{toggle.capitalize()}</button></form>'
-        f'<form id="rotate" method="post" action="{path}/rotate">{hidden(csrf)}'
+        f'<form id="rotate" method="post" action="{path}/rotate">{hidden(csrf)}{once()}'
         '<button id="rotate-submit">Rotate secret</button></form>'
         '<p class="hint">Rotating makes a new secret; the old one stops working at once.</p>')
     return base(prefix, r.name, body, csrf, live)
