@@ -46,10 +46,14 @@ MAX_NAME_LENGTH = 200
 
 
 def check_key_name(name: str) -> str:
+    """A key's label, as an account's: printable, so no terminal escape reaches `gateway
+    keys list` and no bidirectional override makes one name look like another."""
     if not name.strip():
         raise ConfigError("name must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         raise ConfigError(f"name must be at most {MAX_NAME_LENGTH} characters")
+    if not name.isprintable():
+        raise ConfigError("name must be printable (no control or formatting characters)")
     return name
 
 

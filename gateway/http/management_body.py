@@ -11,12 +11,11 @@ import orjson
 from gateway.config.units import parse_duration, usd_to_micro
 from gateway.core.timefmt import parse_iso_to_us
 from gateway.errors import ConfigError, Rejected
-from gateway.http.admin import KeySpec
+from gateway.http.admin import KeySpec, check_key_name
 from gateway.http.key_changes import MAX_BUDGET_MICRO
 from gateway.types import Receive, Scope
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_NAME_LENGTH = 200
 MAX_DURATION_SECONDS = 3650 * 86400
 CREATE_FIELDS = ("name", "plan", "credit", "rpm", "tpm", "budget", "budget_duration",
                  "expires_at", "expires_in")
@@ -78,9 +77,10 @@ def only_fields(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
 def checked_name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise bad_request("name must be a non-empty string")
-    if len(value) > MAX_NAME_LENGTH:
-        raise bad_request(f"name must be at most {MAX_NAME_LENGTH} characters")
-    return value
+    try:
+        return check_key_name(value)
+    except ConfigError as exc:
+        raise bad_request(str(exc)) from None
 
 
 def optional_str(body: dict[str, Any], field: str) -> str | None:

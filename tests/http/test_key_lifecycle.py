@@ -90,6 +90,7 @@ async def test_update_changes_limits_budget_and_plan_at_once(
     (ChangeSpec(expires_at="2020-01-01T00:00:00Z"), "in the past"),
     (ChangeSpec(expires_at="yesterday"), "ISO 8601"),
     (ChangeSpec(name="  "), "name must not be empty"),
+    (ChangeSpec(name="tab\there"), "name must be printable"),
 ])
 async def test_bad_updates_are_refused_naming_what_is_wrong(
         store: Store, settings: Settings, spec: ChangeSpec, message: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import uvicorn
 
 from gateway.serve.cli import main
@@ -311,9 +312,20 @@ def test_hostile_cli_input_is_one_line_never_a_traceback(
 
 def test_tenant_chosen_names_are_shown_escaped(redis_url: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "keys", "create", "--name", "evil\x1b[2J\nroot key", "--plan",
-                       "pro", "--redis", redis_url)
+    evil = "evil\x1b[2J\nroot key"
+    code, _, err = run(capsys, "keys", "create", "--name", evil, "--plan", "pro", "--redis",
+                       redis_url)
+    assert code != 0 and "printable" in err  # refused now; older gateways stored such names
+    code, out, _ = run(capsys, "keys", "create", "--name", "plain", "--plan", "pro", "--redis",
+                       redis_url, "--json")
     assert code == 0
+    created = json.loads(out)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        [name] = [n for n in client.scan_iter(match="gw:*:key:" + created["id"])]
+        client.hset(name, "name", evil)  # what an older gateway let through
+    finally:
+        client.close()
     code, out, _ = run(capsys, "keys", "list", "--redis", redis_url)
     assert "\x1b" not in out and "evil\\x1b[2J\\x0aroot key" in out
 
