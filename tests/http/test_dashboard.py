@@ -376,8 +376,19 @@ async def test_bad_forms_are_400_pages_never_500(store: Store, settings: Setting
             assert response.status_code == status, kwargs
             assert 'id="error"' in response.text
         assert (await client.get("/dashboard/nope")).status_code == 404
-        assert (await client.delete("/dashboard")).status_code == 405
-        assert (await client.get(f"{path}")).status_code == 405
+        for method, route, allowed in (("DELETE", "/dashboard", "GET, HEAD"),
+                                       ("GET", path, "POST"),
+                                       ("PUT", "/dashboard/signin", "GET, POST, HEAD"),
+                                       ("GET", "/dashboard/signout", "POST"),
+                                       ("PUT", "/dashboard/admin", None)):  # no token: 404
+            refused = await client.request(method, route)
+            if allowed is None:
+                assert refused.status_code == 404, route
+                continue
+            assert refused.status_code == 405 and refused.headers["allow"] == allowed, route
+        head = await client.head("/dashboard")  # as GET; the server sends no body
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/html")
+        assert (await client.head("/dashboard/static/dashboard.css")).status_code == 200
         long_key = await client.post("/dashboard/signin", data={"key": "mk_" + "a" * 9000})
         assert long_key.status_code == 413
     assert upstream.paths == []  # never forwarded

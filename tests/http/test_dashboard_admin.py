@@ -274,3 +274,21 @@ async def test_tenant_names_are_escaped(store: Store, op_settings: Settings,
     assert '"><img' not in html and "&quot;&gt;&lt;img src=x&gt;" in html
     assert cell(table(html, "all-keys"), f'data-key-id="{key_id}"', "name") == \
         "&quot;&gt;&lt;img src=x&gt;"
+
+
+async def test_a_wrong_method_is_405_naming_the_allowed_ones(
+        store: Store, op_settings: Settings, metrics: Metrics) -> None:
+    _, key_id, account_id, _ = await account_with_mk(store, op_settings)
+    async with client_for(app(store, op_settings, metrics)) as client:
+        await admin_sign_in(client)
+        for method, path, allowed in (
+                ("PUT", "/dashboard/admin", "GET, HEAD"),
+                ("DELETE", "/dashboard/admin/signin", "GET, POST, HEAD"),
+                ("GET", "/dashboard/admin/signout", "POST"),
+                ("GET", f"/dashboard/admin/accounts/{account_id}/credits", "POST"),
+                ("PATCH", f"/dashboard/admin/keys/{key_id}/renew", "POST")):
+            response = await client.request(method, path)
+            assert response.status_code == 405, path
+            assert response.headers["allow"] == allowed, path
+            assert response.headers["content-security-policy"] == CSP
+        assert (await client.head("/dashboard/admin")).status_code == 200

@@ -11,13 +11,23 @@ from gateway.errors import ConfigError, LimitReached, NotFound, Rejected
 from gateway.http.admin import KeySpec, create_key
 from gateway.http.management_body import checked_name
 from gateway.store import KeyRecord, Store
+from gateway.types import Headers, Scope
 
 
 class ActionRefused(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Headers | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or []
+
+
+def allow(scope: Scope, *methods: str) -> None:
+    """A 405 naming what the route takes (GET takes HEAD too: the server sends no body)."""
+    allowed = (*methods, "HEAD") if "GET" in methods else methods
+    if scope["method"] not in allowed:
+        raise ActionRefused(405, "Method not allowed.",
+                            [(b"allow", ", ".join(allowed).encode())])
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from gateway.config.settings import Settings
 from gateway.config.units import usd_to_micro_signed
 from gateway.errors import ConfigError, NotFound
 from gateway.http.dashboard import admin_pages
-from gateway.http.dashboard.actions import ActionRefused
+from gateway.http.dashboard.actions import ActionRefused, allow
 from gateway.http.dashboard.admin_pages import AccountRow, AdminKeyRow
 from gateway.http.dashboard.admin_sessions import (
     ADMIN_COOKIE,
@@ -52,11 +52,6 @@ KEY_ACTIONS = ("renew", "deactivate")
 ACCOUNTS_AT_ONCE = 16
 
 
-def _allow(scope: Scope, method: str) -> None:
-    if scope["method"] != method:
-        raise ActionRefused(405, "Method not allowed.")
-
-
 def _uuid(text: str, what: str) -> str:
     try:
         return str(uuid.UUID(text))
@@ -81,7 +76,7 @@ class AdminDashboard:
             raise ActionRefused(404, "No such page.")
         home = f"{prefix}{ADMIN_PATH}"
         if rest in ("", "/"):
-            _allow(scope, "GET")
+            allow(scope, "GET")
             session = await self.sessions.current(scope)
             if session is None:
                 await redirect(send, f"{home}/signin")
@@ -91,7 +86,7 @@ class AdminDashboard:
             if scope["method"] == "POST":
                 await self._signin(scope, receive, send, prefix)
                 return
-            _allow(scope, "GET")
+            allow(scope, "GET", "POST")
             if await self.sessions.current(scope) is not None:
                 await redirect(send, home)
                 return
@@ -140,7 +135,7 @@ class AdminDashboard:
                         fields: tuple[str, ...]) -> tuple[AdminSession, dict[str, str]]:
         """A same-origin POST in an operator session with its CSRF token, else a 403."""
         assert self.sessions is not None
-        _allow(scope, "POST")
+        allow(scope, "POST")
         if not same_origin(scope):
             raise ActionRefused(403, "Refused: the request came from another site.")
         session = await self.sessions.current(scope)

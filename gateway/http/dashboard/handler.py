@@ -16,7 +16,7 @@ from gateway.core.keys import MANAGEMENT_PREFIX, hash_secret, looks_like
 from gateway.errors import NotFound, StoreUnavailable
 from gateway.http.body import ClientGone
 from gateway.http.dashboard import actions, pages, views
-from gateway.http.dashboard.actions import ActionRefused
+from gateway.http.dashboard.actions import ActionRefused, allow
 from gateway.http.dashboard.admin import AdminDashboard
 from gateway.http.dashboard.forms import BadForm, parse_form, read_body
 from gateway.http.dashboard.respond import redirect, send_bytes, send_html, static, stylesheet
@@ -58,11 +58,6 @@ class Refused(Exception):
         self.status, self.message, self.headers = status, message, headers or []
 
 
-def _allow(scope: Scope, method: str) -> None:
-    if scope["method"] != method:
-        raise Refused(405, "Method not allowed.", [(b"allow", method.encode())])
-
-
 class Dashboard:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -80,7 +75,9 @@ class Dashboard:
             return
         except Refused as exc:
             status, message, headers = exc.status, exc.message, exc.headers
-        except (BadForm, ActionRefused) as exc:
+        except ActionRefused as exc:
+            status, message, headers = exc.status, exc.message, exc.headers
+        except BadForm as exc:
             status, message, headers = exc.status, exc.message, []
         except ClientGone:
             return
@@ -93,7 +90,7 @@ class Dashboard:
         if rest == "/admin" or rest.startswith("/admin/"):
             await self.admin.dispatch(scope, receive, send, prefix, rest[len("/admin"):])
         elif rest in ("", "/"):
-            _allow(scope, "GET")
+            allow(scope, "GET")
             signed = await self._signed(scope)
             if signed is None:
                 await redirect(send, f"{prefix}/dashboard/signin")
@@ -103,7 +100,7 @@ class Dashboard:
             if scope["method"] == "POST":
                 await self._signin(scope, receive, send, prefix)
                 return
-            _allow(scope, "GET")
+            allow(scope, "GET", "POST")
             if await self._signed(scope) is not None:
                 await redirect(send, f"{prefix}/dashboard")
                 return
@@ -113,10 +110,10 @@ class Dashboard:
             await self.sessions.close(signed.token_hash)
             await redirect(send, f"{prefix}/dashboard/signin", [clear_cookie(scope)])
         elif rest == "/static/dashboard.css":
-            _allow(scope, "GET")
+            allow(scope, "GET")
             await send_bytes(send, 200, self.css, CSS)
         elif rest == "/static/favicon.svg":
-            _allow(scope, "GET")
+            allow(scope, "GET")
             await send_bytes(send, 200, self.icon, SVG)
         elif rest == "/keys":
             form, signed = await self._changing_form(scope, receive, ("csrf", "name", "once"))
@@ -134,7 +131,7 @@ class Dashboard:
                    parts: list[str]) -> None:
         key_id = _uuid(parts[0])
         if len(parts) == 1:
-            _allow(scope, "GET")
+            allow(scope, "GET")
             signed = await self._signed(scope)
             if signed is None:
                 await redirect(send, f"{prefix}/dashboard/signin")
@@ -190,7 +187,7 @@ class Dashboard:
                              fields: tuple[str, ...]) -> tuple[dict[str, str], Signed]:
         """A state change: a POST from our own origin, in a session, with its CSRF token;
         else a 403 before anything is changed."""
-        _allow(scope, "POST")
+        allow(scope, "POST")
         if not same_origin(scope):
             raise Refused(403, "Refused: the request came from another site.")
         signed = await self._signed(scope)
