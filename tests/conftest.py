@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -29,6 +29,9 @@ from gateway.obs.metrics import Metrics
 from gateway.store import Store, connect
 from gateway.store.embedded import embedded_store
 from gateway.types import ASGIApp, Scope
+
+if TYPE_CHECKING:
+    from gateway.ledger.exporter import Exporter
 
 METRICS_TOKEN = "metrics-token-for-tests"
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -298,3 +301,12 @@ def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> Iterat
     yield postgres_server.create_database(name)
     if postgres_server.running:
         postgres_server.drop_database(name)
+
+
+@pytest.fixture
+async def exporters() -> AsyncIterator[list[Exporter]]:
+    """Ledger exporters a test makes, closed after it (each holds a PostgreSQL connection)."""
+    made: list[Exporter] = []
+    yield made
+    for exporter in made:
+        await exporter.close()

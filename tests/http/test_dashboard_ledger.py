@@ -10,7 +10,6 @@ import dataclasses
 import html
 import logging
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -98,13 +97,6 @@ async def ledger_url(postgres_url: str) -> str:
         await db.migrate(conn)
     return url
 
-
-@pytest.fixture
-async def exporters() -> AsyncIterator[list[Exporter]]:
-    made: list[Exporter] = []
-    yield made
-    for exporter in made:
-        await exporter.close()
 
 
 def chat(model: str, chars: int) -> dict[str, Any]:

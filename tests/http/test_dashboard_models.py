@@ -18,11 +18,10 @@ from gateway.demo.mock_upstream import MockUpstream
 from gateway.http.dashboard.charts import UNRECORDED, usd
 from gateway.obs.metrics import Metrics
 from gateway.store import Names, Store
-from gateway.types import Message, Receive, Scope, Send
 from tests.conftest import bearer, client_for, gateway, new_key
 from tests.http.test_dashboard import account_with_mk, sign_in, svg_attrs
 from tests.http.test_dashboard_admin import table
-from tests.http.test_dashboard_ledger import model_rows
+from tests.http.test_dashboard_ledger import Aliasing, model_rows
 from tests.redis_inspect import redis_of
 
 CHAT = "/v1/chat/completions"
@@ -32,24 +31,6 @@ MODELS_PER_DAY = 32  # settle.lua's MODELS
 @pytest.fixture(params=["redis", "cluster", "embedded"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-class Aliasing:
-    """The mock upstream, but a request for 'alias-of-b' is served (and reported) as
-    'model-b': the counters keep the model served, as the ledger does."""
-
-    def __init__(self) -> None:
-        self.mock = MockUpstream()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def aliased() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                message = {**message, "body": message.get("body", b"").replace(
-                    b'"alias-of-b"', b'"model-b"')}
-            return message
-
-        await self.mock(scope, aliased, send)
 
 
 def chat(model: str) -> dict[str, Any]:

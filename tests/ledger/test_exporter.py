@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -38,14 +37,6 @@ async def ledger_url(postgres_url: str) -> str:
         await db.migrate(conn)
     return postgres_url
 
-
-@pytest.fixture
-async def exporters() -> AsyncIterator[list[Exporter]]:
-    """Exporters made in a test, closed after it (each holds a PostgreSQL connection)."""
-    made: list[Exporter] = []
-    yield made
-    for exporter in made:
-        await exporter.close()
 
 
 def with_ledger(settings: Settings, url: str) -> Settings:
