@@ -71,5 +71,9 @@ class DashSessions:
         return await self.store._cmd("SET", Names.dash_once(account_id, token), "1", "EX",
                                      ttl_seconds, "NX") is not None
 
+    async def forget_use(self, account_id: str, token: str) -> None:
+        """The token may be used again: the change it was spent on did not happen."""
+        await self.store._cmd("DEL", Names.dash_once(account_id, token))
+
     async def close(self, token_hash: str) -> None:
         await self.store._cmd("DEL", Names.dash_session(token_hash))

@@ -56,3 +56,26 @@ async def test_reloading_a_secret_page_creates_and_rotates_nothing(
     assert first and ONCE.findall(await page.content()) != first
     await page.click("form#rotate button")
     assert (await page.locator("code#new-secret").inner_text()).strip() != rotated
+
+
+async def test_a_refused_form_leaves_its_token_for_the_corrected_resend(
+        site: Site, browsing: tb.Browsing) -> None:
+    who = await tenant(site, "typo")
+    page = await browsing.page()
+    assert (await sign_in(site, page, who.mk)).status == 303
+    html = await page.content()
+    [once] = ONCE.findall(html)
+    [csrf] = re.findall(r'name="csrf" value="([^"]+)"', html)[:1]
+    headers = {"origin": site.base}
+
+    async def create(name: str) -> int:
+        answer = await page.request.post(site.url("/dashboard/keys"), headers=headers,
+                                         form={"csrf": csrf, "name": name, "once": once})
+        return answer.status
+
+    assert await create("bell\x07") == 400  # not printable: nothing made, the token kept
+    assert len(await keys_of(site, who.account_id)) == 1
+    assert await create("corrected") == 200
+    assert await create("corrected") == 409
+    assert sorted(k.name for k in (await keys_of(site, who.account_id)).values()) == \
+        ["alice", "corrected"]

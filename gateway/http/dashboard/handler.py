@@ -117,9 +117,8 @@ class Dashboard:
             await send_bytes(send, 200, self.icon, SVG)
         elif rest == "/keys":
             form, signed = await self._changing_form(scope, receive, ("csrf", "name", "once"))
-            await self._once(signed, form)
-            made = await actions.create(self.store, self.settings,
-                                        signed.session.account_id, form.get("name"))
+            made = await self._once(signed, form, lambda: actions.create(
+                self.store, self.settings, signed.session.account_id, form.get("name")))
             await send_html(send, 200, pages.secret(prefix, signed.session.csrf, made.record,
                                                     made.secret, rotated=False))
         elif rest.startswith("/keys/"):
@@ -149,8 +148,8 @@ class Dashboard:
         form, signed = await self._changing_form(scope, receive, fields)
         account_id = signed.session.account_id
         if action == "rotate":
-            await self._once(signed, form)
-            made = await actions.rotate(self.store, account_id, key_id)
+            made = await self._once(signed, form,
+                                    lambda: actions.rotate(self.store, account_id, key_id))
             await send_html(send, 200, pages.secret(prefix, signed.session.csrf, made.record,
                                                     made.secret, rotated=True))
             return
@@ -199,18 +198,26 @@ class Dashboard:
                           "the page and try again.")
         return form, signed
 
-    async def _once(self, signed: Signed, form: dict[str, str]) -> None:
+    async def _once(self, signed: Signed, form: dict[str, str],
+                    change: Callable[[], Awaitable[actions.NewSecret]]) -> actions.NewSecret:
         """A create or rotate form's single-use token (pages.once): a second use is a 409
-        page, before anything is made. Forms sent without one (scripts) are not deduplicated."""
+        page, before anything is made; a change that fails gives the token back, so the
+        form may be corrected and sent again. Forms sent without one (scripts) are not
+        deduplicated."""
         token = form.get("once")
         if token is None:
-            return
+            return await change()
         if not ONCE_TOKEN.fullmatch(token):
             raise Refused(400, "The form could not be read.")
-        if not await self.sessions.first_use(signed.session.account_id, token,
-                                             SESSION_SECONDS):
+        account_id = signed.session.account_id
+        if not await self.sessions.first_use(account_id, token, SESSION_SECONDS):
             raise Refused(409, "This form was sent already (a reload?): its secret was shown "
                           "once and is never shown again. If it was lost, rotate the key.")
+        try:
+            return await change()
+        except BaseException:
+            await self.sessions.forget_use(account_id, token)
+            raise
 
     async def _signin(self, scope: Scope, receive: Receive, send: Send, prefix: str) -> None:
         if not same_origin(scope):
