@@ -47,21 +47,21 @@ def _port_or_zero(text: str) -> int:
 
 def _proxies(text: str) -> str:
     """--forwarded-allow-ips: addresses or networks (comma-separated) of the proxies whose
-    X-Forwarded-For / -Proto the gateway believes, or '*' for any peer."""
+    X-Forwarded-For / -Proto the gateway believes, or '*' alone for any peer."""
     import ipaddress
 
-    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
-    if not entries:
-        raise argparse.ArgumentTypeError("name at least one proxy address or network")
+    entries = [entry.strip() for entry in text.split(",")]
+    if entries == ["*"]:
+        return "*"
     for entry in entries:
         if entry == "*":
-            continue
+            raise argparse.ArgumentTypeError("'*' (any peer) stands alone")
         try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{entry!r} is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/8)"
-            ) from None
+            ipaddress.ip_network(entry)
+        except ValueError as exc:
+            reason = "has host bits set" if "host bits" in str(exc) else \
+                "is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/8)"
+            raise argparse.ArgumentTypeError(f"{entry!r} {reason}") from None
     return ",".join(entries)
 
 

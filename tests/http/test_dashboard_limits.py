@@ -18,10 +18,12 @@ import pytest
 from gateway.config.settings import Settings
 from gateway.http.dashboard.handler import PAGE_VIEWS, SIGNIN_ATTEMPTS
 from gateway.obs.metrics import Metrics
+from gateway.serve.cli import main
 from gateway.store import Store
 from tests.conftest import client_for, free_port
 from tests.http.test_dashboard import CSP, account_with_mk, app, sign_in
 from tests.processes import Process, gateway_serve, mock_upstream
+from tests.redis_inspect import redis_of
 
 WRONG_KEY = "mk_" + "b" * 40
 
@@ -109,13 +111,21 @@ def redis_flush(redis_url: str) -> None:
         client.close()
 
 
-def test_a_bad_forwarded_allow_ips_is_a_clear_error(upstream: Process, redis_url: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--upstream",
-                           upstream.url, "--redis", redis_url, "--forwarded-allow-ips",
-                           "10.0.0.0/40"], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2
-    assert "'10.0.0.0/40' is not an IP address or network" in done.stderr
-    assert "Traceback" not in done.stderr
+@pytest.mark.parametrize(("value", "said"), [
+    ("10.0.0.0/40", "'10.0.0.0/40' is not an IP address or network"),
+    ("1.2.3.4/8", "'1.2.3.4/8' has host bits set"),  # 1.0.0.0/8 was meant? say so
+    ("*,10.0.0.5", "'*' (any peer) stands alone"),
+    ("10.0.0.5,", "'' is not an IP address or network"),
+    ("proxy.internal", "'proxy.internal' is not an IP address or network"),
+])
+def test_a_bad_forwarded_allow_ips_is_a_clear_error(
+        value: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--upstream", "http://127.0.0.1:9", "--redis", "redis://127.0.0.1:9",
+              "--forwarded-allow-ips", value])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and said in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_the_demo_believes_no_forwarded_header(tmp_path: Path) -> None:
@@ -141,3 +151,23 @@ def test_the_demo_believes_no_forwarded_header(tmp_path: Path) -> None:
         demo.terminate()
         demo.wait(timeout=30)
         log.close()
+
+
+async def test_the_signin_limit_counts_an_ipv6_64_and_a_mapped_ipv4_as_one_client(
+        store: Store, settings: Settings, metrics: Metrics) -> None:
+    gateway = app(store, settings, metrics)
+
+    async def attempt(address: str) -> int:
+        transport = httpx.ASGITransport(app=gateway, client=(address, 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            response = await client.post("/dashboard/signin", data={"key": WRONG_KEY})
+            return response.status_code
+
+    for family in (("2001:db8:1:2::1", "2001:db8:1:2:ffff::9"),  # one /64
+                   ("10.3.3.3", "::ffff:10.3.3.3"),
+                   ("garbage", "<script>")):  # what a trusted proxy claimed: no address
+        statuses = [await attempt(family[i % 2]) for i in range(SIGNIN_ATTEMPTS + 1)]
+        assert statuses == [401] * SIGNIN_ATTEMPTS + [429], family
+    assert await attempt("2001:db8:1:3::1") == 401  # the next /64 is someone else
+    names = {key async for key in redis_of(store).scan_iter(match="gw:dash-signin:*")}
+    assert all(len(name) < 60 for name in names) and len(names) == 4, names

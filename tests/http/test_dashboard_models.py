@@ -64,18 +64,25 @@ async def test_rows_are_the_keys_own_by_model_served_and_add_up_to_its_spend(
         await send(client, secret, ["model-a", "model-a", "model-b", "alias-of-b",
                                     "<b>x</b>"])
         await send(client, other, ["model-z"])
+        # No model named and none served (a keyed GET), and a model named like that row.
+        assert (await client.get("/v1/models", headers=bearer(secret))).status_code == 200
+        await send(client, secret, ["(none)", "ctl\x01\u202eevil"])
         await sign_in(client, mk)
         page = await key_page(client, key_id)
         empty = await key_page(client, (await new_key(store, settings, account=account_id,
                                                       credit=True, name="idle"))[1])
     rows = {html.unescape(name): (int(requests), micro(spend))
             for name, requests, spend in model_rows(page)}
-    assert sorted(rows) == ["<b>x</b>", "model-a", "model-b"]  # the served name, not the alias
+    # The served name, not the alias; one row of each name shown.
+    assert sorted(rows) == ["(none)", "<b>x</b>", "ctl\\x01\\u202eevil", "model-a", "model-b"]
+    assert len(model_rows(page)) == 5 and rows["(none)"][0] == 2
+    assert "\x01" not in page and "\u202e" not in page  # shown as \xNN, never obeyed
     assert rows["model-a"][0] == 2 and rows["model-b"][0] == 2 and rows["<b>x</b>"][0] == 1
     record = await store.account_key(account_id, key_id)
     assert record is not None
     assert sum(spend for _, spend in rows.values()) == record.total_spent > 0
     assert micro(svg_attrs(page, "chart-daily")["data-spend"]) == record.total_spent
+    assert sum(n for n, _ in rows.values()) == int(svg_attrs(page, "chart-daily")["data-requests"])
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     assert "model-z" not in page and model_rows(empty) == []
     assert other_id not in page
@@ -114,8 +121,9 @@ async def test_spend_settled_before_the_model_fields_is_a_row_of_its_own(
         await redis_of(store).hincrby(name, f"s{hour % 24}", 1_234)
         await sign_in(client, mk)
         page = await key_page(client, key_id)
-    rows = {name: (requests, micro(spend)) for name, requests, spend in model_rows(page)}
+    rows = {name: (int(requests), micro(spend)) for name, requests, spend in model_rows(page)}
     assert set(rows) == {"model-a", UNRECORDED}
-    assert rows[UNRECORDED][1] == 1_234
+    assert rows[UNRECORDED] == (3, 1_234)
+    assert rows["model-a"][0] + 3 == int(svg_attrs(page, "chart-daily")["data-requests"])
     assert rows["model-a"][1] + 1_234 == micro(svg_attrs(page, "chart-daily")["data-spend"])
     assert usd(1_234) in table(page, "spend-by-model")

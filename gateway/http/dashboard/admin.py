@@ -36,6 +36,7 @@ from gateway.http.dashboard.sessions import (
     new_token,
     same_origin,
     set_cookie,
+    signin_address,
     token_hash,
 )
 from gateway.http.key_changes import ChangeSpec, renew_key, update_key
@@ -152,8 +153,7 @@ class AdminDashboard:
         assert self.sessions is not None and self.token is not None
         if not same_origin(scope):
             raise ActionRefused(403, "Refused: the request came from another site.")
-        client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
+        address = signin_address(scope)
         # The account sign-in's counter: one limit per address, whichever form is tried.
         attempt = await self.limits.signin_attempt(address, self.attempts, self.window_seconds)
         if not attempt.allowed:

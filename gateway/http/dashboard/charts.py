@@ -162,32 +162,36 @@ def refusals_last_hour(now_seconds: int, minute_hashes: Counters) -> int:
     return refused
 
 
-UNRECORDED = "(model not recorded)"  # spend settled before the counters kept the model
+UNRECORDED = "(model not recorded)"  # settled before the counters kept the model
+NO_MODEL_NAMED = "(none)"  # keyed requests that named no model and were served none
 
 
 def model_spend(now_seconds: int, hour_hashes: Counters) -> list[tuple[str, int, int]]:
     """(model, requests, micro-USD) over the daily chart's 30 days, most spend first, from
     settle.lua's 'm:<model>' / 'n:<model>' fields of the per-day hashes; what a day's
-    s<h> fields hold beyond them (settled before those fields existed) is one row of its
-    own, so the rows add up to the chart's spend."""
+    r<h>/s<h> fields hold beyond them (settled before those fields existed) is one row of
+    its own, so the rows add up to the chart's requests and spend. Rows are by the name
+    shown: a model really named like a row of ours shares that row."""
     spend: dict[str, int] = {}
     requests: dict[str, int] = {}
-    unrecorded = 0
     today = now_seconds // 86400
     for day in range(today - DAYS + 1, today + 1):
         fields = hour_hashes.get(day)
         if not fields:
             continue
-        by_model = 0
+        day_spend = sum(fields.get(f"s{h}", 0) for h in range(24))
+        day_requests = sum(fields.get(f"r{h}", 0) for h in range(24))
         for name, value in fields.items():
             if name.startswith("m:"):
-                spend[name[2:]] = spend.get(name[2:], 0) + value
-                by_model += value
+                shown = name[2:] or NO_MODEL_NAMED
+                spend[shown] = spend.get(shown, 0) + value
+                day_spend -= value
             elif name.startswith("n:"):
-                requests[name[2:]] = requests.get(name[2:], 0) + value
-        unrecorded += sum(fields.get(f"s{h}", 0) for h in range(24)) - by_model
-    rows = [(model or "(none)", requests.get(model, 0), micro)
-            for model, micro in spend.items()]
-    if unrecorded > 0:
-        rows.append((UNRECORDED, 0, unrecorded))
+                shown = name[2:] or NO_MODEL_NAMED
+                requests[shown] = requests.get(shown, 0) + value
+                day_requests -= value
+        if day_spend > 0 or day_requests > 0:
+            spend[UNRECORDED] = spend.get(UNRECORDED, 0) + max(0, day_spend)
+            requests[UNRECORDED] = requests.get(UNRECORDED, 0) + max(0, day_requests)
+    rows = [(model, requests.get(model, 0), micro) for model, micro in spend.items()]
     return sorted(rows, key=lambda row: (-row[2], row[0]))

@@ -29,6 +29,7 @@ from gateway.http.dashboard.sessions import (
     new_token,
     same_origin,
     set_cookie,
+    signin_address,
     token_hash,
 )
 from gateway.store import Store
@@ -222,8 +223,7 @@ class Dashboard:
     async def _signin(self, scope: Scope, receive: Receive, send: Send, prefix: str) -> None:
         if not same_origin(scope):
             raise Refused(403, "Refused: the request came from another site.")
-        client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
+        address = signin_address(scope)
         attempt = await self.sessions.signin_attempt(address, SIGNIN_ATTEMPTS,
                                                      SIGNIN_WINDOW_SECONDS)
         if not attempt.allowed:

@@ -11,13 +11,16 @@ from html import escape
 
 from gateway.core.timefmt import iso_from_us
 from gateway.http.dashboard.charts import Series, svg, usd
+from gateway.obs.logs import escape_control
 from gateway.store import KeyRecord
 
 PERIODS = ("last1h", "last24h", "last7d", "last30d")
 
 
 def e(value: object) -> str:
-    return escape(str(value), quote=True)
+    """HTML-escaped, and control or direction-changing characters (a model name a client
+    chose, a name stored before names had to be printable) shown as \\xNN, not obeyed."""
+    return escape(escape_control(str(value)), quote=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass
 
@@ -104,3 +105,22 @@ def same_origin(scope: Scope) -> bool:
         return False
     # The scheme may differ from ours behind a proxy that ends TLS; the host may not.
     return hmac.compare_digest(rest.lower().encode(), host.decode("latin-1").lower().encode())
+
+
+def signin_address(scope: Scope) -> str:
+    """Whose sign-in attempts these are: the client's IPv4 address, or its IPv6 /64 (one
+    host is given a whole /64, so counting single IPv6 addresses would hand out attempts by
+    the billion). Whatever a trusted proxy's X-Forwarded-For said that is no address is one
+    shared "invalid" counter, never a Redis key of its choosing."""
+    client = scope.get("client")
+    if not client:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(str(client[0]))
+    except ValueError:
+        return "invalid"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

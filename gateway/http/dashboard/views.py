@@ -12,7 +12,7 @@ from gateway.config.units import format_duration
 from gateway.core.usage_windows import aggregate
 from gateway.errors import LedgerUnavailable
 from gateway.http.dashboard import pages
-from gateway.http.dashboard.charts import UNRECORDED, model_spend, period_spend, series, usd
+from gateway.http.dashboard.charts import model_spend, period_spend, series, usd
 from gateway.http.dashboard.pages import KeyRow, ModelSpend, PeriodRow
 from gateway.store import KeyCounters, KeyRecord, Store
 
@@ -71,9 +71,8 @@ async def _spend_by_model(settings: Settings, counters: KeyCounters,
     record = counters.record
     url = settings.ledger.postgres_url
     if not url:
-        rows = [ModelSpend(model, None if model == UNRECORDED else requests, micro)
-                for model, requests, micro in model_spend(now_us // 1_000_000,
-                                                           counters.hour_hashes)]
+        rows = [ModelSpend(model, requests, micro) for model, requests, micro
+                in model_spend(now_us // 1_000_000, counters.hour_hashes)]
         return rows, ("From the usage counters: requests settled in the last 30 UTC days, "
                       "by the model the upstream served.")
     from gateway.ledger import db, queries
