@@ -222,6 +222,12 @@ class ClusterClient(RedisClient):
             raise Unsent("cannot read the Redis Cluster's slots: " + "; ".join(reasons[:3]))
 
     def _adopt(self, owners: list[Address | None], known: set[Address]) -> None:
+        if self._owners:
+            # A map read while a hand-over is under way can leave a slot unowned for a
+            # moment: its owner known before still answers, MOVED to its successor (or not
+            # at all, and then the request is a 503 as it would have been).
+            owners = [new if new is not None else old
+                      for new, old in zip(owners, self._owners, strict=True)]
         if self._owners and owners != self._owners:
             log.info("Redis Cluster topology changed: primaries now %s",
                      ", ".join(f"{h}:{p}" for h, p in sorted({a for a in owners if a})))
