@@ -39,7 +39,8 @@
 -- ARGV[12...] = the plans, in eights: slug, rpm, tpm, models, max_concurrent, enforce,
 --           model_limit, windows (slug '' for credit keys; models: names or 'prefix*'
 --           patterns joined by commas, '' for any model; max_concurrent 0 for none; enforce
---           '0' for shadow mode, '1' to enforce, either followed by 'q' when the plan queues; model_limit "<rpm> <tpm>" for the model asked, '' for none;
+--           '0' for shadow mode, '1' to enforce, either followed by 'q' when the plan
+--           queues; model_limit "<rpm> <tpm>" for the model asked, '' for none;
 --           windows: budget windows "<limit_micro>:<seconds>:<r|c>" joined by commas, r
 --           rolling from first use, c aligned to UTC (30 or 31 days: calendar months)).
 --           A key without its own rpm, tpm, models, max_concurrent or windows (the field
